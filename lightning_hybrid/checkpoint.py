@@ -1,0 +1,217 @@
+"""Checkpoints of sharded state with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a directory: DCP shards (every rank writes its own part of the sharded tables,
+optimizer states and dense weights once) plus ``meta.pt`` (Lightning's loop, callback and
+scheduler state, written by rank 0). Saving is collective and atomic: everything is written into
+a temporary sibling directory that replaces the target only after every rank finished, so a crash
+mid-save leaves the previous checkpoint intact and never a half-written one under the real name.
+
+Optimizer state of model-parallel tables that use the dense kernel is per-rank (each rank holds
+state for its own rows/columns); we wrap it in a ShardedTensor with the table's own sharding
+metadata so DCP stores it shard-aware instead of keeping one rank's copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+META_FILENAME = "meta.pt"
+
+
+def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / META_FILENAME).is_file() and (path / ".metadata").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Gathering full tensors (for the spawn launcher and for export)
+# ----------------------------------------------------------------------------------------------
+
+
+def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tensor]:
+    """Collectively gather ``module.state_dict()`` with sharded tensors made whole on rank ``dst``.
+
+    Every rank must call this; only ``dst`` gets a non-empty result.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    full: dict[str, torch.Tensor] = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            out = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            value.gather(dst=dst, out=out)
+            if rank == dst:
+                full[key] = out  # type: ignore[assignment]
+        elif isinstance(value, DTensor):
+            tensor = value.full_tensor()
+            if rank == dst:
+                full[key] = tensor.detach().cpu()
+        elif isinstance(value, torch.Tensor) and rank == dst:
+            full[key] = value.detach().cpu().clone()
+    return full
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state keyed by parameter name, shard-aware
+# ----------------------------------------------------------------------------------------------
+
+
+def _param_names(module: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+
+
+def _local_sharded_like(template: ShardedTensor, local: torch.Tensor) -> ShardedTensor:
+    shards = template.local_shards()
+    if len(shards) > 1:
+        raise NotImplementedError(
+            "Optimizer state of a dense-kernel table with several shards on one rank cannot be "
+            "checkpointed yet; use one shard per rank (e.g. row_wise) or the fused kernel."
+        )
+    local_shards = [Shard(tensor=local, metadata=shards[0].metadata)] if shards else []
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local_shards, template.metadata(), process_group=template._process_group
+    )
+
+
+def optimizer_state_dict(
+    module: nn.Module,
+    optimizer: Optimizer,
+    sharded_params: Mapping[str, ShardedTensor],
+) -> dict[str, Any]:
+    """``{"state": {param_name: {...}}, "param_groups": [...]}`` with shard-aware tensors.
+
+    ``sharded_params`` maps parameter names whose local tensor is a shard to the ShardedTensor
+    that describes the whole table (from ``module.state_dict()``).
+    """
+    names = _param_names(module)
+    state: dict[str, dict[str, Any]] = {}
+    for param, param_state in optimizer.state.items():
+        name = names.get(id(param))
+        if name is None:
+            raise ValueError("optimizer_state_dict: the optimizer holds a parameter that is not in the module.")
+        entry: dict[str, Any] = {}
+        for key, value in param_state.items():
+            if (
+                name in sharded_params
+                and isinstance(value, torch.Tensor)
+                and value.dim() > 0
+                and value.shape == param.shape
+            ):
+                entry[key] = _local_sharded_like(sharded_params[name], value)
+            else:
+                entry[key] = value
+        state[name] = entry
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]})
+    return {"state": state, "param_groups": groups}
+
+
+def init_optimizer_state(optimizer: Optimizer, trainable: Iterable[nn.Parameter]) -> None:
+    """Create the optimizer's lazily built state (one step with zero grads and lr 0), so DCP can load
+    into it. Only ``trainable`` parameters (those that get ``.grad`` in training) take part.
+    """
+    if optimizer.state:
+        return
+    trainable_ids = {id(p) for p in trainable}
+    saved_grads = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            saved_grads[id(p)] = p.grad
+            p.grad = torch.zeros_like(p) if id(p) in trainable_ids else None
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = saved_grads[id(p)]
+
+
+def load_optimizer_state_dict(module: nn.Module, optimizer: Optimizer, loaded: Mapping[str, Any]) -> None:
+    """Write values loaded in place by DCP back into ``optimizer`` (hyper-parameters, scalars)."""
+    by_name = {name: p for name, p in module.named_parameters(remove_duplicate=False)}
+    for name, entry in loaded["state"].items():
+        param = by_name[name]
+        target = optimizer.state[param]
+        for key, value in entry.items():
+            if isinstance(value, ShardedTensor):
+                continue  # loaded in place into the optimizer's own tensor
+            if isinstance(value, torch.Tensor) and isinstance(target.get(key), torch.Tensor):
+                target[key].copy_(value)
+            else:
+                target[key] = value
+    for group, saved in zip(optimizer.param_groups, loaded["param_groups"], strict=True):
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading directories
+# ----------------------------------------------------------------------------------------------
+
+
+def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Collectively and atomically save ``state`` (DCP) and ``meta`` (rank 0) into directory ``path``."""
+    path = Path(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    token = [uuid.uuid4().hex[:12] if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    tmp = path.parent / f".{path.name}.partial-{token[0]}"
+    if rank == 0:
+        tmp.mkdir(parents=True, exist_ok=False)
+    _barrier()
+    dcp.save(state, checkpoint_id=str(tmp))
+    if rank == 0:
+        torch.save(meta, tmp / META_FILENAME)
+    _barrier()
+    if rank == 0:
+        old = path.parent / f".{path.name}.old-{token[0]}"
+        if path.exists():
+            path.rename(old) if path.is_dir() else path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    _barrier()
+
+
+def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not is_distributed_checkpoint(path):
+        raise FileNotFoundError(
+            f"{path} is not a lightning_hybrid checkpoint directory (expected {META_FILENAME} and DCP "
+            f".metadata inside). Point ckpt_path at a directory written by HybridStrategy."
+        )
+    return torch.load(path / META_FILENAME, weights_only=False)
+
+
+def saved_keys(path: str | os.PathLike[str]) -> set[str]:
+    """Flattened keys stored in a DCP checkpoint (e.g. ``model.lin.weight``)."""
+    reader = dcp.FileSystemReader(str(path))
+    return set(reader.read_metadata().state_dict_metadata)
+
+
+def load(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Collectively load ``path`` into ``state`` in place (tensors and ShardedTensors are filled)."""
+    dcp.load(state, checkpoint_id=str(path))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

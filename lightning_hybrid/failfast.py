@@ -1,0 +1,95 @@
+"""End every rank quickly, with the original error, when one rank fails.
+
+Without this, an exception on one rank leaves the others blocked in their next collective until
+the process-group timeout (30 minutes by default), and what they finally print is a timeout, not
+the cause. The failing rank writes its error into the job's c10d store; a small watcher thread on
+every other rank polls the store and, if the main thread has not failed by itself within a grace
+period (gloo raises promptly once the failed process exits; NCCL may not), prints the remote error
+and ends the process. A rank whose own collective broke because of the remote failure re-raises
+with the remote error attached, so every rank's log names the real cause.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+
+import torch.distributed as dist
+
+_FAILED_KEY = "lightning_hybrid/failed_rank"
+
+
+def _error_key(rank: int) -> str:
+    return f"lightning_hybrid/error/{rank}"
+
+
+class FailFast:
+    """Cross-rank error propagation through the default process group's store."""
+
+    def __init__(self, *, rank: int, grace_s: float = 10.0, poll_s: float = 0.25) -> None:
+        self.rank = rank
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self._store = dist.distributed_c10d._get_default_store()
+        self._stop = threading.Event()
+        self._failed_locally = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._watch, name="lightning_hybrid-failfast", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def publish(self, exception: BaseException) -> None:
+        """Record this rank's error for the others (first failing rank wins the 'failed' key)."""
+        self._failed_locally = True
+        text = "".join(traceback.format_exception_only(type(exception), exception)).strip()
+        try:
+            self._store.set(_error_key(self.rank), text)
+            self._store.compare_set(_FAILED_KEY, "", str(self.rank))
+        except Exception:  # noqa: BLE001 - the store may already be gone (rank 0 exited)
+            pass
+
+    def remote_error(self) -> tuple[int, str] | None:
+        """(rank, message) of the first rank that failed, if another rank did."""
+        try:
+            if not self._store.check([_FAILED_KEY]):
+                return None
+            rank = int(self._store.get(_FAILED_KEY).decode())
+            if rank == self.rank:
+                return None
+            return rank, self._store.get(_error_key(rank)).decode()
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            remote = self.remote_error()
+            if remote is None or self._failed_locally:
+                continue
+            rank, message = remote
+            deadline = time.monotonic() + self.grace_s
+            while time.monotonic() < deadline:
+                if self._stop.wait(self.poll_s) or self._failed_locally:
+                    return
+            sys.stderr.write(
+                f"[lightning_hybrid] rank {self.rank}: stopping because rank {rank} failed: {message}\n"
+            )
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def augment_with_remote_error(exception: BaseException, remote: tuple[int, str] | None) -> None:
+    """Prefix a secondary error (e.g. 'Connection closed by peer') with the remote root cause."""
+    if remote is None or not exception.args:
+        return
+    rank, message = remote
+    note = f"rank {rank} failed first with: {message}\n(this rank's own error follows) "
+    first = exception.args[0]
+    if isinstance(first, str) and note not in first:
+        exception.args = (note + first, *exception.args[1:])

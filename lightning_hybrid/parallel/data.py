@@ -1,0 +1,89 @@
+"""Data parallelism for the dense part of a model whose embedding tables are sharded.
+
+DDP replicates and all-reduces what is dense; the sharded embedding modules must be hidden from
+it: their parameters are not replicated (each rank holds different rows or tables) and torchrec's
+table slices are not autograd leaves, which DDP cannot hook. Replicated (data_parallel) tables
+are slices too, so their gradients are averaged here explicitly after backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def _names_under(module: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    def inside(name: str) -> bool:
+        return any(p == "" or name == p or name.startswith(f"{p}.") for p in prefixes)
+
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False) if inside(n)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False) if inside(n)]
+    return names
+
+
+def wrap_dense_data_parallel(
+    module: nn.Module,
+    *,
+    ignored_modules: Sequence[str],
+    process_group: dist.ProcessGroup | None,
+    device: torch.device,
+    find_unused_parameters: bool = False,
+    static_graph: bool = False,
+) -> nn.Module:
+    """Wrap ``module`` in DDP over ``process_group``, leaving out everything under ``ignored_modules``.
+
+    Returns ``module`` itself when nothing dense is left to synchronise.
+    """
+    ignored = _names_under(module, ignored_modules)
+    ignored_set = set(ignored)
+    dense = [p for n, p in module.named_parameters() if n not in ignored_set and p.requires_grad]
+    if not dense:
+        return module
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(
+        module,
+        device_ids=device_ids,
+        process_group=process_group,
+        find_unused_parameters=find_unused_parameters,
+        static_graph=static_graph,
+    )
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], process_group: dist.ProcessGroup | None, src_rank: int = 0) -> None:
+    """Overwrite ``tensors`` with the values of the group's first rank (in place)."""
+    if not dist.is_initialized():
+        return
+    group_src = dist.get_global_rank(process_group, src_rank) if process_group is not None else src_rank
+    for tensor in tensors:
+        dist.broadcast(tensor, src=group_src, group=process_group)
+
+
+def broadcast_dense_state(
+    module: nn.Module, *, ignored_modules: Sequence[str], process_group: dist.ProcessGroup | None
+) -> None:
+    """Make dense parameters and buffers equal to rank 0's (what DDP's constructor does when fitting)."""
+    ignored = set(_names_under(module, ignored_modules))
+    tensors = [p.detach() for n, p in module.named_parameters() if n not in ignored]
+    tensors += [b for n, b in module.named_buffers() if n not in ignored]
+    broadcast_tensors(tensors, process_group)
+
+
+def average_gradients(params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None) -> None:
+    """All-reduce the gradients of ``params`` to their mean over the group (one fused collective)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not dist.is_initialized():
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    # gloo has no AVG reduction: sum, then divide
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+    flat /= dist.get_world_size(process_group)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n

@@ -1,0 +1,580 @@
+"""HybridStrategy: the Lightning strategy that orchestrates hybrid parallelism.
+
+This module only drives Lightning's lifecycle; the techniques live in plain functions
+(`lightning_hybrid.parallel.*`, `lightning_hybrid.checkpoint`). The order in which they are
+applied in `setup` is fixed and matters:
+
+1. embedding sharding (torchrec) first: it replaces submodules, and the optimizer spec for fused
+   tables must be attached to the *unsharded* table parameters before torchrec builds kernels;
+2. data parallelism (DDP over the mesh's ``dp`` axis) last, over what is left dense: DDP must not
+   see sharded table parameters (they are not replicated, and their slices are not leaves);
+3. the user's ``configure_optimizers`` runs after both, so optimizers hold the final parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Generator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.pytorch.core.optimizer import LightningOptimizer, _init_optimizers_and_lr_schedulers
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.fabric.utilities.seed import reset_seed
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_hybrid import checkpoint as ckpt
+from lightning_hybrid.failfast import FailFast, augment_with_remote_error
+from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_launcher
+from lightning_hybrid.mesh import build_device_mesh
+from lightning_hybrid.parallel import data as data_parallel
+from lightning_hybrid.parallel import embedding as emb
+from lightning_hybrid.parallel import embedding_optim as emb_optim
+from lightning_hybrid.plan import AxisSize, ParallelPlan
+
+log = logging.getLogger(__name__)
+
+KernelName = Literal["fused", "dense"]
+
+
+class HybridStrategy(ParallelStrategy):
+    """Hybrid parallelism for Lightning recommenders: torchrec-sharded tables + data-parallel dense.
+
+    Every torchrec ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in the LightningModule is
+    sharded across ranks by torchrec's planner; the remaining dense parameters are replicated and
+    their gradients averaged over the ``dp`` axis of the device mesh. The tables train with the
+    optimizer the module's ``configure_optimizers`` asks for (see `lightning_hybrid.parallel.embedding_optim`).
+
+    Args:
+        data_parallel: ranks on the data-parallel axis; ``"auto"`` uses every rank not used by
+            other axes.
+        shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
+        embedding_sharding: table name -> forced sharding type (``"table_wise"``, ``"row_wise"``,
+            ``"column_wise"``, ``"data_parallel"``, ``"table_row_wise"``, ``"table_column_wise"``).
+            Tables not named are placed by torchrec's planner.
+        embedding_kernels: table name -> ``"fused"`` (fbgemm optimizer inside backward, fast) or
+            ``"dense"`` (keeps ``.grad`` for the module's own optimizer). Unnamed tables: fused when
+            their optimizer has an exact fused equivalent on this device, else dense (with a warning).
+        embedding_constraints: table name -> torchrec ``ParameterConstraints`` for full control
+            of the planner (Python API).
+        embedding_memory_per_rank: bytes of device memory the planner may fill with tables per
+            rank (default: torchrec's device default).
+        validate_inputs: check every id against its table's size before the lookup (cheap; an
+            out-of-range id otherwise reads garbage or crashes inside the kernel).
+        launcher: ``"auto"``, ``"subprocess"`` (re-run the script, like ``strategy="ddp"``) or
+            ``"spawn"``; ignored when torchrun/SLURM started the processes.
+        find_unused_parameters: passed to DDP for the dense parameters.
+        static_graph: passed to DDP for the dense parameters.
+        process_group_backend: ``"gloo"``/``"nccl"``; default by device.
+        timeout_s: collective timeout of the process group in seconds.
+        failure_grace_s: how long a rank waits for its own error after another rank failed,
+            before it stops itself (see `lightning_hybrid.failfast`).
+    """
+
+    strategy_name = "hybrid"
+
+    def __init__(
+        self,
+        *,
+        data_parallel: AxisSize = "auto",
+        shard_embeddings: bool = True,
+        embedding_sharding: dict[str, str] | None = None,
+        embedding_kernels: dict[str, KernelName] | None = None,
+        embedding_constraints: dict[str, Any] | None = None,
+        embedding_memory_per_rank: int | None = None,
+        validate_inputs: bool = True,
+        launcher: LauncherName = "auto",
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        process_group_backend: str | None = None,
+        timeout_s: float = 1800.0,
+        failure_grace_s: float = 10.0,
+    ) -> None:
+        super().__init__()
+        # Validate what needs no processes now, so a typo fails before anything is launched.
+        emb.validate_sharding_types(embedding_sharding or {})
+        for table, kernel in (embedding_kernels or {}).items():
+            if kernel not in (emb_optim.FUSED, emb_optim.DENSE):
+                raise ValueError(f"HybridStrategy(embedding_kernels={{{table!r}: {kernel!r}}}): use 'fused' or 'dense'.")
+        resolve_launcher(launcher)  # raises on unknown names
+        if data_parallel != "auto" and (isinstance(data_parallel, bool) or not isinstance(data_parallel, int) or data_parallel < 1):
+            raise ValueError(f"HybridStrategy(data_parallel={data_parallel!r}) must be a positive integer or 'auto'.")
+        if timeout_s <= 0:
+            raise ValueError(f"HybridStrategy(timeout_s={timeout_s}) must be positive.")
+        self._data_parallel = data_parallel
+        self._shard_embeddings = shard_embeddings
+        self._sharding_spec = emb.EmbeddingShardingSpec(
+            sharding_types=dict(embedding_sharding or {}),
+            compute_kernels=dict(embedding_kernels or {}),
+            constraints=dict(embedding_constraints or {}),
+            memory_per_rank_bytes=embedding_memory_per_rank,
+        )
+        self._validate_inputs = validate_inputs
+        self._launcher_name = launcher
+        self._ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph}
+        self._process_group_backend = process_group_backend
+        self._timeout = timedelta(seconds=timeout_s)
+        self._failure_grace_s = failure_grace_s
+        self.num_nodes = 1
+
+        self._plan: ParallelPlan | None = None
+        self._mesh: DeviceMesh | None = None
+        self._failfast: FailFast | None = None
+        self._sharding_plan: Any = None
+        self._sharded_modules: dict[str, torch.nn.Module] = {}
+        self._table_choice: emb_optim.TableOptimizerChoice | None = None
+        self._dp_table_params: list[torch.nn.Parameter] = []
+        self._grad_sync_blocked = False
+
+    # ------------------------------------------------------------------------------------------
+    # Layout
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> ParallelPlan:
+        if self._plan is None:
+            raise RuntimeError("HybridStrategy.plan is available after the processes are set up (setup_environment).")
+        return self._plan
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        if self._mesh is None:
+            raise RuntimeError("HybridStrategy.device_mesh is available after setup_environment.")
+        return self._mesh
+
+    @property
+    def sharding_plan(self) -> Any:
+        """torchrec ``ShardingPlan`` of the embedding tables (None before setup / without tables)."""
+        return self._sharding_plan
+
+    @property
+    def is_distributed(self) -> bool:
+        # Lightning injects its DistributedSampler only for strategies that say so; without it every
+        # rank would train on the same samples (silently wrong).
+        return True
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Ranks of one data-parallel replica must see the same batch; samples are split over dp only.
+        dp = self.device_mesh["dp"]
+        return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # sharded state can only be loaded into the sharded model
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # load_checkpoint restores optimizers itself (shard-aware)
+
+    # ------------------------------------------------------------------------------------------
+    # Processes
+    # ------------------------------------------------------------------------------------------
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if self.cluster_environment.creates_processes_externally:
+            return
+        if resolve_launcher(self._launcher_name) == "spawn":
+            self._launcher = HybridSpawnLauncher(self, start_method="spawn")
+        else:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self._set_world_ranks()
+        # Resolve the layout before any collective: a bad plan fails identically on every rank.
+        self._plan = ParallelPlan.resolve(
+            world_size=self.world_size,
+            data_parallel=self._data_parallel,
+            devices_per_node=self.num_processes or None,
+        )
+        # torchrec reads LOCAL_WORLD_SIZE to find node boundaries; Lightning's launchers don't set it
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(self.num_processes))
+        backend = self._process_group_backend or _get_default_process_group_backend_for_device(self.root_device)
+        self._process_group_backend = backend
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        assert self.cluster_environment is not None
+        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        self._mesh = build_device_mesh(self._plan, self.root_device.type)
+        if self.lightning_module is not None:
+            self.lightning_module._device_mesh = self._mesh
+        if self._failfast is None and self.world_size > 1:
+            self._failfast = FailFast(rank=self.global_rank, grace_s=self._failure_grace_s)
+            self._failfast.start()
+
+    def _set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
+
+    # ------------------------------------------------------------------------------------------
+    # Model and optimizers
+    # ------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        assert self.accelerator is not None
+        assert self.model is not None
+        self.accelerator.setup(trainer)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+
+        # 1. embedding sharding
+        if self._shard_embeddings and not self._sharded_modules:
+            self._shard_embedding_tables(trainer, fitting=fitting)
+
+        # 2. data parallelism over the dense rest
+        if fitting:
+            self.model = data_parallel.wrap_dense_data_parallel(
+                self.lightning_module,
+                ignored_modules=list(self._sharded_modules),
+                process_group=self.device_mesh["dp"].get_group(),
+                device=self.root_device,
+                **self._ddp_kwargs,
+            )
+        else:
+            data_parallel.broadcast_dense_state(
+                self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=None
+            )
+
+        # 3. optimizers see the final parameters
+        if fitting:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _shard_embedding_tables(self, trainer: Any, *, fitting: bool) -> None:
+        from torchrec.distributed.types import ShardingEnv
+
+        model = self.lightning_module
+        modules = emb.find_embedding_modules(model)
+        if not modules:
+            return
+        infos = emb.table_infos(modules)
+        weights = {info.table_name: model.get_parameter(info.weight_fqn) for info in infos}
+        dp_tables = [t for t, s in self._sharding_spec.sharding_types.items() if s == "data_parallel"]
+        if fitting:
+            probe_optimizers, _ = _init_optimizers_and_lr_schedulers(model)
+            choice = emb_optim.choose_table_optimizers(
+                optimizers=[o._optimizer if isinstance(o, LightningOptimizer) else o for o in probe_optimizers],
+                table_weights=weights,
+                device_type=self.root_device.type,
+                accumulate_grad_batches=trainer.accumulate_grad_batches,
+                forced_kernels=self._sharding_spec.compute_kernels,
+                data_parallel_tables=dp_tables,
+            )
+            if choice.dense_reasons:
+                lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.dense_reasons.items()))
+                rank_zero_warn(
+                    "HybridStrategy: these embedding tables use the dense kernel so that your optimizer updates them "
+                    f"exactly (slower and more memory than fbgemm's fused kernel):\n{lines}\n"
+                    "To use the fused kernel, give the tables an SGD or Adagrad param group (Adam/AdamW on CUDA), "
+                    "or set HybridStrategy(embedding_kernels={table: 'fused'}) where that is possible."
+                )
+            emb_optim.apply_fused_optimizers(weights, choice)
+            self._table_choice = choice
+            kernels = choice.kernels
+        else:
+            kernels = {
+                info.table_name: self._sharding_spec.compute_kernels.get(
+                    info.table_name, emb_optim.DENSE if info.table_name in dp_tables else emb_optim.FUSED
+                )
+                for info in infos
+            }
+        constraints = emb.build_constraints(infos, self._sharding_spec, kernels)
+        env = ShardingEnv.from_process_group(dist.group.WORLD)
+        plan = emb.plan_sharding_on_rank0(
+            model,
+            env=env,
+            device=self.root_device,
+            constraints=constraints,
+            local_world_size=self.num_processes or None,
+            memory_per_rank_bytes=self._sharding_spec.memory_per_rank_bytes,
+        )
+        self._sharded_modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=self.root_device)
+        self._sharding_plan = plan
+        summary = emb.plan_summary(plan)
+        self._dp_table_params = []
+        for info in infos:
+            if summary[info.table_name]["sharding_type"] == "data_parallel":
+                param = model.get_parameter(info.weight_fqn)
+                self._dp_table_params.append(param)
+        if self._dp_table_params:
+            # replicated tables must start equal on every rank (DDP does this for dense weights)
+            data_parallel.broadcast_tensors([p.detach() for p in self._dp_table_params], self.device_mesh["dp"].get_group())
+        if self._validate_inputs:
+            for fqn, module in self._sharded_modules.items():
+                emb.add_id_range_check(module, [i for i in infos if i.module_fqn == fqn])
+        rank_zero_info(
+            "HybridStrategy embedding plan:\n"
+            + "\n".join(
+                f"  {t}: {s['sharding_type']} ({s['compute_kernel']}) on ranks {s['ranks']}" for t, s in summary.items()
+            )
+        )
+
+    def _fused_optimizers_by_table(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for module in self._sharded_modules.values():
+            fused = getattr(module, "fused_optimizer", None)
+            if fused is None:
+                continue
+            for _name, opt in getattr(fused, "optimizers", []):
+                for key in getattr(opt, "params", {}):
+                    found[key.split(".")[-2]] = opt
+        return found
+
+    def _unwrapped_optimizers(self) -> list[Optimizer]:
+        return [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+
+    @override
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    # ------------------------------------------------------------------------------------------
+    # Backward
+    # ------------------------------------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._table_choice is not None and self._table_choice.fused:
+            # fbgemm reads the learning rate at forward time: LR schedulers must reach it now
+            emb_optim.sync_fused_learning_rates(
+                self._fused_optimizers_by_table(), self._table_choice, self._unwrapped_optimizers()
+            )
+        return super().training_step(*args, **kwargs)
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self._dp_table_params and not self._grad_sync_blocked:
+            data_parallel.average_gradients(self._dp_table_params, self.device_mesh["dp"].get_group())
+
+    @contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        self._grad_sync_blocked = True
+        try:
+            if isinstance(self.model, DistributedDataParallel):
+                with self.model.no_sync():
+                    yield None
+            else:
+                yield None
+        finally:
+            self._grad_sync_blocked = False
+
+    # ------------------------------------------------------------------------------------------
+    # Collectives
+    # ------------------------------------------------------------------------------------------
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src, group=_group.WORLD)
+        return box[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any = "mean") -> Any:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints (torch.distributed.checkpoint directories)
+    # ------------------------------------------------------------------------------------------
+
+    def _sharded_param_templates(self) -> dict[str, Any]:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        state = self.lightning_module.state_dict()
+        return {k: v for k, v in state.items() if isinstance(v, ShardedTensor)}
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self.lightning_module.state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return ckpt.optimizer_state_dict(self.lightning_module, optimizer, self._sharded_param_templates())
+
+    def _fused_state(self) -> dict[str, Any]:
+        return {
+            fqn or "root": module.fused_optimizer.state_dict()
+            for fqn, module in self._sharded_modules.items()
+            if getattr(module, "fused_optimizer", None) is not None and module.fused_optimizer.state_dict()["state"]
+        }
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                "HybridStrategy.save_checkpoint(storage_options=...) is not supported: checkpoints are written "
+                "with torch.distributed.checkpoint, not a CheckpointIO plugin."
+            )
+        path = Path(self.broadcast(str(filepath)))
+        checkpoint = dict(checkpoint)
+        state = {
+            "model": checkpoint.pop("state_dict"),
+            "optimizers": {str(i): s for i, s in enumerate(checkpoint.pop("optimizer_states", []))},
+            "fused": self._fused_state(),
+        }
+        checkpoint["lightning_hybrid"] = {"world_size": self.world_size, "plan": self._plan}
+        ckpt.save(state, checkpoint, path)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        meta = ckpt.load_meta(path)
+        keys = ckpt.saved_keys(path)
+        model = self.lightning_module
+        model_state = model.state_dict()
+        state: dict[str, Any] = {"model": model_state}
+        optimizer_states: dict[str, Any] = {}
+        fused = {}
+        trainer = model._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            fused_ids = self._fused_param_ids()
+            trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in fused_ids]
+            for index, optimizer in enumerate(self._unwrapped_optimizers()):
+                ckpt.init_optimizer_state(optimizer, trainable)
+                opt_state = ckpt.optimizer_state_dict(model, optimizer, self._sharded_param_templates())
+                prefix = f"optimizers.{index}.state."
+                missing = [
+                    name
+                    for name, entry in opt_state["state"].items()
+                    if any(f"{prefix}{name}.{k}" not in keys for k in entry)
+                ]
+                for name in missing:  # saved before this parameter's first step: start it fresh
+                    optimizer.state.pop(model.get_parameter(name), None)
+                    opt_state["state"].pop(name)
+                optimizer_states[str(index)] = opt_state
+            fused = self._fused_state_for_load(keys)
+        state["optimizers"] = optimizer_states
+        state["fused"] = fused
+        ckpt.load(state, path)
+        for index, optimizer in enumerate(self._unwrapped_optimizers()):
+            if str(index) in optimizer_states:
+                ckpt.load_optimizer_state_dict(model, optimizer, optimizer_states[str(index)])
+        for fqn, module in self._sharded_modules.items():
+            if (fqn or "root") in fused:
+                module.fused_optimizer.load_state_dict(fused[fqn or "root"])
+        return meta
+
+    def _fused_state_for_load(self, keys: set[str]) -> dict[str, Any]:
+        result = {}
+        for fqn, module in self._sharded_modules.items():
+            fused = getattr(module, "fused_optimizer", None)
+            if fused is None:
+                continue
+            name = fqn or "root"
+            if any(k.startswith(f"fused.{name}.") for k in keys):
+                result[name] = fused.state_dict()
+        return result
+
+    def _fused_param_ids(self) -> set[int]:
+        if self._table_choice is None:
+            return set()
+        ids = set()
+        for fqn, module in self._sharded_modules.items():
+            for name, param in module.named_parameters():
+                if name.split(".")[-2] in self._table_choice.fused:
+                    ids.add(id(param))
+        return ids
+
+    @override
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        pass  # done in load_checkpoint, shard-aware
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        pass  # done in load_checkpoint, shard-aware
+
+    # ------------------------------------------------------------------------------------------
+    # Errors and teardown
+    # ------------------------------------------------------------------------------------------
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        if self._failfast is None:
+            return
+        remote = self._failfast.remote_error()
+        if remote is not None:
+            augment_with_remote_error(exception, remote)
+        else:
+            self._failfast.publish(exception)
+
+    @override
+    def teardown(self) -> None:
+        if self._failfast is not None:
+            self._failfast.stop()
+            self._failfast = None
+        if isinstance(self.model, DistributedDataParallel):
+            self.model = self.lightning_module
+        super().teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="lightning_hybrid: torchrec-sharded embeddings + data-parallel dense layers",
+        )

@@ -1,0 +1,191 @@
+"""Implementation of `lightning_hybrid.testing.run_distributed` (see the package docstring)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+class DistributedTestError(RuntimeError):
+    """A rank of a `run_distributed` job failed, hung or died; the message holds its traceback."""
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _dumps(obj: Any) -> bytes:
+    # Tensors travel as bytes: spawn queues would otherwise share memory with a dying process.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _loads(data: bytes) -> Any:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    init_process_group: bool,
+    backend: str,
+    pg_timeout_s: float,
+    extra_env: dict[str, str],
+    queue: Any,
+) -> None:
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "GROUP_RANK": "0",
+            "NODE_RANK": "0",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    os.environ.update(extra_env)
+    torch.set_num_threads(1)
+    try:
+        if init_process_group:
+            torch.distributed.init_process_group(
+                backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
+            )
+        result = fn(*args, **kwargs)
+        queue.put((rank, "ok", _dumps(result)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if init_process_group and torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:  # noqa: BLE001 - teardown after a failure may find peers gone
+                pass
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    init_process_group: bool = True,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+    pg_timeout_s: float = 60.0,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` new processes; return results ordered by rank.
+
+    Args:
+        fn: a module-level function (it is pickled by reference into spawned processes).
+        world_size: number of processes.
+        init_process_group: initialise the default process group before calling ``fn``; leave it
+            to the code under test (e.g. a Lightning Trainer) with ``False``.
+        backend: process-group backend, ``"gloo"`` on CPU.
+        timeout_s: wall-clock limit for the whole job; ranks still running then are killed.
+        pg_timeout_s: collective timeout of the process group (short, so a stuck collective
+            fails the test instead of hanging it).
+        env: extra environment variables for every rank.
+    """
+    if world_size < 1:
+        raise ValueError(f"run_distributed: world_size={world_size} must be >= 1.")
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = find_free_port()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(
+                rank,
+                world_size,
+                port,
+                fn,
+                args,
+                kwargs,
+                init_process_group,
+                backend,
+                pg_timeout_s,
+                dict(env or {}),
+                queue,
+            ),
+            daemon=False,
+        )
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) + len(errors) < world_size:
+            if not queue.empty():
+                rank, status, payload = queue.get()
+                if status == "ok":
+                    results[rank] = _loads(payload)
+                else:
+                    errors[rank] = payload
+                    # Give the other ranks a moment to report their own (often secondary) errors.
+                    grace = time.monotonic() + 2.0
+                    while time.monotonic() < grace and len(results) + len(errors) < world_size:
+                        if not queue.empty():
+                            r, s, p = queue.get()
+                            if s == "ok":
+                                results[r] = _loads(p)
+                            else:
+                                errors[r] = p
+                        else:
+                            time.sleep(0.02)
+                    break
+                continue
+            dead = [
+                r
+                for r, p in enumerate(procs)
+                if not p.is_alive() and p.exitcode not in (0, None) and r not in results and r not in errors
+            ]
+            if dead and queue.empty():
+                time.sleep(0.2)  # a result may still be in flight
+                if queue.empty():
+                    for r in dead:
+                        errors[r] = f"rank {r} died with exit code {procs[r].exitcode} without reporting"
+                    break
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world_size) if r not in results and r not in errors]
+                raise DistributedTestError(
+                    f"run_distributed: ranks {missing} did not finish within {timeout_s:.0f} s "
+                    f"(finished: {sorted(results)}, failed: {sorted(errors)})"
+                )
+            time.sleep(0.01)
+    finally:
+        for proc in procs:
+            proc.join(timeout=0.5 if errors else 10.0)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+    if errors:
+        first = min(errors)
+        others = "".join(f"\n--- rank {r} ---\n{errors[r]}" for r in sorted(errors) if r != first)
+        raise DistributedTestError(f"rank {first} failed:\n{errors[first]}{others}")
+    return [results[r] for r in range(world_size)]

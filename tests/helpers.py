@@ -1,0 +1,160 @@
+"""Modules and data used by the tests, written as ordinary Lightning code (no strategy knowledge).
+
+Everything here must be importable by spawned rank processes, so it lives at module level.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+TABLE_SIZES = [24, 40, 16]
+FEATURES = ["user", "item", "category"]
+NUM_DENSE = 5
+
+
+class TinyClicks(Dataset):
+    """Deterministic samples: dense features, 1-3 ids per sparse feature, a 0/1 label."""
+
+    def __init__(self, n: int = 64, seed: int = 1, table_sizes: list[int] | None = None) -> None:
+        sizes = table_sizes or TABLE_SIZES
+        gen = torch.Generator().manual_seed(seed)
+        self.dense = torch.randn(n, NUM_DENSE, generator=gen)
+        self.ids = [
+            [torch.randint(0, size, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen) for size in sizes]
+            for _ in range(n)
+        ]
+        self.labels = torch.randint(0, 2, (n,), generator=gen).float()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dense[i], self.ids[i], self.labels[i]
+
+
+def collate(samples: list[Any]) -> dict[str, Any]:
+    values, lengths = [], []
+    for f in range(len(FEATURES)):
+        for s in samples:
+            values.append(s[1][f])
+            lengths.append(len(s[1][f]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(FEATURES), values=torch.cat(values).long(), lengths=torch.tensor(lengths, dtype=torch.int32)
+    )
+    return {
+        "dense": torch.stack([s[0] for s in samples]),
+        "sparse": kjt,
+        "labels": torch.stack([s[2] for s in samples]),
+    }
+
+
+def loader(batch_size: int, n: int = 64, seed: int = 1, shuffle: bool = False, ranks: int | None = None) -> DataLoader:
+    """With ``ranks``, rank r gets samples r, r+ranks, ... in order (Lightning would shuffle them)."""
+    dataset = TinyClicks(n, seed)
+    if ranks is None:
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=shuffle)
+    import os
+
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=ranks, rank=int(os.environ["RANK"]), shuffle=False)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, sampler=sampler)
+
+
+class TinyRec(pl.LightningModule):
+    """A DLRM-like model: EmbeddingBagCollection (pooled) or EmbeddingCollection (sequence) tables,
+    an MLP, BCE loss. ``optimizer`` picks the torch optimizer; ``scheduler`` adds a StepLR."""
+
+    def __init__(
+        self,
+        kind: str = "ebc",
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        dim: int = 8,
+        scheduler: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kind, self.optimizer_name, self.lr, self.scheduler = kind, optimizer, lr, scheduler
+        if kind == "ebc":
+            self.tables = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
+                    for f, n in zip(FEATURES, TABLE_SIZES, strict=True)
+                ]
+            )
+        else:
+            self.tables = EmbeddingCollection(
+                tables=[
+                    EmbeddingConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
+                    for f, n in zip(FEATURES, TABLE_SIZES, strict=True)
+                ]
+            )
+        self.mlp = nn.Sequential(nn.Linear(NUM_DENSE + dim * len(FEATURES), 16), nn.ReLU(), nn.Linear(16, 1))
+        self.outputs: list[torch.Tensor] = []
+        self.losses: list[float] = []
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        if self.kind == "ebc":
+            pooled = self.tables(sparse).to_dict()
+            parts = [pooled[f] for f in FEATURES]
+        else:
+            seqs = self.tables(sparse)
+            parts = [seqs[f].to_padded_dense(desired_length=3).sum(dim=1) for f in FEATURES]
+        return self.mlp(torch.cat([dense, *parts], dim=1)).squeeze(-1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["dense"], batch["sparse"])
+        self.outputs.append(logits.detach().clone())
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+        self.losses.append(float(loss.detach()))
+        self.log("train_loss", loss, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self(batch["dense"], batch["sparse"])
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+        self.log("val_loss", loss, batch_size=len(batch["labels"]), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[self.optimizer_name]
+        opt = cls(self.parameters(), lr=self.lr)
+        if not self.scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class GradRecorder(pl.Callback):
+    """Keeps the dense gradients seen by the optimizer at the first step (after DDP averaging)."""
+
+    def __init__(self) -> None:
+        self.first_grads: dict[str, torch.Tensor] | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self.first_grads is None:
+            self.first_grads = {
+                n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if n.startswith("mlp.") and p.grad is not None
+            }
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
