@@ -177,7 +177,7 @@ def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[st
     if rank == 0:
         tmp.mkdir(parents=True, exist_ok=False)
     _barrier()
-    dcp.save(state, checkpoint_id=str(tmp))
+    dcp.save(_drop_empty(state), checkpoint_id=str(tmp))
     if rank == 0:
         torch.save(meta, tmp / META_FILENAME)
     _barrier()
@@ -209,7 +209,19 @@ def saved_keys(path: str | os.PathLike[str]) -> set[str]:
 
 def load(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Collectively load ``path`` into ``state`` in place (tensors and ShardedTensors are filled)."""
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(_drop_empty(state), checkpoint_id=str(path))
+
+
+def _drop_empty(state: dict[str, Any]) -> dict[str, Any]:
+    """DCP stores an empty dict as a value of its own and then insists on it when loading; leave them out."""
+    result = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = _drop_empty(value)
+            if not value:
+                continue
+        result[key] = value
+    return result
 
 
 def _barrier() -> None:

@@ -471,12 +471,18 @@ class HybridStrategy(ParallelStrategy):
             )
         path = Path(self.broadcast(str(filepath)))
         checkpoint = dict(checkpoint)
+        optimizer_states = checkpoint.pop("optimizer_states", [])
         state = {
             "model": checkpoint.pop("state_dict"),
-            "optimizers": {str(i): s for i, s in enumerate(checkpoint.pop("optimizer_states", []))},
+            # tensors go through DCP (shard-aware); hyper-parameters are plain values kept in meta
+            "optimizers": {str(i): {"state": s["state"]} for i, s in enumerate(optimizer_states)},
             "fused": self._fused_state(),
         }
-        checkpoint["lightning_hybrid"] = {"world_size": self.world_size, "plan": self._plan}
+        checkpoint["lightning_hybrid"] = {
+            "world_size": self.world_size,
+            "plan": self._plan,
+            "optimizer_param_groups": [s["param_groups"] for s in optimizer_states],
+        }
         ckpt.save(state, checkpoint, path)
 
     @override
@@ -505,14 +511,16 @@ class HybridStrategy(ParallelStrategy):
                 for name in missing:  # saved before this parameter's first step: start it fresh
                     optimizer.state.pop(model.get_parameter(name), None)
                     opt_state["state"].pop(name)
-                optimizer_states[str(index)] = opt_state
+                optimizer_states[str(index)] = {"state": opt_state["state"]}
             fused = self._fused_state_for_load(keys)
         state["optimizers"] = optimizer_states
         state["fused"] = fused
         ckpt.load(state, path)
+        saved_groups = meta.get("lightning_hybrid", {}).get("optimizer_param_groups", [])
         for index, optimizer in enumerate(self._unwrapped_optimizers()):
             if str(index) in optimizer_states:
-                ckpt.load_optimizer_state_dict(model, optimizer, optimizer_states[str(index)])
+                loaded = {**optimizer_states[str(index)], "param_groups": saved_groups[index]}
+                ckpt.load_optimizer_state_dict(model, optimizer, loaded)
         for fqn, module in self._sharded_modules.items():
             if (fqn or "root") in fused:
                 module.fused_optimizer.load_state_dict(fused[fqn or "root"])
