@@ -26,7 +26,7 @@ NUM_DENSE = 5
 class TinyClicks(Dataset):
     """Deterministic samples: dense features, 1-3 ids per sparse feature, a 0/1 label."""
 
-    def __init__(self, n: int = 64, seed: int = 1, table_sizes: list[int] | None = None) -> None:
+    def __init__(self, n: int = 64, seed: int = 1, table_sizes: list[int] | None = None, bad_id_at: int | None = None) -> None:
         sizes = table_sizes or TABLE_SIZES
         gen = torch.Generator().manual_seed(seed)
         self.dense = torch.randn(n, NUM_DENSE, generator=gen)
@@ -35,6 +35,8 @@ class TinyClicks(Dataset):
             for _ in range(n)
         ]
         self.labels = torch.randint(0, 2, (n,), generator=gen).float()
+        if bad_id_at is not None:  # one sample whose item id is past the end of its table
+            self.ids[bad_id_at][1] = torch.tensor([sizes[1] + 7])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,9 +61,11 @@ def collate(samples: list[Any]) -> dict[str, Any]:
     }
 
 
-def loader(batch_size: int, n: int = 64, seed: int = 1, shuffle: bool = False, ranks: int | None = None) -> DataLoader:
+def loader(
+    batch_size: int, n: int = 64, seed: int = 1, shuffle: bool = False, ranks: int | None = None, bad_id_at: int | None = None
+) -> DataLoader:
     """With ``ranks``, rank r gets samples r, r+ranks, ... in order (Lightning would shuffle them)."""
-    dataset = TinyClicks(n, seed)
+    dataset = TinyClicks(n, seed, bad_id_at=bad_id_at)
     if ranks is None:
         return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=shuffle)
     import os

@@ -185,7 +185,7 @@ def run_distributed(
                 proc.join(timeout=5)
 
     if errors:
-        first = min(errors)
-        others = "".join(f"\n--- rank {r} ---\n{errors[r]}" for r in sorted(errors) if r != first)
+        first = next(iter(errors))  # the first report is usually the root cause; later ones are fallout
+        others = "".join(f"\n--- rank {r} ---\n{errors[r]}" for r in errors if r != first)
         raise DistributedTestError(f"rank {first} failed:\n{errors[first]}{others}")
     return [results[r] for r in range(world_size)]

@@ -1,0 +1,146 @@
+"""Tier 1: table discovery, constraints, id checks and optimizer translation (single process)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_hybrid.parallel import embedding as emb
+from lightning_hybrid.parallel import embedding_optim as emb_optim
+from tests.helpers import TinyRec, collate, TinyClicks
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torchrec.optim as trec_optim
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+def _weights(model: TinyRec) -> dict[str, torch.nn.Parameter]:
+    infos = emb.table_infos(emb.find_embedding_modules(model))
+    return {i.table_name: model.get_parameter(i.weight_fqn) for i in infos}
+
+
+def test_finds_tables_anywhere() -> None:
+    model = torch.nn.Module()
+    model.inner = torch.nn.Sequential(TinyRec(kind="ec"))
+    found = emb.find_embedding_modules(model)
+    assert list(found) == ["inner.0.tables"]
+    infos = emb.table_infos(found)
+    assert [(i.table_name, i.num_embeddings, i.pooled) for i in infos] == [
+        ("t_user", 24, False),
+        ("t_item", 40, False),
+        ("t_category", 16, False),
+    ]
+    assert infos[0].weight_fqn == "inner.0.tables.embeddings.t_user.weight"
+
+
+def test_constraints_force_types_and_kernels() -> None:
+    infos = emb.table_infos(emb.find_embedding_modules(TinyRec()))
+    spec = emb.EmbeddingShardingSpec(sharding_types={"t_user": "row_wise", "t_item": "data_parallel"})
+    kernels = {"t_user": "fused", "t_item": "fused", "t_category": "dense"}
+    cons = emb.build_constraints(infos, spec, kernels)
+    assert cons["t_user"].sharding_types == ["row_wise"] and cons["t_user"].compute_kernels == ["fused"]
+    assert cons["t_item"].compute_kernels == ["dense"]  # data_parallel tables are always dense
+    assert cons["t_category"].compute_kernels == ["dense"]
+
+
+def test_data_parallel_is_refused_for_embedding_collection() -> None:
+    infos = emb.table_infos(emb.find_embedding_modules(TinyRec(kind="ec")))
+    spec = emb.EmbeddingShardingSpec(sharding_types={"t_user": "data_parallel"})
+    with pytest.raises(ValueError, match="EmbeddingCollection, which torchrec 1.8 cannot shard data_parallel"):
+        emb.build_constraints(infos, spec, {i.table_name: "fused" for i in infos})
+
+
+def test_id_check_names_feature_id_and_table() -> None:
+    limits = {"user": (24, "t_user"), "item": (40, "t_item")}
+    ok = KeyedJaggedTensor.from_lengths_sync(["user", "item"], torch.tensor([0, 23, 39]), torch.tensor([2, 1]))
+    emb.check_ids(ok, limits)
+    high = KeyedJaggedTensor.from_lengths_sync(["user", "item"], torch.tensor([0, 23, 40]), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match=r"Feature 'item' has id 40, outside table 't_item' of 40 rows"):
+        emb.check_ids(high, limits)
+    negative = KeyedJaggedTensor.from_lengths_sync(["user", "item"], torch.tensor([-3, 1, 2]), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match=r"Feature 'user' has id -3"):
+        emb.check_ids(negative, limits)
+    unknown = KeyedJaggedTensor.from_lengths_sync(["genre"], torch.tensor([1]), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"features \['genre'\] that no embedding table reads"):
+        emb.check_ids(unknown, limits)
+
+
+def test_optimizer_translation() -> None:
+    model = TinyRec()
+    weights = _weights(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.3)
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[sgd], table_weights=weights, device_type="cpu", accumulate_grad_batches=1, forced_kernels={}
+    )
+    assert set(choice.kernels.values()) == {"fused"}
+    assert choice.fused["t_user"].optimizer_class is trec_optim.SGD
+    assert choice.fused["t_user"].kwargs == {"lr": 0.3}
+
+    adagrad = torch.optim.Adagrad(model.parameters(), lr=0.2, eps=1e-8)
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[adagrad], table_weights=weights, device_type="cpu", accumulate_grad_batches=1, forced_kernels={}
+    )
+    assert choice.fused["t_item"].optimizer_class is trec_optim.Adagrad
+    assert choice.fused["t_item"].kwargs == {"lr": 0.2, "eps": 1e-8}
+
+
+@pytest.mark.parametrize(
+    ("make", "device", "accumulate", "reason"),
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "cpu", 1, "fbgemm has no fused Adam on cpu"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "cpu", 1, "no momentum"),
+        (lambda p: torch.optim.RMSprop(p, lr=0.1), "cpu", 1, "RMSprop has no fused fbgemm equivalent"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "cpu", 4, "accumulate_grad_batches=4"),
+    ],
+)
+def test_dense_fallback_with_reason(make, device: str, accumulate: int, reason: str) -> None:  # noqa: ANN001
+    model = TinyRec()
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[make(model.parameters())],
+        table_weights=_weights(model),
+        device_type=device,
+        accumulate_grad_batches=accumulate,
+        forced_kernels={},
+    )
+    assert set(choice.kernels.values()) == {"dense"}
+    assert reason in choice.dense_reasons["t_user"]
+
+
+def test_adam_is_fused_on_cuda_with_fbgemm_names() -> None:
+    model = TinyRec()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-7)
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[adam], table_weights=_weights(model), device_type="cuda", accumulate_grad_batches=1, forced_kernels={}
+    )
+    assert choice.fused["t_user"].optimizer_class is trec_optim.Adam
+    assert choice.fused["t_user"].kwargs == {"lr": 1e-3, "beta1": 0.8, "beta2": 0.95, "eps": 1e-7}
+
+
+def test_forcing_fused_for_an_impossible_optimizer_is_an_error() -> None:
+    model = TinyRec()
+    with pytest.raises(ValueError, match=r"embedding_kernels=\{'t_user': 'fused'\}\) is impossible"):
+        emb_optim.choose_table_optimizers(
+            optimizers=[torch.optim.Adam(model.parameters())],
+            table_weights=_weights(model),
+            device_type="cpu",
+            accumulate_grad_batches=1,
+            forced_kernels={"t_user": "fused"},
+        )
+
+
+def test_table_missing_from_optimizers_is_an_error() -> None:
+    model = TinyRec()
+    only_mlp = torch.optim.SGD(model.mlp.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="Embedding table 't_user' is in no optimizer"):
+        emb_optim.choose_table_optimizers(
+            optimizers=[only_mlp], table_weights=_weights(model), device_type="cpu", accumulate_grad_batches=1, forced_kernels={}
+        )
+
+
+def test_collate_builds_kjt() -> None:
+    batch = collate([TinyClicks(4)[i] for i in range(4)])
+    assert batch["sparse"].keys() == ["user", "item", "category"]
+    assert batch["dense"].shape == (4, 5)

@@ -1,0 +1,43 @@
+"""Tier 2: the shipped multi-process harness reports results, failures and hangs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_hybrid.testing import DistributedTestError, run_distributed
+
+
+def _all_reduce_rank() -> float:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _fail_on_rank_one() -> None:
+    if dist.get_rank() == 1:
+        raise RuntimeError("boom on rank one")
+    dist.barrier()  # rank 0 would wait here forever without the harness
+
+
+def _hang() -> None:
+    time.sleep(60)
+
+
+def test_results_come_back_in_rank_order() -> None:
+    assert run_distributed(_all_reduce_rank, 2) == [1.0, 1.0]
+
+
+def test_a_failing_rank_fails_the_call_with_its_traceback() -> None:
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match=r"rank 1 failed:(.|\n)*RuntimeError: boom on rank one"):
+        run_distributed(_fail_on_rank_one, 2, pg_timeout_s=60)
+    assert time.monotonic() - start < 30
+
+
+def test_a_hanging_rank_times_out() -> None:
+    with pytest.raises(DistributedTestError, match=r"did not finish within 3 s"):
+        run_distributed(_hang, 2, timeout_s=3, init_process_group=False)
