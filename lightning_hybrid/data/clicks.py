@@ -30,13 +30,19 @@ class ClickDataset(Dataset):
         max_ids_per_feature: int = 3,
         zipf_exponent: float = 1.1,
         seed: int = 0,
+        sample_seed: int | None = None,
     ) -> None:
+        """``seed`` fixes the hidden click model; ``sample_seed`` (default: ``seed``) the samples, so
+        train and validation sets share the model and differ in samples."""
         if num_samples < 1 or num_dense < 0 or not table_sizes or min(table_sizes) < 1:
             raise ValueError(
                 f"ClickDataset: num_samples={num_samples}, num_dense={num_dense}, table_sizes={list(table_sizes)} "
                 "must be positive (at least one table)."
             )
-        gen = torch.Generator().manual_seed(seed)
+        model_gen = torch.Generator().manual_seed(seed)
+        hidden_id_weight = [torch.randn(n, generator=model_gen) for n in table_sizes]
+        hidden_dense_weight = torch.randn(num_dense, generator=model_gen)
+        gen = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
         self.dense = torch.randn(num_samples, num_dense, generator=gen)
         self.ids: list[list[torch.Tensor]] = []
         self.feature_names = [f"f{i}" for i in range(len(table_sizes))]
@@ -45,8 +51,6 @@ class ClickDataset(Dataset):
         lengths = torch.randint(1, max_ids_per_feature + 1, (num_samples, len(table_sizes)), generator=gen)
         id_tables = [torch.multinomial(p, num_samples * max_ids_per_feature, replacement=True, generator=gen)
                      .view(num_samples, max_ids_per_feature) for p in probs]
-        hidden_id_weight = [torch.randn(n, generator=gen) for n in table_sizes]
-        hidden_dense_weight = torch.randn(num_dense, generator=gen)
         logits = self.dense @ hidden_dense_weight * 0.5
         for s in range(num_samples):
             row = []
@@ -108,7 +112,7 @@ class ClickDataModule(pl.LightningDataModule):
         hp = self.hparams
         common = dict(num_dense=hp.num_dense, table_sizes=self.table_sizes, max_ids_per_feature=hp.max_ids_per_feature)
         self.train_set = ClickDataset(num_samples=hp.num_samples, seed=hp.seed, **common)
-        self.val_set = ClickDataset(num_samples=hp.num_val_samples, seed=hp.seed + 1, **common)
+        self.val_set = ClickDataset(num_samples=hp.num_val_samples, seed=hp.seed, sample_seed=hp.seed + 1, **common)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,

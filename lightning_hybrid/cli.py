@@ -1,0 +1,44 @@
+"""The ``lightning-hybrid`` command: LightningCLI with HybridStrategy registered.
+
+    lightning-hybrid fit -c recipes/dlrm_quickstart.yaml
+    lightning-hybrid fit -c recipes/dlrm_quickstart.yaml --print_config   # every option, resolved
+
+Models and data modules are given by ``class_path`` (any LightningModule / LightningDataModule),
+the strategy as ``trainer.strategy: hybrid`` or with ``class_path: lightning_hybrid.HybridStrategy``
+and ``init_args`` for its options.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_hybrid  # noqa: F401 - registers strategy="hybrid"
+
+
+class HybridCLI(LightningCLI):
+    """LightningCLI whose defaults suit multi-process CPU/GPU runs of this package."""
+
+    def before_instantiate_classes(self) -> None:
+        # one thread per rank unless the user chose otherwise: ranks share the machine's cores
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main(args: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    HybridCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

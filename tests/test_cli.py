@@ -1,0 +1,53 @@
+"""The lightning-hybrid command (LightningCLI) and the recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_hybrid.cli import main
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_recipe_parses_and_shows_every_strategy_option(recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "lightning_hybrid.HybridStrategy"
+    for option in ("data_parallel", "embedding_sharding", "embedding_kernels", "launcher", "timeout_s"):
+        assert option in strategy["init_args"]
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(RECIPES[0].read_text().replace("embedding_sharding:", "embeding_sharding:"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(bad), "--print_config"])
+    assert exit_info.value.code != 0
+    assert "embeding_sharding" in capsys.readouterr().err
+
+
+def test_two_process_fit_through_the_cli(tmp_path: Path) -> None:
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPES[0]),
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.num_samples=1024",
+            "--data.init_args.num_val_samples=256",
+        ]
+    )
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["epoch=0-step=4.ckpt"]
+    assert (checkpoints[0] / "meta.pt").is_file() and (checkpoints[0] / ".metadata").is_file()
