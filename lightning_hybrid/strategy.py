@@ -48,6 +48,7 @@ from lightning_hybrid import checkpoint as ckpt
 from lightning_hybrid.failfast import FailFast, augment_with_remote_error
 from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_launcher
 from lightning_hybrid.mesh import build_device_mesh
+from lightning_hybrid.parallel import clip
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.parallel import embedding as emb
 from lightning_hybrid.parallel import embedding_optim as emb_optim
@@ -288,6 +289,32 @@ class HybridStrategy(ParallelStrategy):
             from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
             _optimizers_to_device(self.optimizers, self.root_device)
+            self._install_sharded_clipping(trainer)
+
+    def _install_sharded_clipping(self, trainer: Any) -> None:
+        """Make norm clipping use the global norm across table shards (see parallel.clip)."""
+        sharded_ids: set[int] = set()
+        fused_ids = self._fused_param_ids()
+        dp_ids = {id(p) for p in self._dp_table_params}
+        for module in self._sharded_modules.values():
+            for param in module.parameters():
+                if id(param) not in fused_ids and id(param) not in dp_ids:
+                    sharded_ids.add(id(param))
+        if trainer.gradient_clip_val and fused_ids:
+            rank_zero_warn(
+                "HybridStrategy: gradient clipping does not reach embedding tables on the fused kernel (fbgemm "
+                "updates them inside backward). Set HybridStrategy(embedding_kernels={table: 'dense'}) for tables "
+                "that must be clipped."
+            )
+        if not sharded_ids:
+            return
+        plugin = self.precision_plugin
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
+            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val))
+
+        # The precision plugin owns clipping in Lightning; only its norm computation must change.
+        plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
 
     def _shard_embedding_tables(self, trainer: Any, *, fitting: bool) -> None:
         from torchrec.distributed.types import ShardingEnv

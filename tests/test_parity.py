@@ -34,6 +34,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "ebc-table_wise-adam-dense": ("ebc", {"embedding_sharding": {"t_user": "table_wise", "t_item": "row_wise", "t_category": "table_wise"}}, {"optimizer": "adam", "lr": 0.01}, {}),
     "ebc-row_wise-lr-scheduler": ("ebc", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "table_wise"}}, {"scheduler": True}, {}),
     "ebc-row_wise-accumulate": ("ebc", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "data_parallel"}}, {}, {"accumulate_grad_batches": 2}),
+    "ebc-dense-kernel-clipping": ("ebc", {"embedding_sharding": {"t_user": "row_wise", "t_item": "table_wise", "t_category": "data_parallel"}, "embedding_kernels": {"t_user": "dense", "t_item": "dense"}}, {"lr": 0.5}, {"gradient_clip_val": 0.05}),
     "ec-table_wise": ("ec", {"embedding_sharding": {"t_user": "table_wise", "t_item": "table_wise", "t_category": "table_wise"}}, {}, {}),
     "ec-row_wise": ("ec", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "row_wise"}}, {}, {}),
     "ec-column_wise": ("ec", {"column_wise_min_partition": 4}, {}, {}),
@@ -117,7 +118,7 @@ def test_hybrid_matches_single_process(name: str) -> None:
         assert r0["plan"][table] == sharding_type
     if "column_wise" in name:
         assert set(r0["plan"].values()) == {"column_wise"}
-    if "adam" in name or "accumulate" in name:
+    if "adam" in name or "accumulate" in name or "dense-kernel" in name:
         assert set(r0["kernels"].values()) == {"dense"}  # exactness needs the user's optimizer
     elif "data_parallel" not in name:
         assert "fused" in set(r0["kernels"].values())
