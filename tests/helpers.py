@@ -87,8 +87,10 @@ class TinyRec(pl.LightningModule):
         lr: float = 0.1,
         dim: int = 8,
         scheduler: bool = False,
+        use_values: bool = False,
     ) -> None:
         super().__init__()
+        self.use_values = use_values  # read pooled embeddings through KeyedTensor.values() (key order matters)
         self.kind, self.optimizer_name, self.lr, self.scheduler = kind, optimizer, lr, scheduler
         if kind == "ebc":
             self.tables = EmbeddingBagCollection(
@@ -109,7 +111,9 @@ class TinyRec(pl.LightningModule):
         self.losses: list[float] = []
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        if self.kind == "ebc":
+        if self.kind == "ebc" and self.use_values:
+            parts = [self.tables(sparse).values()]
+        elif self.kind == "ebc":
             pooled = self.tables(sparse).to_dict()
             parts = [pooled[f] for f in FEATURES]
         else:

@@ -144,3 +144,20 @@ def test_collate_builds_kjt() -> None:
     batch = collate([TinyClicks(4)[i] for i in range(4)])
     assert batch["sparse"].keys() == ["user", "item", "category"]
     assert batch["dense"].shape == (4, 5)
+
+
+def test_reordered_keyed_tensor_matches_a_rebuilt_one() -> None:
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    parts = {"a": torch.randn(3, 2, requires_grad=True), "b": torch.randn(3, 4), "c": torch.randn(3, 1)}
+    sharded_order = KeyedTensor.from_tensor_list(["c", "a", "b"], [parts["c"], parts["a"], parts["b"]])
+    view = emb.ReorderedKeyedTensor(sharded_order, ["a", "b", "c"])
+    expected = KeyedTensor.from_tensor_list(["a", "b", "c"], [parts["a"], parts["b"], parts["c"]])
+    assert view.keys() == ["a", "b", "c"]
+    assert view.length_per_key() == [2, 4, 1]
+    assert view.offset_per_key() == expected.offset_per_key()
+    assert torch.equal(view.values(), expected.values())
+    assert torch.equal(view["b"], parts["b"])
+    assert list(view.to_dict()) == ["a", "b", "c"]
+    view.values().sum().backward()  # gradients flow through the lazy concatenation
+    assert torch.equal(parts["a"].grad, torch.ones(3, 2))

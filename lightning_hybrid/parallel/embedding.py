@@ -397,14 +397,51 @@ def shard_embeddings_in_place(
     return sharded
 
 
+class ReorderedKeyedTensor(KeyedTensor):
+    """A sharded module's pooled output presented in the unsharded key order, copying only if needed.
+
+    ``to_dict()`` and ``kt[key]`` are served from the sharded output without a copy; ``values()``
+    (the concatenation in key order, which user code often reshapes) is built once, on first use.
+    """
+
+    def __init__(self, source: KeyedTensor, keys: list[str]) -> None:
+        self._source = source
+        lengths = dict(zip(source.keys(), source.length_per_key(), strict=True))
+        super().__init__(
+            keys=keys,
+            length_per_key=[lengths[k] for k in keys],
+            values=None,  # type: ignore[arg-type] - built lazily by the property below
+            key_dim=source.key_dim(),
+        )
+
+    @property  # type: ignore[override]
+    def _values(self) -> torch.Tensor:
+        if self._ordered_values is None:
+            self._ordered_values = torch.cat([self._source[k] for k in self._keys], dim=self._key_dim)
+        return self._ordered_values
+
+    @_values.setter
+    def _values(self, value: torch.Tensor | None) -> None:
+        self._ordered_values = value
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._source[key]
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        source = self._source.to_dict()
+        return {k: source[k] for k in self._keys}
+
+    def device(self) -> torch.device:
+        return self._source.device()
+
+
 def _restore_key_order(keys: list[str]):  # noqa: ANN202 - a hook factory
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         if hasattr(output, "wait") and not isinstance(output, KeyedTensor):
             output = output.wait()
         if not isinstance(output, KeyedTensor) or output.keys() == keys:
             return output
-        values = output.to_dict()
-        return KeyedTensor.from_tensor_list(keys, [values[k] for k in keys])
+        return ReorderedKeyedTensor(output, keys)
 
     return hook
 

@@ -16,6 +16,7 @@ Gradient accumulation also forces the dense kernel: fused tables would update ev
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -171,7 +172,8 @@ def sync_fused_learning_rates(
         lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         changed = False
         for group in fused.param_groups:
-            if group.get("lr") != lr:
+            # fbgemm keeps the rate in float32: compare loosely so an unchanged rate is not reset every step
+            if not math.isclose(float(group.get("lr", float("nan"))), lr, rel_tol=1e-6):
                 group["lr"] = lr
                 changed = True
         if changed:
