@@ -31,7 +31,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "ebc-data_parallel": ("ebc", {"embedding_sharding": {"t_user": "data_parallel", "t_item": "data_parallel", "t_category": "data_parallel"}}, {}, {}),
     "ebc-mixed-planner": ("ebc", {"embedding_sharding": {"t_user": "row_wise"}}, {}, {}),
     # sharding groups outputs by type, reordering keys; .values() must still see the model's order
-    "ebc-mixed-values": ("ebc", {"embedding_sharding": {"t_user": "column_wise", "t_item": "table_wise", "t_category": "row_wise"}}, {"use_values": True}, {}),
+    "ebc-mixed-values": ("ebc", {"embedding_sharding": {"t_user": "table_wise", "t_item": "row_wise", "t_category": "table_wise"}}, {"use_values": True}, {}),
     "ebc-row_wise-adagrad-fused": ("ebc", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "row_wise"}}, {"optimizer": "adagrad"}, {}),
     "ebc-table_wise-adam-dense": ("ebc", {"embedding_sharding": {"t_user": "table_wise", "t_item": "row_wise", "t_category": "table_wise"}}, {"optimizer": "adam", "lr": 0.01}, {}),
     "ebc-row_wise-lr-scheduler": ("ebc", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "table_wise"}}, {"scheduler": True}, {}),
