@@ -147,6 +147,7 @@ class HybridStrategy(ParallelStrategy):
         self._table_choice: emb_optim.TableOptimizerChoice | None = None
         self._dp_table_params: list[torch.nn.Parameter] = []
         self._grad_sync_blocked = False
+        self._fused_by_table: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Layout
@@ -365,6 +366,7 @@ class HybridStrategy(ParallelStrategy):
             memory_per_rank_bytes=self._sharding_spec.memory_per_rank_bytes,
         )
         self._sharded_modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=self.root_device)
+        self._fused_by_table = None
         self._sharding_plan = plan
         summary = emb.plan_summary(plan)
         self._dp_table_params = []
@@ -386,6 +388,8 @@ class HybridStrategy(ParallelStrategy):
         )
 
     def _fused_optimizers_by_table(self) -> dict[str, Any]:
+        if self._fused_by_table is not None:
+            return self._fused_by_table
         found: dict[str, Any] = {}
         for module in self._sharded_modules.values():
             fused = getattr(module, "fused_optimizer", None)
@@ -394,6 +398,7 @@ class HybridStrategy(ParallelStrategy):
             for _name, opt in getattr(fused, "optimizers", []):
                 for key in getattr(opt, "params", {}):
                     found[key.split(".")[-2]] = opt
+        self._fused_by_table = found  # fixed once the tables are sharded; looked up every step
         return found
 
     def _unwrapped_optimizers(self) -> list[Optimizer]:

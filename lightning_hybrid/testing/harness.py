@@ -177,8 +177,10 @@ def run_distributed(
                 )
             time.sleep(0.01)
     finally:
+        # after a failure or timeout the survivors are stuck in collectives: don't wait for them
+        finished_cleanly = not errors and len(results) == world_size
         for proc in procs:
-            proc.join(timeout=0.5 if errors else 10.0)
+            proc.join(timeout=10.0 if finished_cleanly else 0.5)
         for proc in procs:
             if proc.is_alive():
                 proc.kill()

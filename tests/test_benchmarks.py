@@ -1,0 +1,26 @@
+"""Smoke runs of the benchmarks (tiny sizes): they must run and write their JSON. Not timed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_strategy_overhead_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "strategy_overhead.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["size"] == "smoke" and result["processes"] == 2
+    assert result["step_ms"]["hand_written_torchrec"] > 0 and result["step_ms"]["hybrid_strategy"] > 0
+    assert abs(result["overhead_ratio"] - result["step_ms"]["hybrid_strategy"] / result["step_ms"]["hand_written_torchrec"]) < 1e-9
+    assert "Trainer + HybridStrategy" in run.stdout
