@@ -87,6 +87,8 @@ class HybridStrategy(ParallelStrategy):
             ``"spawn"``; ignored when torchrun/SLURM started the processes.
         find_unused_parameters: passed to DDP for the dense parameters.
         static_graph: passed to DDP for the dense parameters.
+        gradient_as_bucket_view: let dense gradients live in DDP's communication buckets (saves a
+            copy and the memory of one gradient set per step; DDP's own default is False).
         process_group_backend: ``"gloo"``/``"nccl"``; default by device.
         timeout_s: collective timeout of the process group in seconds.
         failure_grace_s: how long a rank waits for its own error after another rank failed,
@@ -108,6 +110,7 @@ class HybridStrategy(ParallelStrategy):
         launcher: LauncherName = "auto",
         find_unused_parameters: bool = False,
         static_graph: bool = False,
+        gradient_as_bucket_view: bool = True,
         process_group_backend: str | None = None,
         timeout_s: float = 1800.0,
         failure_grace_s: float = 10.0,
@@ -133,7 +136,11 @@ class HybridStrategy(ParallelStrategy):
         )
         self._validate_inputs = validate_inputs
         self._launcher_name = launcher
-        self._ddp_kwargs = {"find_unused_parameters": find_unused_parameters, "static_graph": static_graph}
+        self._ddp_kwargs = {
+            "find_unused_parameters": find_unused_parameters,
+            "static_graph": static_graph,
+            "gradient_as_bucket_view": gradient_as_bucket_view,
+        }
         self._process_group_backend = process_group_backend
         self._timeout = timedelta(seconds=timeout_s)
         self._failure_grace_s = failure_grace_s

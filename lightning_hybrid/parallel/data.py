@@ -33,6 +33,7 @@ def wrap_dense_data_parallel(
     device: torch.device,
     find_unused_parameters: bool = False,
     static_graph: bool = False,
+    gradient_as_bucket_view: bool = True,
 ) -> nn.Module:
     """Wrap ``module`` in DDP over ``process_group``, leaving out everything under ``ignored_modules``.
 
@@ -51,6 +52,7 @@ def wrap_dense_data_parallel(
         process_group=process_group,
         find_unused_parameters=find_unused_parameters,
         static_graph=static_graph,
+        gradient_as_bucket_view=gradient_as_bucket_view,
     )
 
 
