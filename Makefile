@@ -24,7 +24,7 @@ $(STAMP): requirements/$(ACCEL).txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/lightning-hybrid fit -c recipes/dlrm_quickstart.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/lightning-hybrid fit -c recipes/quickstart.yaml
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests

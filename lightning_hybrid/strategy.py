@@ -343,6 +343,7 @@ class HybridStrategy(ParallelStrategy):
                 accumulate_grad_batches=trainer.accumulate_grad_batches,
                 forced_kernels=self._sharding_spec.compute_kernels,
                 data_parallel_tables=dp_tables,
+                sequence_tables=[info.table_name for info in infos if not info.pooled],
             )
             if choice.dense_reasons:
                 lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.dense_reasons.items()))

@@ -135,8 +135,15 @@ class TinyRec(pl.LightningModule):
         self.log("val_loss", loss, batch_size=len(batch["labels"]), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[self.optimizer_name]
-        opt = cls(self.parameters(), lr=self.lr)
+        if self.optimizer_name == "grouped":  # Adam for the MLP, Adagrad (fused) for the tables
+            from lightning_hybrid.optim import GroupedOptimizer
+
+            opt: Any = GroupedOptimizer(
+                [torch.optim.Adam(self.mlp.parameters(), lr=self.lr), torch.optim.Adagrad(self.tables.parameters(), lr=self.lr * 5)]
+            )
+        else:
+            cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}[self.optimizer_name]
+            opt = cls(self.parameters(), lr=self.lr)
         if not self.scheduler:
             return opt
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)

@@ -51,3 +51,36 @@ def test_two_process_fit_through_the_cli(tmp_path: Path) -> None:
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["epoch=0-step=4.ckpt"]
     assert (checkpoints[0] / "meta.pt").is_file() and (checkpoints[0] / ".metadata").is_file()
+
+
+def test_sequential_recommender_fit_then_predict_through_the_cli(tmp_path: Path) -> None:
+    """The main job's recipe, shrunk: 2-process fit, then predict from its sharded checkpoint."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    common = [
+        "-c",
+        str(recipe),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.synthetic_users=96",
+        "--data.init_args.synthetic_items=40",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.eval_batch_size=16",
+        "--model.init_args.d_model=16",
+    ]
+    callbacks = (
+        '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+        f'"init_args": {{"dirpath": "{tmp_path}/ckpt", "save_last": true}}}}, '
+        '{"class_path": "lightning_hybrid.callbacks.RecommendationWriter", '
+        f'"init_args": {{"output_dir": "{tmp_path}/pred"}}}}]'
+    )
+    main(["fit", *common, "--trainer.max_epochs=1", callbacks])
+    assert (tmp_path / "ckpt" / "last.ckpt" / "meta.pt").is_file()
+    main(["predict", *common, callbacks, f"--ckpt_path={tmp_path}/ckpt/last.ckpt"])
+    lines = (tmp_path / "pred" / "recommendations.csv").read_text().splitlines()
+    assert lines[0] == "user,rank,item,score"
+    rows = [line.split(",") for line in lines[1:]]
+    users = {r[0] for r in rows}
+    assert users == {str(u) for u in range(96)}  # every user exactly once ...
+    assert len(rows) == 96 * 10  # ... with top_k=10 items each
+    assert all(1 <= int(r[2]) <= 40 for r in rows)

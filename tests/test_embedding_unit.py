@@ -161,3 +161,35 @@ def test_reordered_keyed_tensor_matches_a_rebuilt_one() -> None:
     assert list(view.to_dict()) == ["a", "b", "c"]
     view.values().sum().backward()  # gradients flow through the lazy concatenation
     assert torch.equal(parts["a"].grad, torch.ones(3, 2))
+
+
+def test_grouped_optimizer_tables_follow_their_sub_optimizer() -> None:
+    from lightning_hybrid.optim import GroupedOptimizer
+
+    model = TinyRec()
+    grouped = GroupedOptimizer(
+        [torch.optim.Adam(model.mlp.parameters(), lr=1e-3), torch.optim.Adagrad(model.tables.parameters(), lr=0.07)]
+    )
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[grouped], table_weights=_weights(model), device_type="cpu", accumulate_grad_batches=1, forced_kernels={}
+    )
+    assert set(choice.kernels.values()) == {"fused"}
+    assert choice.fused["t_item"].optimizer_class is trec_optim.Adagrad
+    assert choice.fused["t_item"].kwargs["lr"] == 0.07
+    assert choice.fused["t_item"].source == (0, 1)  # group 1 of the grouped optimizer: the Adagrad group
+
+
+def test_sequence_tables_cannot_fall_back_to_the_dense_kernel() -> None:
+    model = TinyRec(kind="ec")
+    infos = emb.table_infos(emb.find_embedding_modules(model))
+    weights = {i.table_name: model.get_parameter(i.weight_fqn) for i in infos}
+    with pytest.raises(ValueError, match=r"EmbeddingCollection table 't_user' can only use torchrec's fused kernel.*no fused Adam on cpu"):
+        emb_optim.choose_table_optimizers(
+            optimizers=[torch.optim.Adam(model.parameters())], table_weights=weights, device_type="cpu",
+            accumulate_grad_batches=1, forced_kernels={}, sequence_tables=list(weights),
+        )
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2"):
+        emb_optim.choose_table_optimizers(
+            optimizers=[torch.optim.SGD(model.parameters(), lr=0.1)], table_weights=weights, device_type="cpu",
+            accumulate_grad_batches=2, forced_kernels={}, sequence_tables=list(weights),
+        )

@@ -94,13 +94,19 @@ def choose_table_optimizers(
     accumulate_grad_batches: int,
     forced_kernels: Mapping[str, str],
     data_parallel_tables: Sequence[str] = (),
+    sequence_tables: Sequence[str] = (),
 ) -> TableOptimizerChoice:
     """Decide fused vs dense per table from the user's optimizers (built on the unsharded model)."""
-    owner: dict[int, tuple[int, int]] = {}
+    from lightning_hybrid.optim import GroupedOptimizer
+
+    # id(param) -> (index of the optimizer, index of the group in its param_groups, the torch
+    # optimizer whose update rule applies: a GroupedOptimizer's sub-optimizer)
+    owner: dict[int, tuple[int, int, Optimizer]] = {}
     for opt_idx, optimizer in enumerate(optimizers):
         for group_idx, group in enumerate(optimizer.param_groups):
+            rule = optimizer.optimizer_of_group(group_idx)[0] if isinstance(optimizer, GroupedOptimizer) else optimizer
             for param in group["params"]:
-                owner.setdefault(id(param), (opt_idx, group_idx))
+                owner.setdefault(id(param), (opt_idx, group_idx, rule))
 
     kernels: dict[str, str] = {}
     fused: dict[str, FusedTableOptimizer] = {}
@@ -112,13 +118,29 @@ def choose_table_optimizers(
                 f"never train (or train with fbgemm's default SGD). Include the table's parameters in an "
                 f"optimizer, or remove the table from the model."
             )
-        opt_idx, group_idx = owner[id(weight)]
-        optimizer = optimizers[opt_idx]
+        opt_idx, group_idx, optimizer = owner[id(weight)]
         forced = forced_kernels.get(table)
         if table in data_parallel_tables:
             kernels[table] = DENSE
             continue
-        translated = _translate(optimizer, optimizer.param_groups[group_idx], device_type)
+        translated = _translate(optimizer, optimizers[opt_idx].param_groups[group_idx], device_type)
+        if table in sequence_tables:
+            # torchrec 1.8's dense kernel for EmbeddingCollection corrupts memory or fails on
+            # CPU ("Split sizes doesn't match"): these tables must run fused.
+            why = None
+            if forced == DENSE:
+                why = "it was asked for the dense kernel"
+            elif isinstance(translated, str):
+                why = translated
+            elif accumulate_grad_batches > 1:
+                why = f"accumulate_grad_batches={accumulate_grad_batches} needs the dense kernel (fused tables update every micro-batch)"
+            if why is not None:
+                raise ValueError(
+                    f"EmbeddingCollection table {table!r} can only use torchrec's fused kernel (its dense kernel is "
+                    f"broken in torchrec 1.8), but {why}. Give the table an SGD or Adagrad optimizer (Adam/AdamW on "
+                    f"CUDA), e.g. configure_optimizers returning lightning_hybrid.optim.GroupedOptimizer(["
+                    f"Adam(dense_params), Adagrad(table_params)]), and keep accumulate_grad_batches=1."
+                )
         if forced == DENSE:
             kernels[table] = DENSE
             continue

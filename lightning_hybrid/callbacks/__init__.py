@@ -1,0 +1,5 @@
+"""Lightning callbacks shipped with lightning_hybrid."""
+
+from lightning_hybrid.callbacks.predictions import MetricsSummary, RecommendationWriter
+
+__all__ = ["MetricsSummary", "RecommendationWriter"]

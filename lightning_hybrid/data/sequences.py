@@ -1,0 +1,350 @@
+"""Per-user item sequences for next-item recommendation: loaders, splits and a DataModule.
+
+Formats read (each turned into time-ordered sequences of item ids per user):
+
+* SASRec / ICLRec lines: ``user item item ...`` one line per user, already time-ordered;
+* MovieLens ``u.data`` (tab-separated ``user item rating timestamp``), ``ratings.dat``
+  (``user::item::rating::timestamp``) and ``ratings.csv`` (header ``userId,movieId,rating,timestamp``);
+* a seeded synthetic generator (Zipf popularity + learnable item-to-item transitions), the embedded
+  default that needs no files.
+
+Item ids are remapped to ``1..num_items`` (0 is padding) in ascending order of the raw id; the
+mapping is kept for writing predictions. Split: leave-one-out (last item test, second-to-last
+validation, the rest training); users with fewer than 3 items only train. Evaluation ranks every
+item; padding never counts; ``exclude_seen`` removes the user's history from the ranking.
+
+Distributed evaluation gives each data-parallel rank its share of the users exactly once: ranks
+with fewer users get placeholder rows marked invalid (so all ranks run the same number of steps,
+which sharded lookups require), and the metrics skip them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+FormatName = Literal["auto", "sasrec", "movielens", "synthetic"]
+
+
+@dataclass
+class SequenceData:
+    """Time-ordered item sequences (remapped ids, 1-based) and the raw ids they came from."""
+
+    sequences: list[list[int]]
+    user_ids: list[str]
+    item_ids: list[str]  # index i-1 holds the raw id of item i
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+
+def _remap(users: dict[str, list[str]]) -> SequenceData:
+    raw_items = sorted({i for seq in users.values() for i in seq}, key=lambda s: (len(s), s) if s.isdigit() else (math.inf, s))
+    index = {raw: k + 1 for k, raw in enumerate(raw_items)}
+    user_ids = list(users)
+    sequences = [[index[i] for i in users[u]] for u in user_ids]
+    return SequenceData(sequences=sequences, user_ids=user_ids, item_ids=raw_items)
+
+
+def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:
+    """Read ``user item item ...`` lines (whitespace separated, integers, time-ordered)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Sequence file {path} does not exist; set data.path to a SASRec-format file.")
+    users: dict[str, list[str]] = {}
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 2:
+                raise ValueError(f"{path}:{line_no}: expected 'user item [item ...]', got {line.strip()!r} (empty sequence).")
+            bad = [f for f in fields if not f.lstrip("-").isdigit()]
+            if bad:
+                raise ValueError(f"{path}:{line_no}: ids must be integers, got {bad[0]!r}.")
+            if any(int(f) < 0 for f in fields):
+                raise ValueError(f"{path}:{line_no}: ids must be non-negative, got {line.strip()!r}.")
+            user = fields[0]
+            if user in users:
+                raise ValueError(f"{path}:{line_no}: user {user} appears on two lines; give one line per user.")
+            users[user] = fields[1:]
+    if not users:
+        raise ValueError(f"{path} holds no sequences.")
+    return _remap(users)
+
+
+def load_movielens(path: str | os.PathLike[str]) -> SequenceData:
+    """Read MovieLens ratings (``u.data``, ``ratings.dat`` or ``ratings.csv``; a directory works too)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("ratings.csv", "ratings.dat", "u.data"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"{path} holds none of ratings.csv, ratings.dat, u.data.")
+    if not path.is_file():
+        raise FileNotFoundError(f"MovieLens file {path} does not exist; set data.path to ratings.csv/ratings.dat/u.data.")
+    rows: list[tuple[str, str, float, int]] = []
+    with path.open(newline="", encoding="latin-1") as handle:
+        if path.suffix == ".csv":
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:4]] != ["userId", "movieId", "rating", "timestamp"]:
+                raise ValueError(f"{path}:1: expected header 'userId,movieId,rating,timestamp', got {header!r}.")
+            lines: Iterator[tuple[int, list[str]]] = ((n, r) for n, r in enumerate(reader, start=2))
+        else:
+            sep = "::" if path.name.endswith(".dat") or "::" in path.name else "\t"
+            lines = ((n, line.rstrip("\n").split(sep)) for n, line in enumerate(handle, start=1) if line.strip())
+        for line_no, fields in lines:
+            if len(fields) < 4:
+                raise ValueError(f"{path}:{line_no}: expected user, item, rating, timestamp; got {fields!r}.")
+            user, item, rating, stamp = (f.strip() for f in fields[:4])
+            try:
+                rows.append((user, item, float(rating), int(float(stamp))))
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: rating and timestamp must be numbers; got {fields!r}.") from None
+    if not rows:
+        raise ValueError(f"{path} holds no ratings.")
+    # time order per user; ties keep file order (stable sort)
+    order = sorted(range(len(rows)), key=lambda k: (rows[k][0], rows[k][3]))
+    users: dict[str, list[str]] = {}
+    for k in order:
+        users.setdefault(rows[k][0], []).append(rows[k][1])
+    # users in numeric order when ids are numbers
+    users = dict(sorted(users.items(), key=lambda kv: (int(kv[0]) if kv[0].isdigit() else math.inf, kv[0])))
+    return _remap(users)
+
+
+def synthetic_sequences(
+    *, num_users: int, num_items: int, min_len: int = 5, max_len: int = 50, num_next: int = 3,
+    follow_prob: float = 0.7, zipf_exponent: float = 1.0, seed: int = 0,
+) -> SequenceData:
+    """Users walk a random item graph: with ``follow_prob`` the next item is one of the current
+    item's ``num_next`` successors, otherwise a popular item (Zipf). Learnable, seeded."""
+    if num_users < 1 or num_items < 2 or min_len < 3 or max_len < min_len:
+        raise ValueError(
+            f"synthetic_sequences: num_users={num_users}, num_items={num_items}, min_len={min_len}, "
+            f"max_len={max_len} need num_users>=1, num_items>=2, 3<=min_len<=max_len."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    popularity = 1.0 / torch.arange(1, num_items + 1, dtype=torch.float64) ** zipf_exponent
+    successors = torch.randint(1, num_items + 1, (num_items + 1, num_next), generator=gen)
+    lengths = torch.randint(min_len, max_len + 1, (num_users,), generator=gen)
+    sequences = []
+    for u in range(num_users):
+        item = int(torch.multinomial(popularity, 1, generator=gen)) + 1
+        seq = [item]
+        for _ in range(int(lengths[u]) - 1):
+            if float(torch.rand(1, generator=gen)) < follow_prob:
+                item = int(successors[item, int(torch.randint(0, num_next, (1,), generator=gen))])
+            else:
+                item = int(torch.multinomial(popularity, 1, generator=gen)) + 1
+            seq.append(item)
+        sequences.append(seq)
+    return SequenceData(sequences=sequences, user_ids=[str(u) for u in range(num_users)], item_ids=[str(i) for i in range(1, num_items + 1)])
+
+
+def _left_pad(items: Sequence[int], length: int) -> list[int]:
+    items = list(items)[-length:]
+    return [0] * (length - len(items)) + items
+
+
+class TrainSequences(Dataset):
+    """One row per user: input = seq[:-1], target = seq[1:] over the training part, left padded."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]], max_len: int) -> None:
+        self.rows = [s for s in sequences if len(s) >= 2]
+        self.max_len = max_len
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        seq = self.rows[index][-(self.max_len + 1) :]
+        return {
+            "input": torch.tensor(_left_pad(seq[:-1], self.max_len)),
+            "target": torch.tensor(_left_pad(seq[1:], self.max_len)),
+        }
+
+
+class EvalSequences(Dataset):
+    """One row per evaluated user: the history before the held-out item, the item, and what was seen.
+
+    Index -1 is a placeholder row (``valid`` False) used to even out ranks.
+    """
+
+    def __init__(self, histories: Sequence[Sequence[int]], targets: Sequence[int], users: Sequence[int], max_len: int) -> None:
+        self.histories, self.targets, self.users, self.max_len = list(histories), list(targets), list(users), max_len
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            return {"input": torch.zeros(self.max_len, dtype=torch.long), "target": torch.tensor(0), "seen": torch.zeros(0, dtype=torch.long), "valid": torch.tensor(False), "user": torch.tensor(-1)}
+        history = self.histories[index]
+        return {
+            "input": torch.tensor(_left_pad(history, self.max_len)),
+            "target": torch.tensor(self.targets[index]),
+            "seen": torch.tensor(sorted(set(history)), dtype=torch.long),
+            "valid": torch.tensor(True),
+            "user": torch.tensor(self.users[index]),
+        }
+
+
+class EvenShardSampler(DistributedSampler):
+    """Rank r gets users r, r+n, ...; shorter ranks are topped up with placeholders (-1), never
+    with duplicates, so every user is evaluated exactly once and all ranks take equal steps."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        total = len(self.dataset)  # type: ignore[arg-type]
+        per_rank = math.ceil(total / self.num_replicas)
+        mine = list(range(self.rank, total, self.num_replicas))
+        return iter(mine + [-1] * (per_rank - len(mine)))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.num_replicas)  # type: ignore[arg-type]
+
+
+def collate_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    seen_lengths = torch.tensor([len(r["seen"]) for r in rows])
+    return {
+        "input": torch.stack([r["input"] for r in rows]),
+        "target": torch.stack([r["target"] for r in rows]),
+        "seen_values": torch.cat([r["seen"] for r in rows]) if rows else torch.zeros(0, dtype=torch.long),
+        "seen_lengths": seen_lengths,
+        "valid": torch.stack([r["valid"] for r in rows]),
+        "user": torch.stack([r["user"] for r in rows]),
+    }
+
+
+class SequenceDataModule(pl.LightningDataModule):
+    """Leave-one-out next-item data from files or the synthetic generator.
+
+    Args:
+        path: data file or directory (not needed for ``format="synthetic"``).
+        format: ``auto`` (from the file name: ``ratings.*``/``u.data`` -> MovieLens, else SASRec lines;
+            no path -> synthetic), ``sasrec``, ``movielens`` or ``synthetic``.
+        max_len: items of history the model sees (the most recent ones).
+        batch_size: training users per data-parallel rank and step.
+        eval_batch_size: users per rank and step in validation/test/predict.
+        num_items: vocabulary size the model is built for; ``None`` takes the data's. Ids beyond it are an error.
+        synthetic_users, synthetic_items, synthetic_min_len, synthetic_max_len, seed: the generator.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | None = None,
+        format: FormatName = "auto",
+        max_len: int = 50,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_items: int | None = None,
+        num_workers: int = 0,
+        synthetic_users: int = 2000,
+        synthetic_items: int = 500,
+        synthetic_min_len: int = 5,
+        synthetic_max_len: int = 50,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if max_len < 1 or batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"SequenceDataModule: max_len={max_len}, batch_size={batch_size}, eval_batch_size={eval_batch_size} must be >= 1.")
+        if format not in ("auto", "sasrec", "movielens", "synthetic"):
+            raise ValueError(f"SequenceDataModule(format={format!r}): use auto, sasrec, movielens or synthetic.")
+        self.path, self.format, self.max_len = path, format, max_len
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.expected_items = num_items
+        self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed)
+        self.data: SequenceData | None = None
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> SequenceData:
+        if self.data is not None:
+            return self.data
+        fmt = self.format
+        if fmt == "auto":
+            if self.path is None:
+                fmt = "synthetic"
+            else:
+                name = Path(self.path).name
+                fmt = "movielens" if Path(self.path).is_dir() or name.startswith("ratings.") or name == "u.data" else "sasrec"
+        if fmt == "synthetic":
+            data = synthetic_sequences(**self.synthetic)
+        elif self.path is None:
+            raise ValueError(f"SequenceDataModule(format={fmt!r}) needs data.path.")
+        elif fmt == "movielens":
+            data = load_movielens(self.path)
+        else:
+            data = load_sasrec_lines(self.path)
+        if self.expected_items is not None and data.num_items > self.expected_items:
+            raise ValueError(
+                f"The data has {data.num_items} distinct items but the model is configured for num_items="
+                f"{self.expected_items}. Set model num_items (and data.num_items) to at least {data.num_items}."
+            )
+        self.data = data
+        return data
+
+    @property
+    def num_items(self) -> int:
+        return self.load().num_items
+
+    def item_counts(self) -> torch.Tensor:
+        """How often each item id occurs in the training part (index 0, padding, stays 0)."""
+        counts = torch.zeros(self.num_items + 1)
+        for seq in self.load().sequences:
+            part = seq[:-2] if len(seq) >= 3 else seq
+            counts += torch.bincount(torch.tensor(part, dtype=torch.long), minlength=self.num_items + 1)[: self.num_items + 1].float()
+        return counts
+
+    def setup(self, stage: str) -> None:
+        data = self.load()
+        seqs = data.sequences
+        self.train_set = TrainSequences([s[:-2] if len(s) >= 3 else s for s in seqs], self.max_len)
+        evaluated = [u for u, s in enumerate(seqs) if len(s) >= 3]
+        self.val_set = EvalSequences([seqs[u][:-2] for u in evaluated], [seqs[u][-2] for u in evaluated], evaluated, self.max_len)
+        self.test_set = EvalSequences([seqs[u][:-1] for u in evaluated], [seqs[u][-1] for u in evaluated], evaluated, self.max_len)
+        # prediction: next item after the whole history, for every user
+        self.predict_set = EvalSequences([s for s in seqs], [0 for _ in seqs], list(range(len(seqs))), self.max_len)
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _dp(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        kwargs = trainer.distributed_sampler_kwargs or {}
+        return int(kwargs.get("rank", trainer.global_rank)), int(kwargs.get("num_replicas", trainer.world_size))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=False, num_workers=self.num_workers)
+
+    def _eval_loader(self, dataset: EvalSequences) -> DataLoader:
+        rank, size = self._dp()
+        sampler = EvenShardSampler(dataset, num_replicas=size, rank=rank)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate_eval, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.predict_set)

@@ -1,0 +1,299 @@
+"""A generative sequential recommender (SASRec family) as an ordinary LightningModule.
+
+A decoder-only transformer reads a user's recent items and predicts the next one at every
+position. Item ids (and optional per-position side features) live in a torchrec
+`EmbeddingCollection`, so HybridStrategy shards them; the transformer blocks are plain modules
+with named projections (``q``, ``k``, ``v``, ``out``; ``up``, ``down``) that tensor-parallel plans
+address by name. The output layer scores every item (full softmax) or a sample of items
+(sampled softmax with a logQ correction). Evaluation ranks all items for each user.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_hybrid.metrics import RankingMetrics, target_ranks
+from lightning_hybrid.optim import GroupedOptimizer
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+class CausalSelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block: causal multi-head self-attention, then a GELU MLP."""
+
+    def __init__(self, d_model: int, num_heads: int, mlp_hidden: int, dropout: float) -> None:
+        super().__init__()
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}.")
+        self.num_heads = num_heads
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.up = nn.Linear(d_model, mlp_hidden)
+        self.down = nn.Linear(mlp_hidden, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        h = self.attn_norm(x)
+        # heads from the local projection width, so a tensor-parallel split of q/k/v keeps working
+        q, k, v = (proj(h).view(batch, length, -1, x.shape[-1] // self.num_heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(batch, length, -1)))
+        return x + self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)))))
+
+
+def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] boolean mask: position i sees j <= i that is an item; every position sees itself
+    (so a padded query has a defined, ignored output instead of NaN)."""
+    length = items.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+    real_keys = (items != 0).unsqueeze(1)  # [B, 1, L]
+    eye = torch.eye(length, dtype=torch.bool, device=items.device)
+    return ((causal & real_keys) | eye).unsqueeze(1)
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor,
+    positives: torch.Tensor,
+    output_weight: torch.Tensor,
+    *,
+    num_negatives: int,
+    sampling_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of each positive against sampled items, with the logQ correction.
+
+    ``num_negatives`` items are drawn with replacement from ``sampling_probs`` (over the rows of
+    ``output_weight``), or given as ``negatives``. Each sampled logit is corrected by subtracting
+    log(expected count of that item in the sample) = log(num_negatives * q(item)), so that
+    ``exp`` of the corrected negatives estimates, without bias, the sum of ``exp(logit)`` over the
+    items that are not the positive: the loss converges to the full-softmax cross-entropy as the
+    sample grows. Sampled copies of the positive itself ("accidental hits") are removed.
+    """
+    if negatives is None:
+        negatives = torch.multinomial(sampling_probs, num_negatives, replacement=True, generator=generator)
+    negatives = negatives.to(hidden.device)
+    log_expected = torch.log(sampling_probs.to(hidden.device) * len(negatives))
+    pos_logits = (hidden * output_weight[positives]).sum(-1)
+    neg_logits = hidden @ output_weight[negatives].T - log_expected[negatives]
+    neg_logits = neg_logits.masked_fill(negatives.unsqueeze(0) == positives.unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=hidden.device))
+
+
+class SASRec(pl.LightningModule):
+    """Next-item recommender: item (+ side feature) embeddings -> causal transformer -> item scores.
+
+    Args:
+        num_items: item vocabulary (ids 1..num_items; 0 is padding). ``None``: taken from the
+            data module (``trainer.datamodule.num_items``) when the model is configured.
+        max_len: positions the model reads (must match the data's ``max_len``).
+        d_model, num_blocks, num_heads, mlp_ratio, dropout: transformer size.
+        loss: ``"full"`` softmax over all items, or ``"sampled"`` softmax.
+        num_negatives: negatives per positive for the sampled loss.
+        negative_sampling: ``"uniform"`` or ``"popularity"`` (training-set item frequencies,
+            read from the data module when it offers ``item_counts()``).
+        lr, weight_decay: Adam(W) for the network.
+        table_optimizer, table_lr: optimizer of the item table (``adagrad`` runs fused on CPU and
+            GPU; ``adam`` is fused on GPU only, so on CPU it is an error for an EmbeddingCollection).
+        eval_ks: cut-offs for HR@K / NDCG@K.
+        exclude_seen: remove the user's history from the ranking in validation/test (off: the
+            "full ranking" convention; both appear in published results).
+        top_k: recommendations per user in ``predict``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_items: int | None = None,
+        max_len: int = 50,
+        d_model: int = 64,
+        num_blocks: int = 2,
+        num_heads: int = 1,
+        mlp_ratio: int = 1,
+        dropout: float = 0.2,
+        loss: Literal["full", "sampled"] = "full",
+        num_negatives: int = 256,
+        negative_sampling: Literal["uniform", "popularity"] = "uniform",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        table_optimizer: Literal["adagrad", "adam"] = "adagrad",
+        table_lr: float = 0.05,
+        eval_ks: list[int] | None = None,
+        exclude_seen: bool = False,
+        top_k: int = 10,
+    ) -> None:
+        super().__init__()
+        if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
+            raise ValueError(f"SASRec: num_items={num_items}, max_len={max_len}, d_model={d_model}, num_blocks={num_blocks} must be >= 1.")
+        if loss not in ("full", "sampled"):
+            raise ValueError(f"SASRec(loss={loss!r}): use 'full' or 'sampled'.")
+        self.save_hyperparameters()
+        self.max_len = max_len
+        self.position = nn.Embedding(max_len, d_model)
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            CausalSelfAttentionBlock(d_model, num_heads, d_model * mlp_ratio, dropout) for _ in range(num_blocks)
+        )
+        self.final_norm = nn.LayerNorm(d_model)
+        self.val_metrics = RankingMetrics(eval_ks or [10, 20], prefix="val_")
+        self.test_metrics = RankingMetrics(eval_ks or [10, 20], prefix="test_")
+        self.num_items = 0
+        if num_items is not None:
+            self._build_item_layers(num_items)
+
+    def _build_item_layers(self, num_items: int) -> None:
+        d_model = self.hparams.d_model
+        self.num_items = num_items
+        self.item_tables = EmbeddingCollection(
+            tables=[EmbeddingConfig(name="item_id", embedding_dim=d_model, num_embeddings=num_items + 1, feature_names=["item"])]
+        )
+        # Scores for every item (row 0, padding, is never a candidate). Kept dense and separate from
+        # the sharded input table so full-softmax scoring needs no gather of the table.
+        self.output = nn.Linear(d_model, num_items + 1, bias=False)
+        nn.init.normal_(self.output.weight, std=d_model**-0.5)
+        probs = torch.full((num_items + 1,), 1.0 / num_items)
+        probs[0] = 0.0
+        self.register_buffer("sampling_probs", probs, persistent=False)
+
+    def configure_model(self) -> None:
+        """Build the item layers from the data module's vocabulary when num_items was not given."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_items = getattr(datamodule, "num_items", None)
+        if self.num_items == 0:
+            if data_items is None:
+                raise ValueError(
+                    "SASRec(num_items=None) needs a data module with a num_items property (e.g. SequenceDataModule), "
+                    "or give num_items explicitly."
+                )
+            self._build_item_layers(int(data_items))
+        elif data_items is not None and data_items > self.num_items:
+            raise ValueError(
+                f"The data has {data_items} items but SASRec was built with num_items={self.num_items}. "
+                f"Set model num_items >= {data_items} or leave it unset to follow the data."
+            )
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, L] item ids (left padded with 0) -> [B, L, D] hidden states."""
+        batch, length = items.shape
+        if length > self.max_len:
+            raise ValueError(f"SASRec: sequences of length {length} exceed max_len={self.max_len}; set data.max_len <= model max_len.")
+        if items.numel() and (int(items.max()) > self.num_items or int(items.min()) < 0):
+            raise ValueError(
+                f"SASRec: item id {int(items.max()) if int(items.max()) > self.num_items else int(items.min())} is outside "
+                f"0..{self.num_items} (num_items={self.num_items}). Set model num_items to the data's item count."
+            )
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item"], values=items.reshape(-1), lengths=torch.full((batch,), length, dtype=torch.int32, device=items.device)
+        )
+        emb = self.item_tables(kjt)["item"].values().view(batch, length, -1)
+        d_model = emb.shape[-1]
+        positions = torch.arange(self.max_len - length, self.max_len, device=items.device)
+        x = emb * math.sqrt(d_model) + self.position(positions)
+        x = self.input_dropout(x) * (items != 0).unsqueeze(-1)
+        mask = causal_padding_mask(items)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.final_norm(x)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Scores of every item as the next one after each user's sequence: [B, num_items + 1]."""
+        scores = self.output(self.encode(items)[:, -1])
+        scores[:, 0] = float("-inf")
+        return scores
+
+    # -- training ------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.negative_sampling == "popularity" and hasattr(datamodule, "item_counts"):
+            counts = datamodule.item_counts().to(self.sampling_probs)
+            counts[0] = 0
+            self.sampling_probs.copy_(counts / counts.sum())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hidden = self.encode(batch["input"])
+        target = batch["target"]
+        valid = target != 0
+        h, positives = hidden[valid], target[valid]
+        if self.hparams.loss == "full":
+            logits = self.output(h)
+            logits[:, 0] = float("-inf")
+            loss = F.cross_entropy(logits, positives)
+        else:
+            loss = sampled_softmax_loss(
+                h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs
+            )
+        self.log("train_loss", loss, prog_bar=True, batch_size=int(valid.sum()))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Adam(W) for the network; the item table gets `table_optimizer`: Adagrad runs fused inside
+        # backward on CPU and GPU, Adam only on GPU (fbgemm has no fused Adam on CPU).
+        table_ids = {id(p) for p in self.item_tables.parameters()}
+        dense = [p for p in self.parameters() if id(p) not in table_ids]
+        hp = self.hparams
+        if hp.weight_decay:
+            dense_opt: torch.optim.Optimizer = torch.optim.AdamW(dense, lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            dense_opt = torch.optim.Adam(dense, lr=hp.lr, betas=(0.9, 0.98))
+        tables = list(self.item_tables.parameters())
+        if hp.table_optimizer == "adagrad":
+            table_opt: torch.optim.Optimizer = torch.optim.Adagrad(tables, lr=hp.table_lr)
+        else:
+            table_opt = torch.optim.Adam(tables, lr=hp.table_lr, betas=(0.9, 0.98))
+        return GroupedOptimizer([dense_opt, table_opt])
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _ranked_scores(self, batch: dict[str, Any], exclude_seen: bool) -> torch.Tensor:
+        scores = self(batch["input"])
+        if exclude_seen and batch["seen_values"].numel():
+            rows = torch.repeat_interleave(torch.arange(len(scores), device=scores.device), batch["seen_lengths"])
+            keep = scores.gather(1, batch["target"].view(-1, 1))
+            scores[rows, batch["seen_values"]] = float("-inf")
+            scores.scatter_(1, batch["target"].view(-1, 1), keep)  # the held-out item stays a candidate
+        return scores
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        scores = self._ranked_scores(batch, self.hparams.exclude_seen)
+        self.val_metrics.update(target_ranks(scores, batch["target"]), batch["valid"])
+
+    def on_validation_epoch_end(self) -> None:
+        # values are already summed over ranks; sync_dist only keeps Lightning from warning
+        self.log_dict(self.val_metrics.compute(), prog_bar=True, sync_dist=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        scores = self._ranked_scores(batch, self.hparams.exclude_seen)
+        self.test_metrics.update(target_ranks(scores, batch["target"]), batch["valid"])
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        scores = self._ranked_scores({**batch, "target": torch.zeros_like(batch["target"])}, exclude_seen=True)
+        top = scores.topk(self.hparams.top_k, dim=1)
+        valid = batch["valid"]
+        return {"user": batch["user"][valid], "items": top.indices[valid], "scores": top.values[valid]}

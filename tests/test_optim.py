@@ -1,0 +1,55 @@
+"""Tier 1: GroupedOptimizer behaves like its sub-optimizers stepped separately."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lightning_hybrid.optim import GroupedOptimizer
+
+
+def _params() -> tuple[torch.nn.Linear, torch.nn.Embedding]:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 2), torch.nn.Embedding(6, 4)
+
+
+def _loss(lin: torch.nn.Linear, emb: torch.nn.Embedding) -> torch.Tensor:
+    return lin(emb(torch.tensor([1, 3, 5]))).pow(2).sum()
+
+
+def test_same_updates_as_separate_optimizers() -> None:
+    lin_a, emb_a = _params()
+    lin_b, emb_b = _params()
+    grouped = GroupedOptimizer([torch.optim.Adam(lin_a.parameters(), lr=0.01), torch.optim.Adagrad(emb_a.parameters(), lr=0.1)])
+    adam, adagrad = torch.optim.Adam(lin_b.parameters(), lr=0.01), torch.optim.Adagrad(emb_b.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(grouped, step_size=1, gamma=0.5)
+    for _ in range(3):
+        grouped.zero_grad()
+        _loss(lin_a, emb_a).backward()
+        grouped.step()
+        sched.step()
+        adam.zero_grad()
+        adagrad.zero_grad()
+        _loss(lin_b, emb_b).backward()
+        adam.step()
+        adagrad.step()
+        for opt in (adam, adagrad):  # what StepLR does to each group
+            for g in opt.param_groups:
+                g["lr"] *= 0.5
+    assert_close(lin_a.weight, lin_b.weight)
+    assert_close(emb_a.weight, emb_b.weight)
+    assert [g["lr"] for g in grouped.param_groups] == [0.01 / 8, 0.1 / 8]
+    # state is routed to the owner, and the state dict round-trips
+    assert set(grouped.state[lin_a.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert set(grouped.state[emb_a.weight]) == {"step", "sum"}
+    restored = GroupedOptimizer([torch.optim.Adam(lin_a.parameters(), lr=1.0), torch.optim.Adagrad(emb_a.parameters(), lr=1.0)])
+    restored.load_state_dict(grouped.state_dict())
+    assert_close(restored.state[emb_a.weight]["sum"], grouped.state[emb_a.weight]["sum"])
+    assert restored.param_groups[1]["lr"] == grouped.param_groups[1]["lr"]
+
+
+def test_a_parameter_in_two_optimizers_is_refused() -> None:
+    lin, _ = _params()
+    with pytest.raises(ValueError, match="appears in two optimizers"):
+        GroupedOptimizer([torch.optim.SGD(lin.parameters(), lr=0.1), torch.optim.SGD(lin.parameters(), lr=0.1)])

@@ -1,0 +1,88 @@
+"""Tier 1: the sequential recommender: shapes, causality, padding, sampled softmax."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torch.testing import assert_close
+
+from lightning_hybrid.models.sasrec import SASRec, sampled_softmax_loss
+
+
+def _model(**kwargs) -> SASRec:  # noqa: ANN003
+    torch.manual_seed(0)
+    model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, **kwargs)
+    return model.eval()
+
+
+def test_shapes_and_backward() -> None:
+    model = _model().train()
+    items = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]])
+    hidden = model.encode(items)
+    assert hidden.shape == (2, 8, 16)
+    scores = model(items)
+    assert scores.shape == (2, 31) and torch.isinf(scores[:, 0]).all()
+    loss = model.training_step({"input": items, "target": torch.roll(items, -1, 1)}, 0)
+    loss.backward()
+    assert model.output.weight.grad is not None and model.blocks[0].q.weight.grad is not None
+
+
+def test_future_items_never_influence_earlier_positions() -> None:
+    model = _model()
+    a = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])
+    b = a.clone()
+    b[0, 5:] = torch.tensor([20, 21, 22])  # change only the future of position 4
+    ha, hb = model.encode(a), model.encode(b)
+    assert_close(ha[:, :5], hb[:, :5])
+    assert not torch.allclose(ha[:, 5:], hb[:, 5:])
+
+
+def test_padding_does_not_change_real_positions() -> None:
+    model = _model()
+    short = torch.tensor([[0, 0, 0, 0, 0, 4, 5, 6]])
+    other_pad = short.clone()
+    other_pad[0, :5] = 0
+    assert_close(model.encode(short)[:, 5:], model.encode(other_pad)[:, 5:])
+    assert torch.isfinite(model.encode(short)).all()
+
+
+def test_out_of_range_item_is_an_error() -> None:
+    model = _model()
+    try:
+        model(torch.tensor([[0, 0, 0, 0, 0, 0, 0, 31]]))
+    except ValueError as err:
+        assert "item id 31 is outside 0..30" in str(err)
+    else:  # pragma: no cover
+        raise AssertionError("no error")
+
+
+def test_sampled_softmax_equals_full_softmax_when_every_item_is_sampled_once() -> None:
+    torch.manual_seed(0)
+    vocab, dim = 6, 4
+    weight = torch.randn(vocab, dim)
+    hidden = torch.randn(5, dim)
+    positives = torch.tensor([1, 2, 3, 4, 5])
+    full = F.cross_entropy(hidden @ weight.T, positives)
+    # every item once, uniform q: expected count 1, correction log(1) = 0, the positive's copy removed
+    sampled = sampled_softmax_loss(
+        hidden, positives, weight, num_negatives=vocab, sampling_probs=torch.full((vocab,), 1.0 / vocab), negatives=torch.arange(vocab)
+    )
+    assert_close(sampled, full)
+
+
+def test_sampled_softmax_with_logq_converges_to_full_softmax() -> None:
+    torch.manual_seed(0)
+    vocab, dim = 8, 4
+    weight = torch.randn(vocab, dim) * 2  # spread-out logits, so a biased estimate shows
+    hidden = torch.randn(16, dim)
+    positives = torch.randint(0, vocab, (16,))
+    full = F.cross_entropy(hidden @ weight.T, positives)
+    skewed = torch.tensor([0.4, 0.2, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])
+    gen = torch.Generator().manual_seed(1)
+    corrected = sampled_softmax_loss(hidden, positives, weight, num_negatives=20000, sampling_probs=skewed, generator=gen)
+    assert abs(corrected.item() - full.item()) < 0.02 * full.item()
+    # without the correction (q treated as uniform) the estimate is biased by the skewed sample
+    uniform_claim = torch.full((vocab,), 1.0 / vocab)
+    neg = torch.multinomial(skewed, 20000, replacement=True, generator=gen)
+    biased = sampled_softmax_loss(hidden, positives, weight, num_negatives=20000, sampling_probs=uniform_claim, negatives=neg)
+    assert abs(biased.item() - full.item()) > 3 * abs(corrected.item() - full.item())
