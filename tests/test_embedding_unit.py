@@ -9,7 +9,7 @@ import torch
 
 from lightning_hybrid.parallel import embedding as emb
 from lightning_hybrid.parallel import embedding_optim as emb_optim
-from tests.helpers import TinyRec, collate, TinyClicks
+from tests.helpers import TinyClicks, TinyRec, collate
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

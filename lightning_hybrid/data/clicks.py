@@ -54,7 +54,7 @@ class ClickDataset(Dataset):
         logits = self.dense @ hidden_dense_weight * 0.5
         for s in range(num_samples):
             row = []
-            for f, n in enumerate(table_sizes):
+            for f in range(len(table_sizes)):
                 ids = id_tables[f][s, : lengths[s, f]]
                 row.append(ids)
                 logits[s] += hidden_id_weight[f][ids].mean()

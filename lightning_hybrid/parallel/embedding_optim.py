@@ -72,7 +72,7 @@ def _translate(
         if device_type != "cuda":
             return f"fbgemm has no fused {name} on {device_type} (only SGD and Adagrad variants run fused on CPU)"
         if group.get("amsgrad", False):
-            return f"fbgemm's fused Adam has no amsgrad"
+            return "fbgemm's fused Adam has no amsgrad"
         beta1, beta2 = group["betas"]
         kwargs: dict[str, Any] = {"lr": lr, "beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"])}
         weight_decay = float(group.get("weight_decay", 0.0))
