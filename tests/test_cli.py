@@ -67,6 +67,9 @@ def test_sequential_recommender_fit_then_predict_through_the_cli(tmp_path: Path)
         "--data.init_args.batch_size=16",
         "--data.init_args.eval_batch_size=16",
         "--model.init_args.d_model=16",
+        # the item-text tower too: a second sharded EmbeddingCollection (text tokens)
+        "--model.init_args.text_tower=true",
+        "--data.init_args.item_text=true",
     ]
     callbacks = (
         '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '

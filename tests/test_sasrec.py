@@ -86,3 +86,21 @@ def test_sampled_softmax_with_logq_converges_to_full_softmax() -> None:
     neg = torch.multinomial(skewed, 20000, replacement=True, generator=gen)
     biased = sampled_softmax_loss(hidden, positives, weight, num_negatives=20000, sampling_probs=uniform_claim, negatives=neg)
     assert abs(biased.item() - full.item()) > 3 * abs(corrected.item() - full.item())
+
+
+def test_text_tower_changes_item_representation_by_text() -> None:
+    torch.manual_seed(0)
+    model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=0.0, text_tower=True)
+    tokens = torch.zeros(31, 4, dtype=torch.long)
+    tokens[1:, 0] = torch.arange(1, 31) % 5 + 2  # five "genres"
+    model._build_text_tower(tokens, vocab_size=8)
+    model.eval()
+    items = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4]])
+    before = model.encode(items)
+    model.item_text_tokens[4, 0] = 7  # change only the last item's text
+    after = model.encode(items)
+    assert_close(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7], after[:, 7])
+    loss = model.training_step({"input": items, "target": torch.roll(items, -1, 1)}, 0)
+    loss.backward()
+    assert model.text_proj.weight.grad is not None

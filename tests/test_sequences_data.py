@@ -120,3 +120,24 @@ def test_synthetic_is_seeded_and_learnable_shape() -> None:
     counts = SequenceDataModule(format="synthetic", synthetic_users=10, synthetic_items=30, seed=3).item_counts()
     assert counts[0] == 0 and counts.sum() == sum(len(s) - 2 for s in a.sequences)
     assert torch.is_tensor(counts)
+
+
+def test_movielens_item_text_and_tokenizer(tmp_path: Path) -> None:
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,5,3,1\n1,9,3,2\n1,7,3,3\n")
+    (tmp_path / "movies.csv").write_text(
+        'movieId,title,genres\n5,Toy Story (1995),Animation|Comedy\n9,"Heat, The (1995)",Action\n7,Alien (1979),Horror|Sci-Fi\n'
+    )
+    dm = SequenceDataModule(path=str(tmp_path / "ratings.csv"), item_text=True, text_len=5)
+    tokens = dm.item_text_tokens
+    assert tokens is not None and tokens.shape == (4, 5)
+    assert tokens[0].tolist() == [0, 0, 0, 0, 0]
+    # items remapped 5 -> 1, 7 -> 2, 9 -> 3; every word known, "1995" shared by two titles
+    assert (tokens[1:, 0] > 1).all()
+    assert tokens[1, 2].item() == tokens[3, 2].item()  # "1995" in "Toy Story (1995)" and "Heat, The (1995)"
+    assert dm.text_vocab_size > 8
+
+
+def test_item_text_missing_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,5,3,1\n")
+    with pytest.raises(FileNotFoundError, match="No item text beside the ratings"):
+        SequenceDataModule(path=str(tmp_path / "ratings.csv"), item_text=True).item_text_tokens

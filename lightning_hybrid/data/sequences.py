@@ -155,6 +155,67 @@ def synthetic_sequences(
     return SequenceData(sequences=sequences, user_ids=[str(u) for u in range(num_users)], item_ids=[str(i) for i in range(1, num_items + 1)])
 
 
+def load_item_text(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """Raw item id -> text (title and genres) from ``movies.csv``, ``movies.dat`` or ``u.item``."""
+    directory = Path(directory)
+    texts: dict[str, str] = {}
+    if (directory / "movies.csv").is_file():
+        path = directory / "movies.csv"
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:3]] != ["movieId", "title", "genres"]:
+                raise ValueError(f"{path}:1: expected header 'movieId,title,genres', got {header!r}.")
+            for line_no, row in enumerate(reader, start=2):
+                if len(row) < 3:
+                    raise ValueError(f"{path}:{line_no}: expected movieId,title,genres; got {row!r}.")
+                texts[row[0].strip()] = f"{row[1]} {row[2].replace('|', ' ')}"
+    elif (directory / "movies.dat").is_file():
+        path = directory / "movies.dat"
+        with path.open(encoding="latin-1") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                fields = line.rstrip("\n").split("::")
+                if len(fields) < 3:
+                    raise ValueError(f"{path}:{line_no}: expected id::title::genres; got {line.strip()!r}.")
+                texts[fields[0]] = f"{fields[1]} {fields[2].replace('|', ' ')}"
+    elif (directory / "u.item").is_file():
+        path = directory / "u.item"
+        with path.open(encoding="latin-1") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                fields = line.rstrip("\n").split("|")
+                if len(fields) < 2:
+                    raise ValueError(f"{path}:{line_no}: expected id|title|...; got {line.strip()!r}.")
+                texts[fields[0]] = fields[1]
+    else:
+        raise FileNotFoundError(f"No item text beside the ratings in {directory} (movies.csv, movies.dat or u.item).")
+    return texts
+
+
+class WordTokenizer:
+    """Lower-cased words and numbers, a vocabulary built from the data (offline, no downloads).
+
+    Id 0 is padding, 1 is unknown; the ``max_vocab - 2`` most frequent words get ids from 2.
+    """
+
+    def __init__(self, texts: Sequence[str], max_vocab: int = 20000) -> None:
+        import re
+        from collections import Counter
+
+        self._split = re.compile(r"[a-z0-9]+")
+        counts = Counter(word for text in texts for word in self._split.findall(text.lower()))
+        self.vocab = {word: i + 2 for i, (word, _) in enumerate(counts.most_common(max(0, max_vocab - 2)))}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + 2
+
+    def encode(self, text: str, length: int) -> list[int]:
+        ids = [self.vocab.get(w, 1) for w in self._split.findall(text.lower())][:length]
+        return ids + [0] * (length - len(ids))
+
+
 def _left_pad(items: Sequence[int], length: int) -> list[int]:
     items = list(items)[-length:]
     return [0] * (length - len(items)) + items
@@ -244,6 +305,9 @@ class SequenceDataModule(pl.LightningDataModule):
         eval_batch_size: users per rank and step in validation/test/predict.
         num_items: vocabulary size the model is built for; ``None`` takes the data's. Ids beyond it are an error.
         synthetic_users, synthetic_items, synthetic_min_len, synthetic_max_len, seed: the generator.
+        item_text: also provide item text tokens (MovieLens: movies.csv / movies.dat / u.item beside
+            the ratings; synthetic: generated genre words) for a model's text tower.
+        text_len, text_vocab_size: tokens per item and the word vocabulary cap.
     """
 
     def __init__(
@@ -261,6 +325,9 @@ class SequenceDataModule(pl.LightningDataModule):
         synthetic_min_len: int = 5,
         synthetic_max_len: int = 50,
         seed: int = 0,
+        item_text: bool = False,
+        text_len: int = 16,
+        text_vocab_size: int = 20000,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or eval_batch_size < 1:
@@ -272,6 +339,9 @@ class SequenceDataModule(pl.LightningDataModule):
         self.expected_items = num_items
         self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed)
         self.data: SequenceData | None = None
+        self.item_text, self.text_len, self.max_text_vocab = item_text, text_len, text_vocab_size
+        self._text_tokens: torch.Tensor | None = None
+        self._text_vocab_size = 0
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -304,6 +374,36 @@ class SequenceDataModule(pl.LightningDataModule):
     @property
     def num_items(self) -> int:
         return self.load().num_items
+
+    def _load_text_tokens(self) -> None:
+        data = self.load()
+        if self.path is None or self.format == "synthetic":
+            # synthetic items get two "genre" words, shared by related items
+            raw = {item: f"genre{int(item) % 20} style{(int(item) // 7) % 13}" for item in data.item_ids}
+        else:
+            base = Path(self.path)
+            raw = load_item_text(base if base.is_dir() else base.parent)
+        texts = [raw.get(item, "") for item in data.item_ids]
+        tokenizer = WordTokenizer(texts, max_vocab=self.max_text_vocab)
+        tokens = torch.zeros(data.num_items + 1, self.text_len, dtype=torch.long)
+        for index, text in enumerate(texts, start=1):
+            tokens[index] = torch.tensor(tokenizer.encode(text, self.text_len))
+        self._text_tokens, self._text_vocab_size = tokens, tokenizer.vocab_size
+
+    @property
+    def item_text_tokens(self) -> torch.Tensor | None:
+        """[num_items + 1, text_len] token ids per item (row 0: padding), or None without item_text."""
+        if not self.item_text:
+            return None
+        if self._text_tokens is None:
+            self._load_text_tokens()
+        return self._text_tokens
+
+    @property
+    def text_vocab_size(self) -> int:
+        if self.item_text_tokens is None:
+            return 0
+        return self._text_vocab_size
 
     def item_counts(self) -> torch.Tensor:
         """How often each item id occurs in the training part (index 0, padding, stays 0)."""

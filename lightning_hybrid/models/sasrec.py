@@ -114,6 +114,10 @@ class SASRec(pl.LightningModule):
         lr, weight_decay: Adam(W) for the network.
         table_optimizer, table_lr: optimizer of the item table (``adagrad`` runs fused on CPU and
             GPU; ``adam`` is fused on GPU only, so on CPU it is an error for an EmbeddingCollection).
+        text_tower: fuse each item's id embedding with a small transformer encoding of its text
+            tokens (token table also in a torchrec EmbeddingCollection); the data module must offer
+            ``item_text_tokens`` (``SequenceDataModule(item_text=True)``).
+        text_blocks: transformer blocks of the text tower.
         eval_ks: cut-offs for HR@K / NDCG@K.
         exclude_seen: remove the user's history from the ranking in validation/test (off: the
             "full ranking" convention; both appear in published results).
@@ -137,6 +141,8 @@ class SASRec(pl.LightningModule):
         weight_decay: float = 0.0,
         table_optimizer: Literal["adagrad", "adam"] = "adagrad",
         table_lr: float = 0.05,
+        text_tower: bool = False,
+        text_blocks: int = 1,
         eval_ks: list[int] | None = None,
         exclude_seen: bool = False,
         top_k: int = 10,
@@ -174,9 +180,30 @@ class SASRec(pl.LightningModule):
         probs[0] = 0.0
         self.register_buffer("sampling_probs", probs, persistent=False)
 
+    def _build_text_tower(self, tokens: torch.Tensor, vocab_size: int) -> None:
+        d_model = self.hparams.d_model
+        self.text_tables = EmbeddingCollection(
+            tables=[EmbeddingConfig(name="text_token", embedding_dim=d_model, num_embeddings=vocab_size, feature_names=["token"])]
+        )
+        self.text_encoder = nn.ModuleList(
+            CausalSelfAttentionBlock(d_model, self.hparams.num_heads, d_model * self.hparams.mlp_ratio, self.hparams.dropout)
+            for _ in range(self.hparams.text_blocks)
+        )
+        self.text_proj = nn.Linear(d_model, d_model)
+        self.register_buffer("item_text_tokens", tokens.clone(), persistent=False)
+
     def configure_model(self) -> None:
-        """Build the item layers from the data module's vocabulary when num_items was not given."""
+        """Build the item layers from the data module's vocabulary when num_items was not given,
+        and the text tower from the data module's item text."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.hparams.text_tower and not hasattr(self, "text_tables"):
+            tokens = getattr(datamodule, "item_text_tokens", None)
+            if tokens is None:
+                raise ValueError(
+                    "SASRec(text_tower=True) needs item text from the data module: use SequenceDataModule(item_text=True) "
+                    "(MovieLens movies.csv/movies.dat/u.item beside the ratings, or synthetic data)."
+                )
+            self._build_text_tower(tokens, int(datamodule.text_vocab_size))
         data_items = getattr(datamodule, "num_items", None)
         if self.num_items == 0:
             if data_items is None:
@@ -207,6 +234,8 @@ class SASRec(pl.LightningModule):
             keys=["item"], values=items.reshape(-1), lengths=torch.full((batch,), length, dtype=torch.int32, device=items.device)
         )
         emb = self.item_tables(kjt)["item"].values().view(batch, length, -1)
+        if self.hparams.text_tower:
+            emb = emb + self._encode_text(items)
         d_model = emb.shape[-1]
         positions = torch.arange(self.max_len - length, self.max_len, device=items.device)
         x = emb * math.sqrt(d_model) + self.position(positions)
@@ -215,6 +244,23 @@ class SASRec(pl.LightningModule):
         for block in self.blocks:
             x = block(x, mask)
         return self.final_norm(x)
+
+    def _encode_text(self, items: torch.Tensor) -> torch.Tensor:
+        """[B, L] item ids -> [B, L, D] text vectors, each distinct item encoded once per batch."""
+        unique, inverse = torch.unique(items, return_inverse=True)
+        tokens = self.item_text_tokens[unique]  # [U, T]
+        count, text_len = tokens.shape
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["token"], values=tokens.reshape(-1), lengths=torch.full((count,), text_len, dtype=torch.int32, device=items.device)
+        )
+        x = self.text_tables(kjt)["token"].values().view(count, text_len, -1)
+        real = tokens != 0
+        eye = torch.eye(text_len, dtype=torch.bool, device=items.device)
+        mask = (real.unsqueeze(1) | eye).unsqueeze(1)  # every real token sees every real token
+        for block in self.text_encoder:
+            x = block(x, mask)
+        pooled = (x * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
+        return self.text_proj(pooled)[inverse]
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """Scores of every item as the next one after each user's sequence: [B, num_items + 1]."""
@@ -250,14 +296,16 @@ class SASRec(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Adam(W) for the network; the item table gets `table_optimizer`: Adagrad runs fused inside
         # backward on CPU and GPU, Adam only on GPU (fbgemm has no fused Adam on CPU).
-        table_ids = {id(p) for p in self.item_tables.parameters()}
+        tables = list(self.item_tables.parameters())
+        if self.hparams.text_tower:
+            tables += list(self.text_tables.parameters())
+        table_ids = {id(p) for p in tables}
         dense = [p for p in self.parameters() if id(p) not in table_ids]
         hp = self.hparams
         if hp.weight_decay:
             dense_opt: torch.optim.Optimizer = torch.optim.AdamW(dense, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             dense_opt = torch.optim.Adam(dense, lr=hp.lr, betas=(0.9, 0.98))
-        tables = list(self.item_tables.parameters())
         if hp.table_optimizer == "adagrad":
             table_opt: torch.optim.Optimizer = torch.optim.Adagrad(tables, lr=hp.table_lr)
         else:
