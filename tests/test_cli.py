@@ -70,6 +70,8 @@ def test_sequential_recommender_fit_then_predict_through_the_cli(tmp_path: Path)
         # the item-text tower too: a second sharded EmbeddingCollection (text tokens)
         "--model.init_args.text_tower=true",
         "--data.init_args.item_text=true",
+        # and every side feature, in the same sharded EmbeddingCollection as the item ids
+        "--model.init_args.side_features=[user, category, time]",
     ]
     callbacks = (
         '--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '

@@ -141,3 +141,21 @@ def test_item_text_missing_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,5,3,1\n")
     with pytest.raises(FileNotFoundError, match="No item text beside the ratings"):
         SequenceDataModule(path=str(tmp_path / "ratings.csv"), item_text=True).item_text_tokens
+
+
+def test_side_information_for_side_features(tmp_path: Path) -> None:
+    (tmp_path / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,5,3,0\n1,9,3,2592000\n1,7,3,5184000\n1,8,3,7776000\n2,5,3,100\n"
+    )
+    (tmp_path / "movies.csv").write_text("movieId,title,genres\n5,A (1),Comedy|Drama\n9,B (2),Action\n7,C (3),Comedy\n8,D (4),Action\n")
+    dm = SequenceDataModule(path=str(tmp_path / "ratings.csv"), max_len=4)
+    # 30-day buckets from the first interaction, 1-based
+    assert dm.time_buckets() == [[1, 2, 3, 4], [1]]
+    # items 5, 7, 8, 9 -> 1, 2, 3, 4; genres Action=1, Comedy=2
+    assert dm.item_categories().tolist() == [0, 2, 2, 1, 1]
+    assert dm.num_users == 2
+    dm.setup("fit")
+    row = dm.train_set[0]
+    # user 1 trains on its first two items: input (item 1), times (bucket 1)
+    assert row["user"].item() == 0 and row["input"].tolist() == [0, 0, 0, 1] and row["time"].tolist() == [0, 0, 0, 1]
+    assert dm.test_set[0]["time"].tolist() == [0, 1, 2, 3]

@@ -42,18 +42,20 @@ class SequenceData:
     sequences: list[list[int]]
     user_ids: list[str]
     item_ids: list[str]  # index i-1 holds the raw id of item i
+    times: list[list[int]] | None = None  # unix timestamps aligned with sequences, when the format has them
 
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
 
 
-def _remap(users: dict[str, list[str]]) -> SequenceData:
+def _remap(users: dict[str, list[str]], times: dict[str, list[int]] | None = None) -> SequenceData:
     raw_items = sorted({i for seq in users.values() for i in seq}, key=lambda s: (len(s), s) if s.isdigit() else (math.inf, s))
     index = {raw: k + 1 for k, raw in enumerate(raw_items)}
     user_ids = list(users)
     sequences = [[index[i] for i in users[u]] for u in user_ids]
-    return SequenceData(sequences=sequences, user_ids=user_ids, item_ids=raw_items)
+    aligned_times = [times[u] for u in user_ids] if times is not None else None
+    return SequenceData(sequences=sequences, user_ids=user_ids, item_ids=raw_items, times=aligned_times)
 
 
 def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:
@@ -119,11 +121,13 @@ def load_movielens(path: str | os.PathLike[str]) -> SequenceData:
     # time order per user; ties keep file order (stable sort)
     order = sorted(range(len(rows)), key=lambda k: (rows[k][0], rows[k][3]))
     users: dict[str, list[str]] = {}
+    times: dict[str, list[int]] = {}
     for k in order:
         users.setdefault(rows[k][0], []).append(rows[k][1])
+        times.setdefault(rows[k][0], []).append(rows[k][3])
     # users in numeric order when ids are numbers
     users = dict(sorted(users.items(), key=lambda kv: (int(kv[0]) if kv[0].isdigit() else math.inf, kv[0])))
-    return _remap(users)
+    return _remap(users, times)
 
 
 def synthetic_sequences(
@@ -152,7 +156,12 @@ def synthetic_sequences(
                 item = int(torch.multinomial(popularity, 1, generator=gen)) + 1
             seq.append(item)
         sequences.append(seq)
-    return SequenceData(sequences=sequences, user_ids=[str(u) for u in range(num_users)], item_ids=[str(i) for i in range(1, num_items + 1)])
+    # one interaction a day from a per-user start day: gives time buckets something to encode
+    starts = torch.randint(0, 365, (num_users,), generator=gen)
+    times = [[(int(starts[u]) + t) * 86400 for t in range(len(seq))] for u, seq in enumerate(sequences)]
+    return SequenceData(
+        sequences=sequences, user_ids=[str(u) for u in range(num_users)], item_ids=[str(i) for i in range(1, num_items + 1)], times=times
+    )
 
 
 def load_item_text(directory: str | os.PathLike[str]) -> dict[str, str]:
@@ -193,6 +202,38 @@ def load_item_text(directory: str | os.PathLike[str]) -> dict[str, str]:
     return texts
 
 
+def load_item_genres(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """Raw item id -> first genre, from ``movies.csv``/``movies.dat`` (genres field) or ``u.item`` (flags)."""
+    directory = Path(directory)
+    if (directory / "movies.csv").is_file() or (directory / "movies.dat").is_file():
+        sep_file = directory / "movies.csv" if (directory / "movies.csv").is_file() else directory / "movies.dat"
+        genres: dict[str, str] = {}
+        if sep_file.suffix == ".csv":
+            with sep_file.open(newline="", encoding="utf-8") as handle:
+                reader = csv.reader(handle)
+                next(reader, None)
+                for row in reader:
+                    if len(row) >= 3:
+                        genres[row[0].strip()] = row[2].split("|")[0]
+        else:
+            with sep_file.open(encoding="latin-1") as handle:
+                for line in handle:
+                    fields = line.rstrip("\n").split("::")
+                    if len(fields) >= 3:
+                        genres[fields[0]] = fields[2].split("|")[0]
+        return genres
+    if (directory / "u.item").is_file():
+        genres = {}
+        with (directory / "u.item").open(encoding="latin-1") as handle:
+            for line in handle:
+                fields = line.rstrip("\n").split("|")
+                flags = fields[5:]
+                first = next((k for k, f in enumerate(flags) if f == "1"), None)
+                genres[fields[0]] = f"genre{first}" if first is not None else ""
+        return genres
+    raise FileNotFoundError(f"No item genres beside the ratings in {directory} (movies.csv, movies.dat or u.item).")
+
+
 class WordTokenizer:
     """Lower-cased words and numbers, a vocabulary built from the data (offline, no downloads).
 
@@ -222,21 +263,32 @@ def _left_pad(items: Sequence[int], length: int) -> list[int]:
 
 
 class TrainSequences(Dataset):
-    """One row per user: input = seq[:-1], target = seq[1:] over the training part, left padded."""
+    """One row per user: input = seq[:-1], target = seq[1:] over the training part, left padded;
+    plus the user's index (1-based) and the time bucket of each input position (0 = padding)."""
 
-    def __init__(self, sequences: Sequence[Sequence[int]], max_len: int) -> None:
-        self.rows = [s for s in sequences if len(s) >= 2]
+    def __init__(
+        self, sequences: Sequence[Sequence[int]], max_len: int, buckets: Sequence[Sequence[int]] | None = None
+    ) -> None:
+        # time buckets cut to the training part, aligned item by item
+        self.rows = [
+            (u, list(s), list(buckets[u][: len(s)]) if buckets is not None else None) for u, s in enumerate(sequences) if len(s) >= 2
+        ]
         self.max_len = max_len
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        seq = self.rows[index][-(self.max_len + 1) :]
-        return {
+        user, seq, buckets = self.rows[index]
+        seq = seq[-(self.max_len + 1) :]
+        row = {
             "input": torch.tensor(_left_pad(seq[:-1], self.max_len)),
             "target": torch.tensor(_left_pad(seq[1:], self.max_len)),
+            "user": torch.tensor(user),
         }
+        if buckets is not None:
+            row["time"] = torch.tensor(_left_pad(buckets[-(self.max_len + 1) :][:-1], self.max_len))
+        return row
 
 
 class EvalSequences(Dataset):
@@ -245,23 +297,37 @@ class EvalSequences(Dataset):
     Index -1 is a placeholder row (``valid`` False) used to even out ranks.
     """
 
-    def __init__(self, histories: Sequence[Sequence[int]], targets: Sequence[int], users: Sequence[int], max_len: int) -> None:
+    def __init__(
+        self,
+        histories: Sequence[Sequence[int]],
+        targets: Sequence[int],
+        users: Sequence[int],
+        max_len: int,
+        history_buckets: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         self.histories, self.targets, self.users, self.max_len = list(histories), list(targets), list(users), max_len
+        self.history_buckets = list(history_buckets) if history_buckets is not None else None
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
-            return {"input": torch.zeros(self.max_len, dtype=torch.long), "target": torch.tensor(0), "seen": torch.zeros(0, dtype=torch.long), "valid": torch.tensor(False), "user": torch.tensor(-1)}
+            row = {"input": torch.zeros(self.max_len, dtype=torch.long), "target": torch.tensor(0), "seen": torch.zeros(0, dtype=torch.long), "valid": torch.tensor(False), "user": torch.tensor(-1)}
+            if self.history_buckets is not None:
+                row["time"] = torch.zeros(self.max_len, dtype=torch.long)
+            return row
         history = self.histories[index]
-        return {
+        row = {
             "input": torch.tensor(_left_pad(history, self.max_len)),
             "target": torch.tensor(self.targets[index]),
             "seen": torch.tensor(sorted(set(history)), dtype=torch.long),
             "valid": torch.tensor(True),
             "user": torch.tensor(self.users[index]),
         }
+        if self.history_buckets is not None:
+            row["time"] = torch.tensor(_left_pad(self.history_buckets[index], self.max_len))
+        return row
 
 
 class EvenShardSampler(DistributedSampler):
@@ -290,6 +356,7 @@ def collate_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "seen_lengths": seen_lengths,
         "valid": torch.stack([r["valid"] for r in rows]),
         "user": torch.stack([r["user"] for r in rows]),
+        **({"time": torch.stack([r["time"] for r in rows])} if rows and "time" in rows[0] else {}),
     }
 
 
@@ -308,6 +375,8 @@ class SequenceDataModule(pl.LightningDataModule):
         item_text: also provide item text tokens (MovieLens: movies.csv / movies.dat / u.item beside
             the ratings; synthetic: generated genre words) for a model's text tower.
         text_len, text_vocab_size: tokens per item and the word vocabulary cap.
+        time_bucket_days, max_time_buckets: time side feature: interactions are bucketed by age in
+            units of ``time_bucket_days`` since the data's first interaction (formats with timestamps).
     """
 
     def __init__(
@@ -328,6 +397,8 @@ class SequenceDataModule(pl.LightningDataModule):
         item_text: bool = False,
         text_len: int = 16,
         text_vocab_size: int = 20000,
+        time_bucket_days: int = 30,
+        max_time_buckets: int = 512,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or eval_batch_size < 1:
@@ -340,6 +411,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed)
         self.data: SequenceData | None = None
         self.item_text, self.text_len, self.max_text_vocab = item_text, text_len, text_vocab_size
+        self.time_bucket_days, self.max_time_buckets = time_bucket_days, max_time_buckets
         self._text_tokens: torch.Tensor | None = None
         self._text_vocab_size = 0
 
@@ -413,15 +485,44 @@ class SequenceDataModule(pl.LightningDataModule):
             counts += torch.bincount(torch.tensor(part, dtype=torch.long), minlength=self.num_items + 1)[: self.num_items + 1].float()
         return counts
 
+    def time_buckets(self) -> list[list[int]] | None:
+        """Per interaction: 1 + months since the data's first interaction (capped), or None without times."""
+        data = self.load()
+        if data.times is None:
+            return None
+        start = min(t for times in data.times for t in times if times) if any(data.times) else 0
+        width = self.time_bucket_days * 86400
+        return [[min((t - start) // width, self.max_time_buckets - 1) + 1 for t in times] for times in data.times]
+
+    @property
+    def num_users(self) -> int:
+        return len(self.load().sequences)
+
+    def item_categories(self) -> torch.Tensor:
+        """[num_items + 1] category id per item (0: padding/unknown): the first genre of MovieLens
+        items (movies.csv/movies.dat/u.item beside the ratings), ``item % 20`` for synthetic data."""
+        data = self.load()
+        if self.path is None or self.format == "synthetic":
+            return torch.tensor([0] + [int(i) % 20 + 1 for i in data.item_ids])
+        base = Path(self.path)
+        genres = load_item_genres(base if base.is_dir() else base.parent)
+        names = sorted({g for g in genres.values() if g})
+        index = {g: k + 1 for k, g in enumerate(names)}
+        return torch.tensor([0] + [index.get(genres.get(i, ""), 0) for i in data.item_ids])
+
     def setup(self, stage: str) -> None:
         data = self.load()
         seqs = data.sequences
-        self.train_set = TrainSequences([s[:-2] if len(s) >= 3 else s for s in seqs], self.max_len)
+        buckets = self.time_buckets()
+        self.train_set = TrainSequences([s[:-2] if len(s) >= 3 else s for s in seqs], self.max_len, buckets)
         evaluated = [u for u, s in enumerate(seqs) if len(s) >= 3]
-        self.val_set = EvalSequences([seqs[u][:-2] for u in evaluated], [seqs[u][-2] for u in evaluated], evaluated, self.max_len)
-        self.test_set = EvalSequences([seqs[u][:-1] for u in evaluated], [seqs[u][-1] for u in evaluated], evaluated, self.max_len)
+        hb = (lambda cut: [buckets[u][:cut(len(seqs[u]))] for u in evaluated]) if buckets is not None else (lambda cut: None)
+        self.val_set = EvalSequences([seqs[u][:-2] for u in evaluated], [seqs[u][-2] for u in evaluated], evaluated, self.max_len, hb(lambda n: n - 2))
+        self.test_set = EvalSequences([seqs[u][:-1] for u in evaluated], [seqs[u][-1] for u in evaluated], evaluated, self.max_len, hb(lambda n: n - 1))
         # prediction: next item after the whole history, for every user
-        self.predict_set = EvalSequences([s for s in seqs], [0 for _ in seqs], list(range(len(seqs))), self.max_len)
+        self.predict_set = EvalSequences(
+            [s for s in seqs], [0 for _ in seqs], list(range(len(seqs))), self.max_len, buckets if buckets is not None else None
+        )
 
     # -- loaders -------------------------------------------------------------------------------
 

@@ -118,6 +118,9 @@ class SASRec(pl.LightningModule):
             tokens (token table also in a torchrec EmbeddingCollection); the data module must offer
             ``item_text_tokens`` (``SequenceDataModule(item_text=True)``).
         text_blocks: transformer blocks of the text tower.
+        side_features: extra tables in the same sharded EmbeddingCollection, added to each
+            position's item embedding: ``user`` (the user id), ``category`` (the item's first
+            genre), ``time`` (the interaction's age bucket). Sizes come from the data module.
         eval_ks: cut-offs for HR@K / NDCG@K.
         exclude_seen: remove the user's history from the ranking in validation/test (off: the
             "full ranking" convention; both appear in published results).
@@ -143,6 +146,7 @@ class SASRec(pl.LightningModule):
         table_lr: float = 0.05,
         text_tower: bool = False,
         text_blocks: int = 1,
+        side_features: list[Literal["user", "category", "time"]] | None = None,
         eval_ks: list[int] | None = None,
         exclude_seen: bool = False,
         top_k: int = 10,
@@ -163,15 +167,22 @@ class SASRec(pl.LightningModule):
         self.val_metrics = RankingMetrics(eval_ks or [10, 20], prefix="val_")
         self.test_metrics = RankingMetrics(eval_ks or [10, 20], prefix="test_")
         self.num_items = 0
-        if num_items is not None:
+        self.side_features = list(side_features or [])
+        unknown = sorted(set(self.side_features) - {"user", "category", "time"})
+        if unknown:
+            raise ValueError(f"SASRec(side_features=...): unknown {unknown}; use any of user, category, time.")
+        if num_items is not None and not self.side_features:
             self._build_item_layers(num_items)
 
-    def _build_item_layers(self, num_items: int) -> None:
+    def _build_item_layers(self, num_items: int, side_sizes: dict[str, int] | None = None) -> None:
         d_model = self.hparams.d_model
         self.num_items = num_items
-        self.item_tables = EmbeddingCollection(
-            tables=[EmbeddingConfig(name="item_id", embedding_dim=d_model, num_embeddings=num_items + 1, feature_names=["item"])]
-        )
+        tables = [EmbeddingConfig(name="item_id", embedding_dim=d_model, num_embeddings=num_items + 1, feature_names=["item"])]
+        for feature in ("category", "time", "user"):  # one EmbeddingCollection: one all-to-all for all of them
+            if feature in self.side_features:
+                size = (side_sizes or {})[feature]
+                tables.append(EmbeddingConfig(name=f"{feature}_side", embedding_dim=d_model, num_embeddings=size, feature_names=[feature]))
+        self.item_tables = EmbeddingCollection(tables=tables)
         # Scores for every item (row 0, padding, is never a candidate). Kept dense and separate from
         # the sharded input table so full-softmax scoring needs no gather of the table.
         self.output = nn.Linear(d_model, num_items + 1, bias=False)
@@ -206,12 +217,26 @@ class SASRec(pl.LightningModule):
             self._build_text_tower(tokens, int(datamodule.text_vocab_size))
         data_items = getattr(datamodule, "num_items", None)
         if self.num_items == 0:
-            if data_items is None:
+            if data_items is None and self.hparams.num_items is None:
                 raise ValueError(
                     "SASRec(num_items=None) needs a data module with a num_items property (e.g. SequenceDataModule), "
                     "or give num_items explicitly."
                 )
-            self._build_item_layers(int(data_items))
+            side_sizes = {}
+            if self.side_features:
+                if not hasattr(datamodule, "item_categories"):
+                    raise ValueError("SASRec(side_features=...) needs a SequenceDataModule to size the side tables.")
+                if "category" in self.side_features:
+                    categories = datamodule.item_categories()
+                    self.register_buffer("item_categories", categories, persistent=False)
+                    side_sizes["category"] = int(categories.max()) + 1
+                if "time" in self.side_features:
+                    if datamodule.time_buckets() is None:
+                        raise ValueError("SASRec(side_features=['time']): the data has no timestamps (e.g. SASRec line files); drop 'time'.")
+                    side_sizes["time"] = datamodule.max_time_buckets + 1
+                if "user" in self.side_features:
+                    side_sizes["user"] = datamodule.num_users + 1
+            self._build_item_layers(int(self.hparams.num_items or data_items), side_sizes)
         elif data_items is not None and data_items > self.num_items:
             raise ValueError(
                 f"The data has {data_items} items but SASRec was built with num_items={self.num_items}. "
@@ -220,8 +245,11 @@ class SASRec(pl.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:
-        """[B, L] item ids (left padded with 0) -> [B, L, D] hidden states."""
+    def encode(self, items: torch.Tensor, user: torch.Tensor | None = None, time: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] item ids (left padded with 0) -> [B, L, D] hidden states.
+
+        ``user`` ([B], 0-based index, -1 for none) and ``time`` ([B, L] buckets) feed the side features.
+        """
         batch, length = items.shape
         if length > self.max_len:
             raise ValueError(f"SASRec: sequences of length {length} exceed max_len={self.max_len}; set data.max_len <= model max_len.")
@@ -230,10 +258,32 @@ class SASRec(pl.LightningModule):
                 f"SASRec: item id {int(items.max()) if int(items.max()) > self.num_items else int(items.min())} is outside "
                 f"0..{self.num_items} (num_items={self.num_items}). Set model num_items to the data's item count."
             )
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=["item"], values=items.reshape(-1), lengths=torch.full((batch,), length, dtype=torch.int32, device=items.device)
-        )
-        emb = self.item_tables(kjt)["item"].values().view(batch, length, -1)
+        per_position = torch.full((batch,), length, dtype=torch.int32, device=items.device)
+        keys, values, lengths = ["item"], [items.reshape(-1)], [per_position]
+        if "category" in self.side_features:
+            keys.append("category")
+            values.append(self.item_categories[items].reshape(-1))
+            lengths.append(per_position)
+        if "time" in self.side_features:
+            if time is None:
+                raise ValueError("SASRec(side_features=['time']) needs batch['time'] (time buckets) from the data module.")
+            keys.append("time")
+            values.append(time.reshape(-1))
+            lengths.append(per_position)
+        if "user" in self.side_features:
+            if user is None:
+                raise ValueError("SASRec(side_features=['user']) needs batch['user'] from the data module.")
+            keys.append("user")
+            values.append((user + 1).clamp(min=0).reshape(-1))
+            lengths.append(torch.ones(batch, dtype=torch.int32, device=items.device))
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+        looked_up = self.item_tables(kjt)
+        emb = looked_up["item"].values().view(batch, length, -1)
+        for feature in ("category", "time"):
+            if feature in self.side_features:
+                emb = emb + looked_up[feature].values().view(batch, length, -1)
+        if "user" in self.side_features:
+            emb = emb + looked_up["user"].values().view(batch, 1, -1)
         if self.hparams.text_tower:
             emb = emb + self._encode_text(items)
         d_model = emb.shape[-1]
@@ -262,9 +312,9 @@ class SASRec(pl.LightningModule):
         pooled = (x * real.unsqueeze(-1)).sum(1) / real.sum(1, keepdim=True).clamp(min=1)
         return self.text_proj(pooled)[inverse]
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, user: torch.Tensor | None = None, time: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item as the next one after each user's sequence: [B, num_items + 1]."""
-        scores = self.output(self.encode(items)[:, -1])
+        scores = self.output(self.encode(items, user, time)[:, -1])
         scores[:, 0] = float("-inf")
         return scores
 
@@ -278,7 +328,7 @@ class SASRec(pl.LightningModule):
             self.sampling_probs.copy_(counts / counts.sum())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        hidden = self.encode(batch["input"])
+        hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))
         target = batch["target"]
         valid = target != 0
         h, positives = hidden[valid], target[valid]
@@ -315,7 +365,7 @@ class SASRec(pl.LightningModule):
     # -- evaluation ----------------------------------------------------------------------------
 
     def _ranked_scores(self, batch: dict[str, Any], exclude_seen: bool) -> torch.Tensor:
-        scores = self(batch["input"])
+        scores = self(batch["input"], batch.get("user"), batch.get("time"))
         if exclude_seen and batch["seen_values"].numel():
             rows = torch.repeat_interleave(torch.arange(len(scores), device=scores.device), batch["seen_lengths"])
             keep = scores.gather(1, batch["target"].view(-1, 1))
