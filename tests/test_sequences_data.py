@@ -140,7 +140,7 @@ def test_movielens_item_text_and_tokenizer(tmp_path: Path) -> None:
 def test_item_text_missing_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,5,3,1\n")
     with pytest.raises(FileNotFoundError, match="No item text beside the ratings"):
-        SequenceDataModule(path=str(tmp_path / "ratings.csv"), item_text=True).item_text_tokens
+        _ = SequenceDataModule(path=str(tmp_path / "ratings.csv"), item_text=True).item_text_tokens
 
 
 def test_side_information_for_side_features(tmp_path: Path) -> None:
