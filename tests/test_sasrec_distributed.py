@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -20,6 +21,9 @@ MODEL = dict(max_len=12, d_model=16, num_blocks=1, num_heads=2, dropout=0.0, sid
 
 def _validate(devices: int) -> dict[str, float]:
     warnings.simplefilter("ignore")
+    # An earlier seed_everything (e.g. a CLI test in this session) would make the distributed
+    # strategy reseed before the item layers are built, and only there: start both runs alike.
+    os.environ.pop("PL_GLOBAL_SEED", None)
     torch.manual_seed(0)
     model = SASRec(**MODEL)
     strategy: Any = "auto"
