@@ -1,0 +1,121 @@
+"""Tier 2: tensor parallelism of transformer blocks (tp=2, gloo) equals the single-process model.
+
+These test the plain functions of `lightning_hybrid.parallel.tensor`; the strategy-level 2D
+integration (dp x tp with sharded embeddings) is tracked in the tensor-parallel issue.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_hybrid.testing import run_distributed
+
+
+def _sasrec() -> nn.Module:
+    from lightning_hybrid.models.sasrec import SASRec
+
+    torch.manual_seed(0)
+    return SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0)
+
+
+class EncoderModel(nn.Module):
+    """Built without this package in mind: nn.TransformerEncoderLayer blocks and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+ITEMS = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9], [0, 0, 0, 0, 0, 0, 11, 12]])
+FEATURES = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+
+
+def _loss(kind: str, model: nn.Module) -> torch.Tensor:
+    if kind == "sasrec":
+        return model.training_step({"input": ITEMS, "target": torch.roll(ITEMS, -1, 1)}, 0)
+    return model(FEATURES).pow(2).mean()
+
+
+def _run(kind: str, tp: bool) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    model = _sasrec() if kind == "sasrec" else EncoderModel()
+    if kind == "sasrec":
+        model.log = lambda *a, **k: None  # type: ignore[method-assign]  # no Trainer here
+    if tp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lightning_hybrid.parallel.tensor import apply_tensor_parallel, reference_plan
+
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+        plan = reference_plan() if kind == "sasrec" else {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"}
+        apply_tensor_parallel(model, mesh["tp"], plan)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    first_grads: dict[str, torch.Tensor] = {}
+    for step in range(2):
+        loss = _loss(kind, model)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            first_grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        losses.append(float(loss))
+    return {"losses": losses, "grads": first_grads, "params": {n: _full(p.detach()) for n, p in model.named_parameters()}}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "encoder_layer_user_plan"])
+def test_tp2_matches_single_process(kind: str) -> None:
+    name = "sasrec" if kind == "sasrec" else "encoder"
+    reference = _run(name, tp=False)
+    for result in run_distributed(_run, 2, name, True, timeout_s=120):
+        assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+        assert set(result["grads"]) == set(reference["grads"])
+        for key, grad in reference["grads"].items():
+            assert_close(result["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"grad {k}: {m}")
+        for key, param in reference["params"].items():
+            assert_close(result["params"][key], param, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"param {k}: {m}")
+
+
+def _bad(case: str) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_hybrid.parallel.tensor import apply_tensor_parallel, reference_plan
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    if case == "pattern":
+        model, plan = EncoderModel(), {"layers.*.fc1": "colwise"}
+    else:
+        from lightning_hybrid.models.sasrec import SASRec
+
+        model, plan = SASRec(num_items=10, max_len=4, d_model=12, num_heads=3), reference_plan()
+    try:
+        apply_tensor_parallel(model, mesh["tp"], plan)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+def test_plan_errors_are_clear_on_every_rank() -> None:
+    for message in run_distributed(_bad, 2, "pattern", timeout_s=60):
+        assert "pattern 'layers.*.fc1' matches no module of EncoderModel" in message
+    for message in run_distributed(_bad, 2, "heads", timeout_s=60):
+        assert "number of heads of blocks.0 (3) to be divisible by 2" in message
