@@ -69,6 +69,10 @@ class HybridStrategy(ParallelStrategy):
     Args:
         data_parallel: ranks on the data-parallel axis; ``"auto"`` uses every rank not used by
             other axes.
+        tensor_parallel: ranks on the tensor-parallel axis (``"auto"``: the devices of one node).
+        tensor_parallel_plan: module-name pattern -> ``"colwise"``/``"rowwise"`` (see
+            `lightning_hybrid.parallel.tensor`); default: the LightningModule's
+            ``tensor_parallel_plan()`` method.
         shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
         embedding_sharding: table name -> forced sharding type (``"table_wise"``, ``"row_wise"``,
             ``"column_wise"``, ``"data_parallel"``, ``"table_row_wise"``, ``"table_column_wise"``).
@@ -100,6 +104,8 @@ class HybridStrategy(ParallelStrategy):
         self,
         *,
         data_parallel: AxisSize = "auto",
+        tensor_parallel: AxisSize = 1,
+        tensor_parallel_plan: dict[str, str] | None = None,
         shard_embeddings: bool = True,
         embedding_sharding: dict[str, str] | None = None,
         embedding_kernels: dict[str, KernelName] | None = None,
@@ -126,6 +132,9 @@ class HybridStrategy(ParallelStrategy):
         if timeout_s <= 0:
             raise ValueError(f"HybridStrategy(timeout_s={timeout_s}) must be positive.")
         self._data_parallel = data_parallel
+        self._tensor_parallel = tensor_parallel
+        self._tensor_parallel_plan = tensor_parallel_plan
+        self._manual_dense_sync: list[torch.nn.Parameter] = []
         self._shard_embeddings = shard_embeddings
         self._sharding_spec = emb.EmbeddingShardingSpec(
             sharding_types=dict(embedding_sharding or {}),
@@ -154,6 +163,7 @@ class HybridStrategy(ParallelStrategy):
         self._dp_table_params: list[torch.nn.Parameter] = []
         self._grad_sync_blocked = False
         self._fused_by_table: dict[str, Any] | None = None
+        self._tp_applied = False
 
     # ------------------------------------------------------------------------------------------
     # Layout
@@ -232,6 +242,7 @@ class HybridStrategy(ParallelStrategy):
         self._plan = ParallelPlan.resolve(
             world_size=self.world_size,
             data_parallel=self._data_parallel,
+            tensor_parallel=self._tensor_parallel,
             devices_per_node=self.num_processes or None,
         )
         # torchrec reads LOCAL_WORLD_SIZE to find node boundaries; Lightning's launchers don't set it
@@ -269,12 +280,23 @@ class HybridStrategy(ParallelStrategy):
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
 
-        # 1. embedding sharding
+        # 1. tensor parallelism first: it replaces block weights by DTensors, and nothing else
+        #    (embedding sharding, data parallelism) should see the unsplit weights
+        if self.plan.tensor_parallel > 1 and not self._tp_applied:
+            self._apply_tensor_parallel(trainer)
+
+        # 2. embedding sharding
         if self._shard_embeddings and not self._sharded_modules:
             self._shard_embedding_tables(trainer, fitting=fitting)
 
-        # 2. data parallelism over the dense rest
-        if fitting:
+        # 3. data parallelism over the dense rest
+        if fitting and self.plan.tensor_parallel > 1:
+            # DDP cannot hook DTensor parameters: average the dense gradients over dp after backward
+            sharded = tuple(f"{m}." if m else "" for m in self._sharded_modules)
+            self._manual_dense_sync = [
+                p for n, p in self.lightning_module.named_parameters() if p.requires_grad and not n.startswith(sharded)
+            ]
+        elif fitting:
             self.model = data_parallel.wrap_dense_data_parallel(
                 self.lightning_module,
                 ignored_modules=list(self._sharded_modules),
@@ -284,10 +306,10 @@ class HybridStrategy(ParallelStrategy):
             )
         else:
             data_parallel.broadcast_dense_state(
-                self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=None
+                self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=self.device_mesh["dp"].get_group()
             )
 
-        # 3. optimizers see the final parameters
+        # 4. optimizers see the final parameters
         if fitting:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
@@ -322,6 +344,28 @@ class HybridStrategy(ParallelStrategy):
 
         # The precision plugin owns clipping in Lightning; only its norm computation must change.
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    def _apply_tensor_parallel(self, trainer: Any) -> None:
+        from lightning_hybrid.parallel.tensor import apply_tensor_parallel
+
+        model = self.lightning_module
+        plan = self._tensor_parallel_plan
+        if plan is None:
+            make_plan = getattr(model, "tensor_parallel_plan", None)
+            if make_plan is None:
+                raise ValueError(
+                    f"HybridStrategy(tensor_parallel={self.plan.tensor_parallel}) needs a plan: pass "
+                    f"tensor_parallel_plan={{'pattern': 'colwise'|'rowwise', ...}} or define "
+                    f"{type(model).__name__}.tensor_parallel_plan()."
+                )
+            plan = make_plan()
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                "HybridStrategy: gradient clipping with tensor_parallel > 1 is not supported yet (the norm of "
+                "DTensor gradients across tp ranks). Remove gradient_clip_val or use tensor_parallel=1."
+            )
+        apply_tensor_parallel(model, self.device_mesh["tp"], plan)
+        self._tp_applied = True
 
     def _shard_embedding_tables(self, trainer: Any, *, fitting: bool) -> None:
         from torchrec.distributed.types import ShardingEnv
@@ -431,8 +475,13 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        if self._dp_table_params and not self._grad_sync_blocked:
-            data_parallel.average_gradients(self._dp_table_params, self.device_mesh["dp"].get_group())
+        if self._grad_sync_blocked:
+            return
+        dp_group = self.device_mesh["dp"].get_group()
+        if self._dp_table_params:
+            data_parallel.average_gradients(self._dp_table_params, dp_group)
+        if self._manual_dense_sync and self.plan.data_parallel > 1:
+            data_parallel.average_gradients(self._manual_dense_sync, dp_group)
 
     @contextmanager
     @override

@@ -119,3 +119,71 @@ def test_plan_errors_are_clear_on_every_rank() -> None:
         assert "pattern 'layers.*.fc1' matches no module of EncoderModel" in message
     for message in run_distributed(_bad, 2, "heads", timeout_s=60):
         assert "number of heads of blocks.0 (3) to be divisible by 2" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the Trainer: HybridStrategy(tensor_parallel=2) with a sharded item table
+# ---------------------------------------------------------------------------------------------
+
+# 24 users of equal length in one batch: neither the shuffled order nor the split over dp replicas
+# can change the mean loss
+TP_DATA = dict(format="synthetic", max_len=8, batch_size=64, synthetic_users=24, synthetic_items=30, synthetic_min_len=10, synthetic_max_len=10, seed=2)
+
+
+def _fit_sasrec(tensor_parallel: int, devices: int | None = None) -> dict[str, Any]:
+    import os
+
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from lightning_hybrid.models.sasrec import SASRec
+    from tests.helpers import quiet_trainer
+
+    class Recorder(SASRec):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.recorded.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            # SGD, not Adam: the key bias has an exactly-zero gradient (softmax is shift-invariant),
+            # and Adam would turn its rounding noise into full-size steps that differ run to run
+            from lightning_hybrid.optim import GroupedOptimizer
+
+            tables = list(self.item_tables.parameters())
+            ids = {id(p) for p in tables}
+            dense = [p for p in self.parameters() if id(p) not in ids]
+            return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.Adagrad(tables, lr=0.1)])
+
+    torch.manual_seed(0)
+    model = Recorder(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0)
+    model.recorded = []
+    if tensor_parallel > 1:
+        from lightning_hybrid import HybridStrategy
+
+        trainer = quiet_trainer(
+            strategy=HybridStrategy(tensor_parallel=tensor_parallel), devices=devices or tensor_parallel, max_epochs=3, limit_val_batches=0
+        )
+    else:
+        trainer = quiet_trainer(devices=1, max_epochs=3, limit_val_batches=0)
+    trainer.fit(model, datamodule=SequenceDataModule(**TP_DATA))
+    state = full_state_dict(model) if tensor_parallel > 1 else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": model.recorded, "state": state, "step": trainer.global_step}
+
+
+@pytest.mark.parametrize("devices", [2, 4], ids=["tp2", "dp2xtp2"])
+def test_trainer_tensor_parallel_with_sharded_table_matches_single_process(devices: int) -> None:
+    reference = _fit_sasrec(1)
+    ranks = run_distributed(_fit_sasrec, devices, 2, devices, init_process_group=False, timeout_s=240)
+    assert reference["step"] == 3 and len(reference["losses"]) == 3
+    if devices == 2:  # both tp ranks hold the replicated loss of the whole batch
+        for result in ranks:
+            assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    else:  # ranks (0, 1) and (2, 3) are the two dp replicas: their mean is the global loss
+        mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[2]["losses"], strict=True)]
+        assert_close(torch.tensor(mean), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    state = ranks[0]["state"]
+    assert set(state) == set(reference["state"])
+    for key, value in reference["state"].items():
+        assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

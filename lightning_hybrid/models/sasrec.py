@@ -295,6 +295,15 @@ class SASRec(pl.LightningModule):
             x = block(x, mask)
         return self.final_norm(x)
 
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
+        from lightning_hybrid.parallel.tensor import reference_plan
+
+        plan = reference_plan("blocks")
+        if self.hparams.text_tower:
+            plan.update(reference_plan("text_encoder"))
+        return plan
+
     def _encode_text(self, items: torch.Tensor) -> torch.Tensor:
         """[B, L] item ids -> [B, L, D] text vectors, each distinct item encoded once per batch."""
         unique, inverse = torch.unique(items, return_inverse=True)

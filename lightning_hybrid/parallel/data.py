@@ -70,14 +70,19 @@ def broadcast_dense_state(
 ) -> None:
     """Make dense parameters and buffers equal to rank 0's (what DDP's constructor does when fitting)."""
     ignored = set(_names_under(module, ignored_modules))
-    tensors = [p.detach() for n, p in module.named_parameters() if n not in ignored]
+    tensors = [_local(p.detach()) for n, p in module.named_parameters() if n not in ignored]
     tensors += [b for n, b in module.named_buffers() if n not in ignored]
     broadcast_tensors(tensors, process_group)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    # a DTensor's own shard (tensor parallelism keeps replicas of a shard on the dp axis)
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def average_gradients(params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None) -> None:
     """All-reduce the gradients of ``params`` to their mean over the group (one fused collective)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     if not grads or not dist.is_initialized():
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
