@@ -89,3 +89,27 @@ def test_sequential_recommender_fit_then_predict_through_the_cli(tmp_path: Path)
     assert users == {str(u) for u in range(96)}  # every user exactly once ...
     assert len(rows) == 96 * 10  # ... with top_k=10 items each
     assert all(1 <= int(r[2]) <= 40 for r in rows)
+
+
+def test_two_dimensional_fit_through_the_cli(tmp_path: Path) -> None:
+    """recipes/tp_dp.yaml, shrunk: dp=2 x tp=2 on 4 processes with a sharded item table."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tp_dp.yaml"
+    main(
+        [
+            "fit",
+            "-c",
+            str(recipe),
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--data.init_args.synthetic_users=64",
+            "--data.init_args.synthetic_items=40",
+            "--data.init_args.batch_size=16",
+            "--data.init_args.eval_batch_size=16",
+            "--model.init_args.d_model=16",
+        ]
+    )
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "meta.pt").is_file()
