@@ -31,6 +31,8 @@ from lightning_hybrid.testing import run_distributed  # noqa: E402
 SIZES = {
     "small": {"d_model": 64, "num_blocks": 2, "num_heads": 2, "mlp_ratio": 4, "max_len": 50, "items": 2000, "global_batch": 64},
     "large": {"d_model": 512, "num_blocks": 4, "num_heads": 8, "mlp_ratio": 4, "max_len": 100, "items": 20000, "global_batch": 32},
+    # weights and optimizer state dominate: short sequences, a small batch, wide blocks
+    "wide": {"d_model": 1024, "num_blocks": 4, "num_heads": 8, "mlp_ratio": 4, "max_len": 20, "items": 2000, "global_batch": 8},
 }
 SMOKE = {"small": {"d_model": 16, "num_blocks": 1, "num_heads": 2, "mlp_ratio": 2, "max_len": 8, "items": 50, "global_batch": 8}}
 
