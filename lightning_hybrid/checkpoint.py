@@ -121,11 +121,21 @@ def optimizer_state_dict(
 
 def init_optimizer_state(optimizer: Optimizer, trainable: Iterable[nn.Parameter]) -> None:
     """Create the optimizer's lazily built state (one step with zero grads and lr 0), so DCP can load
-    into it. Only ``trainable`` parameters (those that get ``.grad`` in training) take part.
+    into it. Only ``trainable`` parameters (those that get ``.grad`` in training) take part, and only
+    optimizers that lack state for some of them: Adagrad builds its state eagerly, Adam lazily, and
+    a GroupedOptimizer may hold both.
     """
-    if optimizer.state:
+    from lightning_hybrid.optim import GroupedOptimizer
+
+    trainable = list(trainable)
+    if isinstance(optimizer, GroupedOptimizer):
+        for sub in optimizer.optimizers:
+            init_optimizer_state(sub, trainable)
         return
     trainable_ids = {id(p) for p in trainable}
+    params = [p for group in optimizer.param_groups for p in group["params"] if id(p) in trainable_ids]
+    if not params or all(optimizer.state.get(p) for p in params):
+        return
     saved_grads = {}
     for group in optimizer.param_groups:
         for p in group["params"]:

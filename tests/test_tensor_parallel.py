@@ -187,3 +187,48 @@ def test_trainer_tensor_parallel_with_sharded_table_matches_single_process(devic
     assert set(state) == set(reference["state"])
     for key, value in reference["state"].items():
         assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _resume_tp(tmp: str, tensor_parallel: int) -> dict[str, Any]:
+    import os
+
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from lightning_hybrid.models.sasrec import SASRec
+    from tests.helpers import quiet_trainer
+
+    class Recorder(SASRec):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.recorded.append(float(loss.detach()))
+            return loss
+
+    def run(seed: int, epochs: int, callbacks: list[Any], ckpt: str | None) -> list[float]:
+        torch.manual_seed(seed)
+        model = Recorder(num_items=30, max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=0.0)
+        model.recorded = []
+        data = SequenceDataModule(**{**TP_DATA, "batch_size": 8})
+        trainer = quiet_trainer(
+            strategy=HybridStrategy(tensor_parallel=tensor_parallel), devices=2, max_epochs=epochs, limit_val_batches=0,
+            callbacks=callbacks, enable_checkpointing=bool(callbacks),
+        )
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        return model.recorded
+
+    saver = ModelCheckpoint(dirpath=tmp, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    uninterrupted = run(0, 2, [saver], None)
+    resumed = run(7, 2, [], os.path.join(tmp, "epoch=0.ckpt"))
+    return {"uninterrupted": uninterrupted, "resumed": resumed}
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["dp2", "tp2"])
+def test_recommender_checkpoint_resume_is_exact(tmp_path: Any, tensor_parallel: int) -> None:
+    """DTensor blocks, a fused EmbeddingCollection table, and a GroupedOptimizer (Adam + Adagrad)."""
+    for result in run_distributed(_resume_tp, 2, str(tmp_path), tensor_parallel, init_process_group=False, timeout_s=180):
+        half = len(result["uninterrupted"]) // 2
+        assert len(result["resumed"]) == half > 0
+        assert_close(torch.tensor(result["resumed"]), torch.tensor(result["uninterrupted"][half:]), rtol=1e-6, atol=1e-7)
