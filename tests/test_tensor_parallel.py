@@ -232,3 +232,83 @@ def test_recommender_checkpoint_resume_is_exact(tmp_path: Any, tensor_parallel: 
         half = len(result["uninterrupted"]) // 2
         assert len(result["resumed"]) == half > 0
         assert_close(torch.tensor(result["resumed"]), torch.tensor(result["uninterrupted"][half:]), rtol=1e-6, atol=1e-7)
+
+
+def _make_encoder_recommender() -> Any:
+    import lightning.pytorch as pl
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    class Model(pl.LightningModule):
+        """EBC user/item features -> nn.TransformerEncoderLayer stack -> click logit. SGD."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(name="users", embedding_dim=16, num_embeddings=24, feature_names=["user"]),
+                    EmbeddingBagConfig(name="movies", embedding_dim=16, num_embeddings=40, feature_names=["item"]),
+                    EmbeddingBagConfig(name="cats", embedding_dim=16, num_embeddings=16, feature_names=["category"]),
+                ]
+            )
+            self.dense_in = nn.Linear(5, 16)
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2)
+            )
+            self.head = nn.Linear(16, 1)
+            self.losses: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            pooled = self.ebc(batch["sparse"]).to_dict()
+            tokens = torch.stack([self.dense_in(batch["dense"]), pooled["user"], pooled["item"], pooled["category"]], dim=1)
+            for layer in self.layers:
+                tokens = layer(tokens)
+            logits = self.head(tokens.mean(1)).squeeze(-1)
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.2)
+
+    return Model()
+
+
+def _fit_encoder(devices: int) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from tests.helpers import loader, quiet_trainer
+
+    model = _make_encoder_recommender()
+    if devices == 1:
+        trainer = quiet_trainer(devices=1, max_steps=3)
+        trainer.fit(model, train_dataloaders=loader(16, n=48))
+        return {"losses": model.losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    strategy = HybridStrategy(
+        tensor_parallel=2,
+        tensor_parallel_plan={"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"},
+        embedding_sharding={"users": "row_wise", "movies": "table_wise", "cats": "column_wise"},
+    )
+    trainer = quiet_trainer(strategy=strategy, devices=4, max_steps=3)
+    # dp rank r of 2 gets samples r, r+2, ...: the union of both replicas' batches is the global batch
+    import os
+
+    dp_rank = int(os.environ["RANK"]) // 2
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from tests.helpers import TinyClicks, collate
+
+    data = TinyClicks(48)
+    sampler = DistributedSampler(data, num_replicas=2, rank=dp_rank, shuffle=False)
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=8, sampler=sampler, collate_fn=collate))
+    return {"losses": model.losses, "state": full_state_dict(model)}
+
+
+def test_user_plan_on_encoder_layers_with_sharded_tables_dp2_tp2() -> None:
+    reference = _fit_encoder(1)
+    ranks = run_distributed(_fit_encoder, 4, 4, init_process_group=False, timeout_s=240)
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[2]["losses"], strict=True)]
+    assert_close(torch.tensor(mean), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    for key, value in reference["state"].items():
+        assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
