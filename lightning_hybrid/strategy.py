@@ -335,12 +335,13 @@ class HybridStrategy(ParallelStrategy):
                 "updates them inside backward). Set HybridStrategy(embedding_kernels={table: 'dense'}) for tables "
                 "that must be clipped."
             )
-        if not sharded_ids:
+        if not sharded_ids and self.plan.tensor_parallel == 1:
             return
         plugin = self.precision_plugin
+        tp_group = self.device_mesh["tp"].get_group() if self.plan.tensor_parallel > 1 else None
 
         def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
-            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val))
+            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val), tp_group=tp_group)
 
         # The precision plugin owns clipping in Lightning; only its norm computation must change.
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
@@ -359,11 +360,6 @@ class HybridStrategy(ParallelStrategy):
                     f"{type(model).__name__}.tensor_parallel_plan()."
                 )
             plan = make_plan()
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                "HybridStrategy: gradient clipping with tensor_parallel > 1 is not supported yet (the norm of "
-                "DTensor gradients across tp ranks). Remove gradient_clip_val or use tensor_parallel=1."
-            )
         apply_tensor_parallel(model, self.device_mesh["tp"], plan)
         self._tp_applied = True
 

@@ -19,6 +19,7 @@ def clip_grad_norm_across_shards(
     max_norm: float,
     *,
     group: dist.ProcessGroup | None = None,
+    tp_group: dist.ProcessGroup | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Scale all gradients so their global L2 norm is at most ``max_norm``; return that norm.
@@ -26,25 +27,42 @@ def clip_grad_norm_across_shards(
     Args:
         parameters: every parameter the optimizer steps (replicated and sharded).
         sharded_ids: ``id()`` of the parameters whose gradient is this rank's shard of a table.
-        group: the ranks over which the shards are spread.
+        group: the ranks over which the table shards are spread.
+        tp_group: the tensor-parallel group, over which DTensor gradients with a ``Shard``
+            placement are split (their ``Replicate`` ones count once).
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    device = params[0].grad.device
+    device = _local(params[0].grad).device
     replicated_sq = torch.zeros((), device=device, dtype=torch.float64)
-    sharded_sq = torch.zeros((), device=device, dtype=torch.float64)
+    table_sq = torch.zeros((), device=device, dtype=torch.float64)
+    tp_sq = torch.zeros((), device=device, dtype=torch.float64)
     for p in params:
-        sq = p.grad.detach().double().pow(2).sum()
+        grad = p.grad
+        sq = _local(grad).detach().double().pow(2).sum()
         if id(p) in sharded_ids:
-            sharded_sq += sq
+            table_sq += sq
+        elif _is_split(grad):
+            tp_sq += sq
         else:
             replicated_sq += sq
     if dist.is_initialized():
-        dist.all_reduce(sharded_sq, group=group)
-    total = (replicated_sq + sharded_sq).sqrt()
+        dist.all_reduce(table_sq, group=group)
+        if tp_group is not None:
+            dist.all_reduce(tp_sq, group=tp_group)
+    total = (replicated_sq + table_sq + tp_sq).sqrt()
     coef = max_norm / (float(total) + eps)
     if coef < 1.0:
         for p in params:
-            p.grad.detach().mul_(coef)
+            _local(p.grad).detach().mul_(coef)
     return total.float()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _is_split(tensor: torch.Tensor) -> bool:
+    placements = getattr(tensor, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
