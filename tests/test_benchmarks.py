@@ -10,33 +10,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_strategy_overhead_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "overhead.json"
+def _smoke(script: str, out: Path) -> tuple[dict, str]:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "strategy_overhead.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text()), run.stdout
+
+
+def test_strategy_overhead_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("strategy_overhead.py", tmp_path / "overhead.json")
     assert result["size"] == "smoke" and result["processes"] == 2
     assert set(result["step_ms"]) == {"hand", "hand_bucket_view", "hybrid"}
     assert all(v > 0 for v in result["step_ms"].values())
     assert abs(result["overhead_ratio"] - result["step_ms"]["hybrid"] / result["step_ms"]["hand"]) < 1e-9
-    assert "Trainer + HybridStrategy" in run.stdout
+    assert "Trainer + HybridStrategy" in stdout
 
 
 def test_tp_vs_dp_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "tp_vs_dp.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "tp_vs_dp.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result, stdout = _smoke("tp_vs_dp.py", tmp_path / "tp_vs_dp.json")
     assert set(result["results"]) == {"small/dp2", "small/tp2"}
     assert all(r["step_ms"] > 0 and r["steps"] == 4 for r in result["results"].values())
-    assert "tp/dp step time" in run.stdout
+    assert "tp/dp step time" in stdout

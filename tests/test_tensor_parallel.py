@@ -130,22 +130,18 @@ def test_plan_errors_are_clear_on_every_rank() -> None:
 TP_DATA = dict(format="synthetic", max_len=8, batch_size=64, synthetic_users=24, synthetic_items=30, synthetic_min_len=10, synthetic_max_len=10, seed=2)
 
 
-def _fit_sasrec(tensor_parallel: int, devices: int | None = None, clip: float = 0.0) -> dict[str, Any]:
-    import os
-
-    warnings.simplefilter("ignore")
-    os.environ.pop("PL_GLOBAL_SEED", None)
-    from lightning_hybrid.checkpoint import full_state_dict
-    from lightning_hybrid.data.sequences import SequenceDataModule
+def _recording_classes() -> tuple[type, type]:
     from lightning_hybrid.models.sasrec import SASRec
-    from tests.helpers import quiet_trainer
 
-    class Recorder(SASRec):
+    class RecordingSASRec(SASRec):
+        """The reference model, keeping every training loss in ``recorded``."""
+
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             loss = super().training_step(batch, batch_idx)
-            self.recorded.append(float(loss.detach()))
+            self.__dict__.setdefault("recorded", []).append(float(loss.detach()))
             return loss
 
+    class SGDRecordingSASRec(RecordingSASRec):
         def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
             if not gradient_clip_val:
                 return
@@ -168,9 +164,21 @@ def _fit_sasrec(tensor_parallel: int, devices: int | None = None, clip: float = 
             # (fused SGD for the table too: Adagrad's first step is lr * sign(grad), as noise-sensitive)
             return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.SGD(tables, lr=0.1)])
 
+    return RecordingSASRec, SGDRecordingSASRec
+
+
+def _fit_sasrec(tensor_parallel: int, devices: int | None = None, clip: float = 0.0) -> dict[str, Any]:
+    import os
+
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import quiet_trainer
+
+    _, SGDRecordingSASRec = _recording_classes()
     torch.manual_seed(0)
-    model = Recorder(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0)
-    model.recorded = []
+    model = SGDRecordingSASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0)
     if tensor_parallel > 1:
         from lightning_hybrid import HybridStrategy
 
@@ -211,19 +219,13 @@ def _resume_tp(tmp: str, tensor_parallel: int) -> dict[str, Any]:
 
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.data.sequences import SequenceDataModule
-    from lightning_hybrid.models.sasrec import SASRec
     from tests.helpers import quiet_trainer
 
-    class Recorder(SASRec):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            loss = super().training_step(batch, batch_idx)
-            self.recorded.append(float(loss.detach()))
-            return loss
+    RecordingSASRec, _ = _recording_classes()
 
     def run(seed: int, epochs: int, callbacks: list[Any], ckpt: str | None) -> list[float]:
         torch.manual_seed(seed)
-        model = Recorder(num_items=30, max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=0.0)
-        model.recorded = []
+        model = RecordingSASRec(num_items=30, max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=0.0)
         data = SequenceDataModule(**{**TP_DATA, "batch_size": 8})
         trainer = quiet_trainer(
             strategy=HybridStrategy(tensor_parallel=tensor_parallel), devices=2, max_epochs=epochs, limit_val_batches=0,
