@@ -1,14 +1,17 @@
 """HybridStrategy: the Lightning strategy that orchestrates hybrid parallelism.
 
 This module only drives Lightning's lifecycle; the techniques live in plain functions
-(`lightning_hybrid.parallel.*`, `lightning_hybrid.checkpoint`). The order in which they are
-applied in `setup` is fixed and matters:
+(`lightning_hybrid.parallel.*`, `lightning_hybrid.checkpoint`). The order
+in which they are applied in `setup` is fixed and matters:
 
-1. embedding sharding (torchrec) first: it replaces submodules, and the optimizer spec for fused
-   tables must be attached to the *unsharded* table parameters before torchrec builds kernels;
-2. data parallelism (DDP over the mesh's ``dp`` axis) last, over what is left dense: DDP must not
-   see sharded table parameters (they are not replicated, and their slices are not leaves);
-3. the user's ``configure_optimizers`` runs after both, so optimizers hold the final parameters.
+1. tensor parallelism first: it turns block weights into DTensors; everything after must see
+   the split weights (and the optimizer-state layout follows from them);
+2. embedding sharding next: it replaces submodules, and the optimizer spec for fused tables must
+   be attached to the *unsharded* table parameters before torchrec builds kernels;
+3. data parallelism over what is left dense, across the mesh's ``dp`` axis: DDP when tp=1 (it
+   must not see sharded table parameters: they are not replicated, and their slices are not
+   leaves), an explicit gradient average when tp>1 (DDP cannot hook DTensor parameters);
+4. the user's ``configure_optimizers`` after all of them, so optimizers hold the final parameters.
 """
 
 from __future__ import annotations
