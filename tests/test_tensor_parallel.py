@@ -327,3 +327,31 @@ def test_user_plan_on_encoder_layers_with_sharded_tables_dp2_tp2() -> None:
     assert_close(torch.tensor(mean), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
     for key, value in reference["state"].items():
         assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _fit_precisions() -> dict[str, list[float]]:
+    import os
+
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import quiet_trainer
+
+    RecordingSASRec, _ = _recording_classes()
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        torch.manual_seed(0)
+        model = RecordingSASRec(max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=0.0)
+        trainer = quiet_trainer(strategy=HybridStrategy(tensor_parallel=2), devices=2, max_epochs=2, precision=precision, limit_val_batches=0)
+        trainer.fit(model, datamodule=SequenceDataModule(**{**TP_DATA, "batch_size": 8}))
+        losses[precision] = model.recorded
+    return losses
+
+
+def test_bf16_mixed_precision_with_tensor_parallelism_tracks_fp32() -> None:
+    for result in run_distributed(_fit_precisions, 2, init_process_group=False, timeout_s=180):
+        assert len(result["bf16-mixed"]) == len(result["32-true"]) == 6
+        # autocast runs the matmuls in bf16 (8 bits of mantissa): close to, not equal to, fp32
+        assert_close(torch.tensor(result["bf16-mixed"]), torch.tensor(result["32-true"]), rtol=2e-2, atol=0)
+        assert result["bf16-mixed"] != result["32-true"]  # bf16 really ran
