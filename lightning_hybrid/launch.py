@@ -56,6 +56,8 @@ class HybridSpawnLauncher(_MultiProcessingLauncher):
         best_model_path = getattr(checkpoint_callback, "best_model_path", None) if checkpoint_callback else None
         # collective: every rank sends its shards to rank 0
         state_dict = full_state_dict(trainer.lightning_module)
+        # no rank may exit (and tear its sockets down) while another still finishes the gather
+        self._strategy.barrier()
         if self._strategy.global_rank != 0:
             return None
         weights_path = None
@@ -64,6 +66,14 @@ class HybridSpawnLauncher(_MultiProcessingLauncher):
             torch.save(state_dict, weights_path)
         extra = self.get_extra_results(trainer)
         return _WorkerOutput(best_model_path, weights_path, trainer.state, results, extra)
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        # Shut the process group down explicitly: left to interpreter exit, gloo's threads can be
+        # destroyed while still joinable ("terminate called without an active exception").
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
     def get_extra_results(self, trainer: Any) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)
