@@ -104,3 +104,13 @@ def test_text_tower_changes_item_representation_by_text() -> None:
     loss = model.training_step({"input": items, "target": torch.roll(items, -1, 1)}, 0)
     loss.backward()
     assert model.text_proj.weight.grad is not None
+
+
+def test_block_without_mask_is_plain_causal_attention() -> None:
+    from lightning_hybrid.models.sasrec import CausalSelfAttentionBlock, causal_padding_mask
+
+    torch.manual_seed(0)
+    block = CausalSelfAttentionBlock(16, 2, 32, dropout=0.0)
+    x = torch.randn(2, 6, 16)
+    no_padding = torch.ones(2, 6, dtype=torch.long)
+    assert_close(block(x), block(x, causal_padding_mask(no_padding)))

@@ -47,13 +47,15 @@ class CausalSelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask``: [B, 1, L, L] boolean (True = may attend); None means plain causal attention,
+        which lets SDPA pick its fused causal kernels (no padding in the batch)."""
         batch, length, _ = x.shape
         h = self.attn_norm(x)
         # heads from the local projection width, so a tensor-parallel split of q/k/v keeps working
         q, k, v = (proj(h).view(batch, length, -1, x.shape[-1] // self.num_heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
         attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=attn_mask is None
         )
         x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(batch, length, -1)))
         return x + self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)))))
