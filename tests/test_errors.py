@@ -55,6 +55,13 @@ def _fit_and_capture(case: str) -> dict[str, Any]:
     elif case == "unshardable":
         tables = model.tables
         model.tables = CustomEBC(tables=tables.embedding_bag_configs())
+    elif case == "tp_no_plan":
+        strategy_kwargs["tensor_parallel"] = 2
+    elif case == "tp_bad_pattern":
+        strategy_kwargs["tensor_parallel"] = 2
+        strategy_kwargs["tensor_parallel_plan"] = {"mlp.9": "colwise"}
+    elif case == "tp_too_big":
+        strategy_kwargs["tensor_parallel"] = 4
     elif case == "bad_id":
         data = loader(8, n=32, ranks=2, bad_id_at=3)  # sample 3 is rank 1's second sample
     start = time.monotonic()
@@ -72,6 +79,9 @@ def _fit_and_capture(case: str) -> dict[str, Any]:
         ("unknown_table", r"names tables \['t_nope'\].*Known tables"),
         ("no_room", r"could not place the embedding tables on 2 ranks"),
         ("unshardable", r"cannot shard the embedding module 'tables' of type CustomEBC"),
+        ("tp_no_plan", r"tensor_parallel=2\) needs a plan.*TinyRec.tensor_parallel_plan"),
+        ("tp_bad_pattern", r"pattern 'mlp.9' matches no module of TinyRec"),
+        ("tp_too_big", r"world size 2 is not divisible by tensor_parallel=4"),
     ],
 )
 def test_setup_errors_reach_every_rank(case: str, pattern: str) -> None:
