@@ -161,6 +161,8 @@ def load_optimizer_state_dict(module: nn.Module, optimizer: Optimizer, loaded: M
         for key, value in entry.items():
             if isinstance(value, ShardedTensor):
                 continue  # loaded in place into the optimizer's own tensor
+            if value is target.get(key):
+                continue  # DCP already loaded into the optimizer's own tensor
             if isinstance(value, torch.Tensor) and isinstance(target.get(key), torch.Tensor):
                 target[key].copy_(value)
             else:

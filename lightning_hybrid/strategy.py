@@ -166,6 +166,7 @@ class HybridStrategy(ParallelStrategy):
         self._dp_table_params: list[torch.nn.Parameter] = []
         self._grad_sync_blocked = False
         self._fused_by_table: dict[str, Any] | None = None
+        self._shard_templates: dict[str, Any] | None = None
         self._tp_applied = False
 
     # ------------------------------------------------------------------------------------------
@@ -295,9 +296,9 @@ class HybridStrategy(ParallelStrategy):
         # 3. data parallelism over the dense rest
         if fitting and self.plan.tensor_parallel > 1:
             # DDP cannot hook DTensor parameters: average the dense gradients over dp after backward
-            sharded = tuple(f"{m}." if m else "" for m in self._sharded_modules)
+            sharded = set(data_parallel.names_under(self.lightning_module, list(self._sharded_modules)))
             self._manual_dense_sync = [
-                p for n, p in self.lightning_module.named_parameters() if p.requires_grad and not n.startswith(sharded)
+                p for n, p in self.lightning_module.named_parameters() if p.requires_grad and n not in sharded
             ]
         elif fitting:
             self.model = data_parallel.wrap_dense_data_parallel(
@@ -417,6 +418,7 @@ class HybridStrategy(ParallelStrategy):
         )
         self._sharded_modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=self.root_device)
         self._fused_by_table = None
+        self._shard_templates = None
         self._sharding_plan = plan
         summary = emb.plan_summary(plan)
         self._dp_table_params = []
@@ -527,10 +529,14 @@ class HybridStrategy(ParallelStrategy):
     # ------------------------------------------------------------------------------------------
 
     def _sharded_param_templates(self) -> dict[str, Any]:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
+        """name -> ShardedTensor of each table (the sharding metadata that dense-kernel optimizer
+        state is stored with). Fixed once the tables are sharded, so computed once."""
+        if self._shard_templates is None:
+            from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-        state = self.lightning_module.state_dict()
-        return {k: v for k, v in state.items() if isinstance(v, ShardedTensor)}
+            state = self.lightning_module.state_dict()
+            self._shard_templates = {k: v for k, v in state.items() if isinstance(v, ShardedTensor)}
+        return self._shard_templates
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -542,11 +548,12 @@ class HybridStrategy(ParallelStrategy):
             optimizer = optimizer._optimizer
         return ckpt.optimizer_state_dict(self.lightning_module, optimizer, self._sharded_param_templates())
 
-    def _fused_state(self) -> dict[str, Any]:
+    def _fused_states(self) -> dict[str, dict[str, Any]]:
+        """module name ("root" for the model itself) -> fbgemm optimizer state of its fused tables."""
         return {
             fqn or "root": module.fused_optimizer.state_dict()
             for fqn, module in self._sharded_modules.items()
-            if getattr(module, "fused_optimizer", None) is not None and module.fused_optimizer.state_dict()["state"]
+            if getattr(module, "fused_optimizer", None) is not None
         }
 
     @override
@@ -563,7 +570,7 @@ class HybridStrategy(ParallelStrategy):
             "model": checkpoint.pop("state_dict"),
             # tensors go through DCP (shard-aware); hyper-parameters are plain values kept in meta
             "optimizers": {str(i): {"state": s["state"]} for i, s in enumerate(optimizer_states)},
-            "fused": self._fused_state(),
+            "fused": {name: sd for name, sd in self._fused_states().items() if sd["state"]},
         }
         checkpoint["lightning_hybrid"] = {
             "world_size": self.world_size,
@@ -599,7 +606,7 @@ class HybridStrategy(ParallelStrategy):
                     optimizer.state.pop(model.get_parameter(name), None)
                     opt_state["state"].pop(name)
                 optimizer_states[str(index)] = {"state": opt_state["state"]}
-            fused = self._fused_state_for_load(keys)
+            fused = {name: sd for name, sd in self._fused_states().items() if any(k.startswith(f"fused.{name}.") for k in keys)}
         state["optimizers"] = optimizer_states
         state["fused"] = fused
         ckpt.load(state, path)
@@ -612,17 +619,6 @@ class HybridStrategy(ParallelStrategy):
             if (fqn or "root") in fused:
                 module.fused_optimizer.load_state_dict(fused[fqn or "root"])
         return meta
-
-    def _fused_state_for_load(self, keys: set[str]) -> dict[str, Any]:
-        result = {}
-        for fqn, module in self._sharded_modules.items():
-            fused = getattr(module, "fused_optimizer", None)
-            if fused is None:
-                continue
-            name = fqn or "root"
-            if any(k.startswith(f"fused.{name}.") for k in keys):
-                result[name] = fused.state_dict()
-        return result
 
     def _fused_param_ids(self) -> set[int]:
         if self._table_choice is None:

@@ -16,7 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def _names_under(module: nn.Module, prefixes: Sequence[str]) -> list[str]:
+def names_under(module: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    """Names of the parameters and buffers of ``module`` inside the submodules ``prefixes``."""
     def inside(name: str) -> bool:
         return any(p == "" or name == p or name.startswith(f"{p}.") for p in prefixes)
 
@@ -39,7 +40,7 @@ def wrap_dense_data_parallel(
 
     Returns ``module`` itself when nothing dense is left to synchronise.
     """
-    ignored = _names_under(module, ignored_modules)
+    ignored = names_under(module, ignored_modules)
     ignored_set = set(ignored)
     dense = [p for n, p in module.named_parameters() if n not in ignored_set and p.requires_grad]
     if not dense:
@@ -69,7 +70,7 @@ def broadcast_dense_state(
     module: nn.Module, *, ignored_modules: Sequence[str], process_group: dist.ProcessGroup | None
 ) -> None:
     """Make dense parameters and buffers equal to rank 0's (what DDP's constructor does when fitting)."""
-    ignored = set(_names_under(module, ignored_modules))
+    ignored = set(names_under(module, ignored_modules))
     tensors = [_local(p.detach()) for n, p in module.named_parameters() if n not in ignored]
     tensors += [b for n, b in module.named_buffers() if n not in ignored]
     broadcast_tensors(tensors, process_group)
