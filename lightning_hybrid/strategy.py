@@ -427,11 +427,18 @@ class HybridStrategy(ParallelStrategy):
                 param = model.get_parameter(info.weight_fqn)
                 self._dp_table_params.append(param)
         if self._dp_table_params:
-            # replicated tables must start equal on every rank (DDP does this for dense weights)
-            data_parallel.broadcast_tensors([p.detach() for p in self._dp_table_params], self.device_mesh["dp"].get_group())
+            # replicated tables must start equal on every rank: the user's values were loaded back
+            # after torchrec's DDP (which broadcasts only at construction) was built
+            data_parallel.broadcast_tensors([p.detach() for p in self._dp_table_params], None)
         if self._validate_inputs:
             for fqn, module in self._sharded_modules.items():
                 emb.add_id_range_check(module, [i for i in infos if i.module_fqn == fqn])
+        if self.plan.tensor_parallel > 1:
+            # the ranks of a tp group share one batch: each looks up 1/tp of it, then they gather
+            from lightning_hybrid.parallel.replica_lookup import split_lookup_over_group
+
+            for module in self._sharded_modules.values():
+                split_lookup_over_group(module, self.device_mesh["tp"].get_group())
         rank_zero_info(
             "HybridStrategy embedding plan:\n"
             + "\n".join(
@@ -478,11 +485,11 @@ class HybridStrategy(ParallelStrategy):
     def post_backward(self, closure_loss: Tensor) -> None:
         if self._grad_sync_blocked:
             return
-        dp_group = self.device_mesh["dp"].get_group()
-        if self._dp_table_params:
-            data_parallel.average_gradients(self._dp_table_params, dp_group)
+        # (replicated "data_parallel" tables need nothing here: torchrec wraps their lookup in its
+        # own DDP over the whole world, which with tp > 1 is also what the tp-scaled slice
+        # gradients of parallel.replica_lookup need)
         if self._manual_dense_sync and self.plan.data_parallel > 1:
-            data_parallel.average_gradients(self._manual_dense_sync, dp_group)
+            data_parallel.average_gradients(self._manual_dense_sync, self.device_mesh["dp"].get_group())
 
     @contextmanager
     @override

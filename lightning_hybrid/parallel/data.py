@@ -3,7 +3,7 @@
 DDP replicates and all-reduces what is dense; the sharded embedding modules must be hidden from
 it: their parameters are not replicated (each rank holds different rows or tables) and torchrec's
 table slices are not autograd leaves, which DDP cannot hook. Replicated (data_parallel) tables
-are slices too, so their gradients are averaged here explicitly after backward.
+are synchronised by torchrec itself (it wraps their lookup in a DDP of its own, over the world).
 """
 
 from __future__ import annotations
