@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Generator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +59,7 @@ from lightning_hybrid.plan import AxisSize, ParallelPlan
 log = logging.getLogger(__name__)
 
 KernelName = Literal["fused", "dense"]
+DenseParallelName = Literal["ddp", "fsdp"]
 
 
 class HybridStrategy(ParallelStrategy):
@@ -76,6 +77,12 @@ class HybridStrategy(ParallelStrategy):
         tensor_parallel_plan: module-name pattern -> ``"colwise"``/``"rowwise"`` (see
             `lightning_hybrid.parallel.tensor`); default: the LightningModule's
             ``tensor_parallel_plan()`` method.
+        dense_parallel: how the dense parameters are data-parallel over ``dp``: ``"ddp"``
+            (replicated, gradients all-reduced; the fastest while they fit) or ``"fsdp"`` (FSDP2:
+            weights, gradients and optimizer state sharded over ``dp`` and gathered one block at a
+            time; composes with ``tensor_parallel``). See `lightning_hybrid.parallel.data`.
+        reshard_after_forward: with ``dense_parallel="fsdp"``, free each block's gathered weights
+            after its forward (less memory, one more all-gather in backward).
         shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
         embedding_sharding: table name -> forced sharding type (``"table_wise"``, ``"row_wise"``,
             ``"column_wise"``, ``"data_parallel"``, ``"table_row_wise"``, ``"table_column_wise"``).
@@ -109,6 +116,8 @@ class HybridStrategy(ParallelStrategy):
         data_parallel: AxisSize = "auto",
         tensor_parallel: AxisSize = 1,
         tensor_parallel_plan: dict[str, str] | None = None,
+        dense_parallel: DenseParallelName = "ddp",
+        reshard_after_forward: bool = True,
         shard_embeddings: bool = True,
         embedding_sharding: dict[str, str] | None = None,
         embedding_kernels: dict[str, KernelName] | None = None,
@@ -137,6 +146,10 @@ class HybridStrategy(ParallelStrategy):
         self._data_parallel = data_parallel
         self._tensor_parallel = tensor_parallel
         self._tensor_parallel_plan = tensor_parallel_plan
+        if dense_parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"HybridStrategy(dense_parallel={dense_parallel!r}): use 'ddp' or 'fsdp'.")
+        self._dense_parallel = dense_parallel
+        self._reshard_after_forward = reshard_after_forward
         self._manual_dense_sync: list[torch.nn.Parameter] = []
         self._shard_embeddings = shard_embeddings
         self._sharding_spec = emb.EmbeddingShardingSpec(
@@ -168,6 +181,7 @@ class HybridStrategy(ParallelStrategy):
         self._fused_by_table: dict[str, Any] | None = None
         self._shard_templates: dict[str, Any] | None = None
         self._tp_applied = False
+        self._loss_parallel = False
 
     # ------------------------------------------------------------------------------------------
     # Layout
@@ -294,7 +308,15 @@ class HybridStrategy(ParallelStrategy):
             self._shard_embedding_tables(trainer, fitting=fitting)
 
         # 3. data parallelism over the dense rest
-        if fitting and self.plan.tensor_parallel > 1:
+        if fitting and self._dense_parallel == "fsdp":
+            if not self._is_fsdp():
+                data_parallel.shard_dense_fully(
+                    self.lightning_module,
+                    ignored_modules=list(self._sharded_modules),
+                    dp_mesh=self.device_mesh["dp"],
+                    reshard_after_forward=self._reshard_after_forward,
+                )
+        elif fitting and self.plan.tensor_parallel > 1:
             # DDP cannot hook DTensor parameters: average the dense gradients over dp after backward
             sharded = set(data_parallel.names_under(self.lightning_module, list(self._sharded_modules)))
             self._manual_dense_sync = [
@@ -308,7 +330,7 @@ class HybridStrategy(ParallelStrategy):
                 device=self.root_device,
                 **self._ddp_kwargs,
             )
-        else:
+        elif not self._is_fsdp():  # (an FSDP-sharded model's shards differ by design)
             data_parallel.broadcast_dense_state(
                 self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=self.device_mesh["dp"].get_group()
             )
@@ -318,6 +340,12 @@ class HybridStrategy(ParallelStrategy):
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None and self.world_size > 1:
+            # shards overflow on one rank only: every rank must skip the same steps
+            from lightning_hybrid.parallel.amp import synchronize_found_inf
+
+            synchronize_found_inf(scaler)
         if fitting:
             from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
@@ -339,19 +367,18 @@ class HybridStrategy(ParallelStrategy):
                 "updates them inside backward). Set HybridStrategy(embedding_kernels={table: 'dense'}) for tables "
                 "that must be clipped."
             )
-        if not sharded_ids and self.plan.tensor_parallel == 1:
+        if not sharded_ids and self.plan.tensor_parallel == 1 and self._dense_parallel == "ddp":
             return
         plugin = self.precision_plugin
-        tp_group = self.device_mesh["tp"].get_group() if self.plan.tensor_parallel > 1 else None
 
         def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
-            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val), tp_group=tp_group)
+            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val))
 
         # The precision plugin owns clipping in Lightning; only its norm computation must change.
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
 
     def _apply_tensor_parallel(self, trainer: Any) -> None:
-        from lightning_hybrid.parallel.tensor import apply_tensor_parallel
+        from lightning_hybrid.parallel.tensor import apply_tensor_parallel, uses_loss_parallel
 
         model = self.lightning_module
         plan = self._tensor_parallel_plan
@@ -366,6 +393,7 @@ class HybridStrategy(ParallelStrategy):
             plan = make_plan()
         apply_tensor_parallel(model, self.device_mesh["tp"], plan)
         self._tp_applied = True
+        self._loss_parallel = uses_loss_parallel(plan)
 
     def _shard_embedding_tables(self, trainer: Any, *, fitting: bool) -> None:
         from torchrec.distributed.types import ShardingEnv
@@ -472,6 +500,18 @@ class HybridStrategy(ParallelStrategy):
     # Backward
     # ------------------------------------------------------------------------------------------
 
+    def _is_fsdp(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.lightning_module, FSDPModule)
+
+    def _through_fsdp_root(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
+        # FSDP2 gathers the root's own weights in the root's forward hooks, and Lightning calls
+        # training_step, not forward: route the step through the module's __call__ (Lightning's
+        # forward redirection, with the LightningModule as its own wrapper).
+        with context:
+            return self._forward_redirection(self.lightning_module, self.lightning_module, method, *args, **kwargs)
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._table_choice is not None and self._table_choice.fused:
@@ -479,7 +519,41 @@ class HybridStrategy(ParallelStrategy):
             emb_optim.sync_fused_learning_rates(
                 self._fused_optimizers_by_table(), self._table_choice, self._unwrapped_optimizers()
             )
-        return super().training_step(*args, **kwargs)
+        with self._loss_parallel_context():
+            if self._is_fsdp():
+                return self._through_fsdp_root("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
+            return super().training_step(*args, **kwargs)
+
+    def _loss_parallel_context(self) -> Any:
+        # vocab-parallel logits: torch's cross-entropy on DTensor shards, in forward and backward
+        if not self._loss_parallel:
+            return nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        with self._loss_parallel_context():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_fsdp():
+            return self._through_fsdp_root("validation_step", self.precision_plugin.val_step_context(), *args, **kwargs)
+        return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_fsdp():
+            return self._through_fsdp_root("test_step", self.precision_plugin.test_step_context(), *args, **kwargs)
+        return super().test_step(*args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_fsdp():
+            return self._through_fsdp_root("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
+        return super().predict_step(*args, **kwargs)
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
@@ -495,13 +569,19 @@ class HybridStrategy(ParallelStrategy):
     @override
     def block_backward_sync(self) -> Generator[None, None, None]:
         self._grad_sync_blocked = True
+        fsdp = self._is_fsdp()
         try:
             if isinstance(self.model, DistributedDataParallel):
                 with self.model.no_sync():
                     yield None
+            elif fsdp:
+                self.lightning_module.set_requires_gradient_sync(False)  # type: ignore[operator]
+                yield None
             else:
                 yield None
         finally:
+            if fsdp:
+                self.lightning_module.set_requires_gradient_sync(True)  # type: ignore[operator]
             self._grad_sync_blocked = False
 
     # ------------------------------------------------------------------------------------------

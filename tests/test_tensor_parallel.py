@@ -49,10 +49,12 @@ def _loss(kind: str, model: nn.Module) -> torch.Tensor:
     return model(FEATURES).pow(2).mean()
 
 
-def _run(kind: str, tp: bool) -> dict[str, Any]:
+def _run(kind: str, tp: bool, sequence_parallel: bool = False) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     model = _sasrec() if kind == "sasrec" else EncoderModel()
+    lengths: list[int] = []
     if kind == "sasrec":
+        model.blocks[1].mlp_norm.register_forward_hook(lambda _m, _a, out: lengths.append(_local(out).shape[1]))
         model.log = lambda *a, **k: None  # type: ignore[method-assign]  # no Trainer here
     if tp:
         from torch.distributed.device_mesh import init_device_mesh
@@ -60,7 +62,7 @@ def _run(kind: str, tp: bool) -> dict[str, Any]:
         from lightning_hybrid.parallel.tensor import apply_tensor_parallel, reference_plan
 
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-        plan = reference_plan() if kind == "sasrec" else {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"}
+        plan = reference_plan(sequence_parallel=sequence_parallel, num_blocks=2) if kind == "sasrec" else {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"}
         apply_tensor_parallel(model, mesh["tp"], plan)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
@@ -73,7 +75,11 @@ def _run(kind: str, tp: bool) -> dict[str, Any]:
             first_grads = {n: _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
         losses.append(float(loss))
-    return {"losses": losses, "grads": first_grads, "params": {n: _full(p.detach()) for n, p in model.named_parameters()}}
+    return {"losses": losses, "grads": first_grads, "params": {n: _full(p.detach()) for n, p in model.named_parameters()}, "lengths": lengths}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -82,11 +88,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).clone()
 
 
-@pytest.mark.parametrize("kind", ["sasrec", "encoder_layer_user_plan"])
+@pytest.mark.parametrize("kind", ["sasrec", "sasrec_sequence_parallel", "encoder_layer_user_plan"])
 def test_tp2_matches_single_process(kind: str) -> None:
-    name = "sasrec" if kind == "sasrec" else "encoder"
+    name = "encoder" if kind.startswith("encoder") else "sasrec"
+    sequence_parallel = kind == "sasrec_sequence_parallel"
     reference = _run(name, tp=False)
-    for result in run_distributed(_run, 2, name, True, timeout_s=120):
+    for result in run_distributed(_run, 2, name, True, sequence_parallel, timeout_s=120):
+        if name == "sasrec":  # inside the stack the residual stream is split along the sequence, or not
+            assert set(result["lengths"]) == {4 if sequence_parallel else 8}
         assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
         assert set(result["grads"]) == set(reference["grads"])
         for key, grad in reference["grads"].items():
@@ -103,6 +112,14 @@ def _bad(case: str) -> str:
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     if case == "pattern":
         model, plan = EncoderModel(), {"layers.*.fc1": "colwise"}
+    elif case == "sequence":
+        model = _sasrec()
+        apply_tensor_parallel(model, mesh["tp"], reference_plan(sequence_parallel=True, num_blocks=2))
+        try:
+            model.encode(ITEMS[:, 1:])  # length 7 over tp=2
+        except ValueError as err:
+            return str(err)
+        return "no error"
     else:
         from lightning_hybrid.models.sasrec import SASRec
 
@@ -117,6 +134,8 @@ def _bad(case: str) -> str:
 def test_plan_errors_are_clear_on_every_rank() -> None:
     for message in run_distributed(_bad, 2, "pattern", timeout_s=60):
         assert "pattern 'layers.*.fc1' matches no module of EncoderModel" in message
+    for message in run_distributed(_bad, 2, "sequence", timeout_s=60):
+        assert "needs the sequence length (7) to be divisible by 2" in message
     for message in run_distributed(_bad, 2, "heads", timeout_s=60):
         assert "number of heads of blocks.0 (3) to be divisible by 2" in message
 
@@ -167,7 +186,9 @@ def _recording_classes() -> tuple[type, type]:
     return RecordingSASRec, SGDRecordingSASRec
 
 
-def _fit_sasrec(tensor_parallel: int, devices: int | None = None, clip: float = 0.0) -> dict[str, Any]:
+def _fit_sasrec(
+    tensor_parallel: int, devices: int | None = None, clip: float = 0.0, dense: str = "ddp", options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import os
 
     warnings.simplefilter("ignore")
@@ -178,39 +199,57 @@ def _fit_sasrec(tensor_parallel: int, devices: int | None = None, clip: float = 
 
     _, SGDRecordingSASRec = _recording_classes()
     torch.manual_seed(0)
-    model = SGDRecordingSASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0)
-    if tensor_parallel > 1:
+    model = SGDRecordingSASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0, **(options or {}))
+    if (devices or tensor_parallel) > 1:
         from lightning_hybrid import HybridStrategy
 
         trainer = quiet_trainer(
-            strategy=HybridStrategy(tensor_parallel=tensor_parallel), devices=devices or tensor_parallel, max_epochs=3,
+            strategy=HybridStrategy(tensor_parallel=tensor_parallel, dense_parallel=dense), devices=devices or tensor_parallel, max_epochs=3,
             limit_val_batches=0, gradient_clip_val=clip or None,
         )
     else:
         trainer = quiet_trainer(devices=1, max_epochs=3, limit_val_batches=0, gradient_clip_val=clip or None)
     trainer.fit(model, datamodule=SequenceDataModule(**TP_DATA))
-    state = full_state_dict(model) if tensor_parallel > 1 else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = full_state_dict(model) if (devices or tensor_parallel) > 1 else {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {"losses": model.recorded, "state": state, "step": trainer.global_step}
 
 
-@pytest.mark.parametrize(("devices", "clip"), [(2, 0.0), (4, 0.0), (2, 0.05)], ids=["tp2", "dp2xtp2", "tp2-clipped"])
-def test_trainer_tensor_parallel_with_sharded_table_matches_single_process(devices: int, clip: float) -> None:
+SP_VOCAB = {"sequence_parallel": True, "tensor_parallel_output": "vocab_parallel"}
+
+
+@pytest.mark.parametrize(
+    ("devices", "tp", "clip", "dense", "options"),
+    [
+        (2, 2, 0.0, "ddp", {}),
+        (4, 2, 0.0, "ddp", {}),
+        (2, 2, 0.05, "ddp", {}),
+        (2, 1, 0.05, "fsdp", {}),
+        (4, 2, 0.05, "fsdp", SP_VOCAB),
+        (2, 2, 0.0, "ddp", SP_VOCAB),
+        (2, 2, 0.0, "ddp", {"tensor_parallel_output": "gathered"}),
+    ],
+    ids=["tp2", "dp2xtp2", "tp2-clipped", "fsdp-dp2-clipped", "fsdp-dp2xtp2-sp-vocab-clipped", "tp2-sp-vocab", "tp2-gathered-output"],
+)
+def test_trainer_tensor_parallel_with_sharded_table_matches_single_process(
+    devices: int, tp: int, clip: float, dense: str, options: dict[str, Any]
+) -> None:
     reference = _fit_sasrec(1, clip=clip)
-    ranks = run_distributed(_fit_sasrec, devices, 2, devices, clip, init_process_group=False, timeout_s=240)
+    ranks = run_distributed(_fit_sasrec, devices, tp, devices, clip, dense, options, init_process_group=False, timeout_s=240)
     assert reference["step"] == 3 and len(reference["losses"]) == 3
-    if devices == 2:  # both tp ranks hold the replicated loss of the whole batch
-        for result in ranks:
-            assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
-    else:  # ranks (0, 1) and (2, 3) are the two dp replicas: their mean is the global loss
-        mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[2]["losses"], strict=True)]
-        assert_close(torch.tensor(mean), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    # the ranks of one tp group hold the replicated loss of their replica's batch; ranks 0, tp, ...
+    # are the dp replicas, and the mean of their losses is the global loss
+    for result in ranks[:tp]:
+        assert_close(torch.tensor(result["losses"]), torch.tensor(ranks[0]["losses"]))
+    replicas = [r["losses"] for r in ranks[::tp]]
+    mean = [sum(step) / len(step) for step in zip(*replicas, strict=True)]
+    assert_close(torch.tensor(mean), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
     state = ranks[0]["state"]
     assert set(state) == set(reference["state"])
     for key, value in reference["state"].items():
         assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def _resume_tp(tmp: str, tensor_parallel: int) -> dict[str, Any]:
+def _resume_tp(tmp: str, tensor_parallel: int, dense: str = "ddp") -> dict[str, Any]:
     import os
 
     warnings.simplefilter("ignore")
@@ -228,7 +267,7 @@ def _resume_tp(tmp: str, tensor_parallel: int) -> dict[str, Any]:
         model = RecordingSASRec(num_items=30, max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=0.0)
         data = SequenceDataModule(**{**TP_DATA, "batch_size": 8})
         trainer = quiet_trainer(
-            strategy=HybridStrategy(tensor_parallel=tensor_parallel), devices=2, max_epochs=epochs, limit_val_batches=0,
+            strategy=HybridStrategy(tensor_parallel=tensor_parallel, dense_parallel=dense), devices=2, max_epochs=epochs, limit_val_batches=0,
             callbacks=callbacks, enable_checkpointing=bool(callbacks),
         )
         trainer.fit(model, datamodule=data, ckpt_path=ckpt)
@@ -240,10 +279,10 @@ def _resume_tp(tmp: str, tensor_parallel: int) -> dict[str, Any]:
     return {"uninterrupted": uninterrupted, "resumed": resumed}
 
 
-@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["dp2", "tp2"])
-def test_recommender_checkpoint_resume_is_exact(tmp_path: Any, tensor_parallel: int) -> None:
-    """DTensor blocks, a fused EmbeddingCollection table, and a GroupedOptimizer (Adam + Adagrad)."""
-    for result in run_distributed(_resume_tp, 2, str(tmp_path), tensor_parallel, init_process_group=False, timeout_s=180):
+@pytest.mark.parametrize(("tensor_parallel", "dense"), [(1, "ddp"), (2, "ddp"), (1, "fsdp")], ids=["dp2", "tp2", "fsdp-dp2"])
+def test_recommender_checkpoint_resume_is_exact(tmp_path: Any, tensor_parallel: int, dense: str) -> None:
+    """DTensor blocks (TP or FSDP shards), a fused EmbeddingCollection table, and a GroupedOptimizer (Adam + Adagrad)."""
+    for result in run_distributed(_resume_tp, 2, str(tmp_path), tensor_parallel, dense, init_process_group=False, timeout_s=180):
         half = len(result["uninterrupted"]) // 2
         assert len(result["resumed"]) == half > 0
         assert_close(torch.tensor(result["resumed"]), torch.tensor(result["uninterrupted"][half:]), rtol=1e-6, atol=1e-7)
@@ -289,7 +328,7 @@ def _make_encoder_recommender() -> Any:
     return Model()
 
 
-def _fit_encoder(devices: int) -> dict[str, Any]:
+def _fit_encoder(devices: int, dense: str = "ddp", accumulate: int = 1) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.checkpoint import full_state_dict
@@ -297,15 +336,16 @@ def _fit_encoder(devices: int) -> dict[str, Any]:
 
     model = _make_encoder_recommender()
     if devices == 1:
-        trainer = quiet_trainer(devices=1, max_steps=3)
-        trainer.fit(model, train_dataloaders=loader(16, n=48))
+        trainer = quiet_trainer(devices=1, max_steps=3, accumulate_grad_batches=accumulate)
+        trainer.fit(model, train_dataloaders=loader(16 // accumulate, n=48))
         return {"losses": model.losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     strategy = HybridStrategy(
         tensor_parallel=2,
         tensor_parallel_plan={"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"},
+        dense_parallel=dense,
         embedding_sharding={"users": "row_wise", "movies": "table_wise", "cats": "data_parallel"},
     )
-    trainer = quiet_trainer(strategy=strategy, devices=4, max_steps=3)
+    trainer = quiet_trainer(strategy=strategy, devices=4, max_steps=3, accumulate_grad_batches=accumulate)
     # dp rank r of 2 gets samples r, r+2, ...: the union of both replicas' batches is the global batch
     import os
 
@@ -316,13 +356,14 @@ def _fit_encoder(devices: int) -> dict[str, Any]:
 
     data = TinyClicks(48)
     sampler = DistributedSampler(data, num_replicas=2, rank=dp_rank, shuffle=False)
-    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=8, sampler=sampler, collate_fn=collate))
+    trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=8 // accumulate, sampler=sampler, collate_fn=collate))
     return {"losses": model.losses, "state": full_state_dict(model)}
 
 
-def test_user_plan_on_encoder_layers_with_sharded_tables_dp2_tp2() -> None:
-    reference = _fit_encoder(1)
-    ranks = run_distributed(_fit_encoder, 4, 4, init_process_group=False, timeout_s=240)
+@pytest.mark.parametrize(("dense", "accumulate"), [("ddp", 1), ("fsdp", 2)], ids=["ddp", "fsdp-accumulate2"])
+def test_user_plan_on_encoder_layers_with_sharded_tables_dp2_tp2(dense: str, accumulate: int) -> None:
+    reference = _fit_encoder(1, dense, accumulate)
+    ranks = run_distributed(_fit_encoder, 4, 4, dense, accumulate, init_process_group=False, timeout_s=240)
     mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[2]["losses"], strict=True)]
     assert_close(torch.tensor(mean), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
     for key, value in reference["state"].items():
@@ -355,3 +396,42 @@ def test_bf16_mixed_precision_with_tensor_parallelism_tracks_fp32() -> None:
         # autocast runs the matmuls in bf16 (8 bits of mantissa): close to, not equal to, fp32
         assert_close(torch.tensor(result["bf16-mixed"]), torch.tensor(result["32-true"]), rtol=2e-2, atol=0)
         assert result["bf16-mixed"] != result["32-true"]  # bf16 really ran
+
+
+def _clip_norm_2d() -> tuple[float, float]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_hybrid.parallel.clip import clip_grad_norm_across_shards
+    from lightning_hybrid.parallel.tensor import apply_tensor_parallel
+
+    warnings.simplefilter("ignore")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 3))
+    apply_tensor_parallel(model, mesh["tp"], {"0": "colwise", "1": "rowwise"})
+    fully_shard(model, mesh=mesh["dp"])  # 2-D: (dp strided shard, tp shard), (dp, tp), (dp,) placements
+    model(torch.randn(6, 4)).pow(2).sum().backward()
+    full = torch.stack([p.grad.full_tensor().norm() for p in model.parameters()]).norm()
+    return float(clip_grad_norm_across_shards(list(model.parameters()), set(), 1e9)), float(full)
+
+
+def test_clip_norm_counts_fsdp_and_tp_shards_once() -> None:
+    for got, expected in run_distributed(_clip_norm_2d, 4, timeout_s=60):
+        assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_tensor_parallel_option_errors() -> None:
+    from lightning_hybrid.models.sasrec import SASRec
+    from lightning_hybrid.parallel.tensor import reference_plan, resolve_plan
+
+    with pytest.raises(ValueError, match="splits the output layer, which the sampled loss reads row by row"):
+        SASRec(num_items=10, loss="sampled", tensor_parallel_output="vocab_parallel")
+    with pytest.raises(ValueError, match="tensor_parallel_output='sideways'"):
+        SASRec(num_items=10, tensor_parallel_output="sideways")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs num_blocks"):
+        reference_plan(sequence_parallel=True)
+    with pytest.raises(ValueError, match="'blocks.0.q' is a Linear; 'sequence_parallel' applies to LayerNorm / RMSNorm / Dropout"):
+        resolve_plan(_sasrec(), {"blocks.0.q": "sequence_parallel"})
+    with pytest.raises(ValueError, match="matched by more than one pattern"):
+        resolve_plan(_sasrec(), {"blocks.*.q": "colwise", "blocks.0.q": "colwise"})

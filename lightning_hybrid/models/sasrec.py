@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
@@ -50,10 +51,12 @@ class CausalSelfAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``attn_mask``: [B, 1, L, L] boolean (True = may attend); None means plain causal attention,
         which lets SDPA pick its fused causal kernels (no padding in the batch)."""
-        batch, length, _ = x.shape
         h = self.attn_norm(x)
-        # heads from the local projection width, so a tensor-parallel split of q/k/v keeps working
-        q, k, v = (proj(h).view(batch, length, -1, x.shape[-1] // self.num_heads).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        # heads from the local projection width and the length from the projections, so a
+        # tensor-parallel split of q/k/v (and a sequence-parallel shard of x) keeps working
+        projected = [proj(h) for proj in (self.q, self.k, self.v)]
+        batch, length = projected[0].shape[:2]
+        q, k, v = (t.view(batch, length, -1, x.shape[-1] // self.num_heads).transpose(1, 2) for t in projected)
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=attn_mask is None
         )
@@ -127,6 +130,12 @@ class SASRec(pl.LightningModule):
         exclude_seen: remove the user's history from the ranking in validation/test (off: the
             "full ranking" convention; both appear in published results).
         top_k: recommendations per user in ``predict``.
+        tensor_parallel_output: what `tensor_parallel_plan` does with the output (scoring) layer
+            under tensor parallelism: ``"replicated"`` (not split), ``"gathered"`` (weight split,
+            logits all-gathered) or ``"vocab_parallel"`` (weight and logits split over the items;
+            the full-softmax loss runs under torch's ``loss_parallel``; needs ``loss="full"``).
+        sequence_parallel: shard the residual stream between the transformer blocks along the
+            sequence under tensor parallelism (``max_len`` divisible by tp).
     """
 
     def __init__(
@@ -152,12 +161,23 @@ class SASRec(pl.LightningModule):
         eval_ks: list[int] | None = None,
         exclude_seen: bool = False,
         top_k: int = 10,
+        tensor_parallel_output: Literal["replicated", "gathered", "vocab_parallel"] = "replicated",
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
             raise ValueError(f"SASRec: num_items={num_items}, max_len={max_len}, d_model={d_model}, num_blocks={num_blocks} must be >= 1.")
         if loss not in ("full", "sampled"):
             raise ValueError(f"SASRec(loss={loss!r}): use 'full' or 'sampled'.")
+        if tensor_parallel_output not in ("replicated", "gathered", "vocab_parallel"):
+            raise ValueError(
+                f"SASRec(tensor_parallel_output={tensor_parallel_output!r}): use 'replicated', 'gathered' or 'vocab_parallel'."
+            )
+        if tensor_parallel_output != "replicated" and loss != "full":
+            raise ValueError(
+                f"SASRec(tensor_parallel_output={tensor_parallel_output!r}) splits the output layer, which the sampled "
+                f"loss reads row by row; use loss='full' or tensor_parallel_output='replicated'."
+            )
         self.save_hyperparameters()
         self.max_len = max_len
         self.position = nn.Embedding(max_len, d_model)
@@ -189,6 +209,9 @@ class SASRec(pl.LightningModule):
         # the sharded input table so full-softmax scoring needs no gather of the table.
         self.output = nn.Linear(d_model, num_items + 1, bias=False)
         nn.init.normal_(self.output.weight, std=d_model**-0.5)
+        mask = torch.zeros(num_items + 1)
+        mask[0] = float("-inf")
+        self.register_buffer("padding_score_mask", mask, persistent=False)
         probs = torch.full((num_items + 1,), 1.0 / num_items)
         probs[0] = 0.0
         self.register_buffer("sampling_probs", probs, persistent=False)
@@ -301,9 +324,12 @@ class SASRec(pl.LightningModule):
         """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
         from lightning_hybrid.parallel.tensor import reference_plan
 
-        plan = reference_plan("blocks")
-        if self.hparams.text_tower:
+        hp = self.hparams
+        plan = reference_plan("blocks", sequence_parallel=hp.sequence_parallel, num_blocks=hp.num_blocks)
+        if hp.text_tower:
             plan.update(reference_plan("text_encoder"))
+        if hp.tensor_parallel_output != "replicated":
+            plan["output"] = {"gathered": "colwise_gathered", "vocab_parallel": "vocab_parallel"}[hp.tensor_parallel_output]
         return plan
 
     def _encode_text(self, items: torch.Tensor) -> torch.Tensor:
@@ -326,6 +352,8 @@ class SASRec(pl.LightningModule):
     def forward(self, items: torch.Tensor, user: torch.Tensor | None = None, time: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item as the next one after each user's sequence: [B, num_items + 1]."""
         scores = self.output(self.encode(items, user, time)[:, -1])
+        if isinstance(scores, DTensor):  # vocab-parallel output: ranking needs every item's score
+            scores = scores.full_tensor()
         scores[:, 0] = float("-inf")
         return scores
 
@@ -345,8 +373,12 @@ class SASRec(pl.LightningModule):
         h, positives = hidden[valid], target[valid]
         if self.hparams.loss == "full":
             logits = self.output(h)
-            logits[:, 0] = float("-inf")
-            loss = F.cross_entropy(logits, positives)
+            # item 0 (padding) is never a candidate; an added mask rather than an in-place write,
+            # which also works on vocabulary-split (DTensor) logits
+            mask = self.padding_score_mask
+            if isinstance(logits, DTensor):
+                mask = DTensor.from_local(mask, logits.device_mesh, [Replicate()], run_check=False)
+            loss = F.cross_entropy(logits + mask, positives)
         else:
             loss = sampled_softmax_loss(
                 h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs

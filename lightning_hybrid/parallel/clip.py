@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 
 def clip_grad_norm_across_shards(
@@ -19,7 +20,6 @@ def clip_grad_norm_across_shards(
     max_norm: float,
     *,
     group: dist.ProcessGroup | None = None,
-    tp_group: dist.ProcessGroup | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Scale all gradients so their global L2 norm is at most ``max_norm``; return that norm.
@@ -28,8 +28,9 @@ def clip_grad_norm_across_shards(
         parameters: every parameter the optimizer steps (replicated and sharded).
         sharded_ids: ``id()`` of the parameters whose gradient is this rank's shard of a table.
         group: the ranks over which the table shards are spread.
-        tp_group: the tensor-parallel group, over which DTensor gradients with a ``Shard``
-            placement are split (their ``Replicate`` ones count once).
+
+    DTensor gradients (tensor parallelism, FSDP2) count once per shard: their squares are summed
+    over the mesh dimensions on which they are ``Shard``-placed (``Replicate`` ones count once).
     """
     params = [p for p in parameters if p.grad is not None]
     if not params:
@@ -37,21 +38,29 @@ def clip_grad_norm_across_shards(
     device = _local(params[0].grad).device
     replicated_sq = torch.zeros((), device=device, dtype=torch.float64)
     table_sq = torch.zeros((), device=device, dtype=torch.float64)
-    tp_sq = torch.zeros((), device=device, dtype=torch.float64)
+    # (mesh, sharded mesh dims) -> sum of squares of the local shards placed that way
+    split_sq: dict[tuple[int, tuple[int, ...]], tuple[DeviceMesh, torch.Tensor]] = {}
     for p in params:
         grad = p.grad
         sq = _local(grad).detach().double().pow(2).sum()
+        dims = _shard_dims(grad)
         if id(p) in sharded_ids:
             table_sq += sq
-        elif _is_split(grad):
-            tp_sq += sq
+        elif dims:
+            key = (id(grad.device_mesh), dims)
+            mesh, acc = split_sq.get(key, (grad.device_mesh, torch.zeros_like(sq)))
+            split_sq[key] = (mesh, acc + sq)
         else:
             replicated_sq += sq
+    total_sq = replicated_sq + table_sq
     if dist.is_initialized():
         dist.all_reduce(table_sq, group=group)
-        if tp_group is not None:
-            dist.all_reduce(tp_sq, group=tp_group)
-    total = (replicated_sq + table_sq + tp_sq).sqrt()
+        total_sq = replicated_sq + table_sq
+        for (_mesh_id, dims), (mesh, acc) in split_sq.items():
+            for dim in dims:  # summing over each sharded dim in turn sums over their product
+                dist.all_reduce(acc, group=mesh.get_group(dim))
+            total_sq = total_sq + acc
+    total = total_sq.sqrt()
     coef = max_norm / (float(total) + eps)
     if coef < 1.0:
         for p in params:
@@ -63,6 +72,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _is_split(tensor: torch.Tensor) -> bool:
+def _shard_dims(tensor: torch.Tensor) -> tuple[int, ...]:
     placements = getattr(tensor, "placements", None)
-    return placements is not None and any(p.is_shard() for p in placements)
+    if placements is None:
+        return ()
+    # (FSDP over a tp-sharded dim places the dp split as a _StridedShard, whose is_shard() is False)
+    return tuple(i for i, p in enumerate(placements) if p.is_shard() or type(p).__name__ == "_StridedShard")

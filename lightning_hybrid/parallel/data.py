@@ -1,5 +1,9 @@
 """Data parallelism for the dense part of a model whose embedding tables are sharded.
 
+Two ways, chosen with ``HybridStrategy(dense_parallel=...)``: DDP (replicated weights, gradients
+all-reduced; fastest while the dense model fits) or FSDP2 (weights, gradients and optimizer state
+sharded over ``dp``, gathered block by block; for dense models that do not fit replicated).
+
 DDP replicates and all-reduces what is dense; the sharded embedding modules must be hidden from
 it: their parameters are not replicated (each rank holds different rows or tables) and torchrec's
 table slices are not autograd leaves, which DDP cannot hook. Replicated (data_parallel) tables
@@ -13,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -95,3 +100,35 @@ def average_gradients(params: Sequence[torch.Tensor], process_group: dist.Proces
         n = g.numel()
         g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
+
+
+def shard_dense_fully(
+    module: nn.Module,
+    *,
+    ignored_modules: Sequence[str],
+    dp_mesh: DeviceMesh,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2 (``fully_shard``) over ``dp_mesh`` for the dense part of ``module``, in place.
+
+    Every ``nn.ModuleList`` element outside ``ignored_modules`` (transformer blocks, MLP layers)
+    becomes its own FSDP unit, so only one block's full weights exist at a time; the root gets
+    the rest. Sharded embedding modules are left out (``ignored_params``): torchrec owns them.
+    Tensor-parallel DTensor weights (on the ``tp`` axis of the same mesh) are sharded further
+    over ``dp`` (2-D FSDP + TP). Returns ``module`` (its class now also an ``FSDPModule``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    ignored_names = set(names_under(module, ignored_modules))
+    ignored = {p for n, p in module.named_parameters() if n in ignored_names}
+    prefixes = tuple(f"{p}." for p in ignored_modules if p)
+    if "" in ignored_modules:
+        return module  # the whole module is an embedding module: nothing dense to shard
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.ModuleList) or name.startswith(prefixes) or name in ignored_modules:
+            continue
+        for block in sub:
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    return module

@@ -12,6 +12,21 @@ width); the row-wise layer after them all-reduces, so every block's input and ou
 replicated on the ``tp`` axis and the rest of the model (norms, embeddings, loss) is unchanged.
 `reference_plan` is the plan of `lightning_hybrid.models.sasrec.CausalSelfAttentionBlock` stacks.
 A plan may also be a callable ``plan(module, tp_mesh)`` that parallelises the module itself.
+
+Style names (`STYLE_NAMES`):
+
+- ``"colwise"`` / ``"rowwise"``: the pair above (Megatron-style split of attention and MLP).
+- Loss-side projection (the output layer over the item vocabulary), two ways:
+  ``"colwise_gathered"`` splits the weight and all-gathers the logits (any loss code works, the
+  logits are whole on every rank); ``"vocab_parallel"`` keeps the logits split over the vocabulary
+  as a DTensor and `HybridStrategy` runs forward and backward under torch's ``loss_parallel()``,
+  so ``F.cross_entropy`` never materialises the full logits (the memory win for large catalogs).
+- Sequence parallelism (optional): ``"sequence_split_input"`` on the first block of a stack and
+  ``"sequence_gather_output"`` on its last make the residual stream between them sharded along the
+  sequence; ``"sequence_parallel"`` runs norms on those shards; ``"colwise_sp"`` all-gathers the
+  sequence before a column-wise layer, ``"rowwise_sp"`` reduce-scatters after a row-wise one (the
+  all-reduce of plain TP becomes an all-gather + a reduce-scatter, same bytes, 1/tp of the norm and
+  residual activations per rank). The sequence length must be divisible by tp.
 """
 
 from __future__ import annotations
@@ -20,34 +35,108 @@ import fnmatch
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
+    SequenceParallel,
     parallelize_module,
 )
 
 StyleName = str
 Plan = Mapping[str, ParallelStyle | StyleName] | Callable[[nn.Module, DeviceMesh], Any]
 
-_STYLES: dict[str, Callable[[], ParallelStyle]] = {
-    "colwise": ColwiseParallel,
-    "rowwise": RowwiseParallel,
+
+class _SequenceBoundary(ParallelStyle):
+    """Re-lay the first positional input (``split``) or the output (``gather``) of a module on dim 1.
+
+    Split: replicated -> this rank's sequence shard (backward all-gathers the gradient, so the
+    replicated layers before it get the whole gradient). Gather: shards -> the whole sequence
+    (backward keeps this rank's slice of the replicated gradient).
+    """
+
+    def __init__(self, *, split: bool) -> None:
+        super().__init__()
+        self.split = split
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def relayout(x: torch.Tensor, src: Any, dst: Any) -> torch.Tensor:
+            if x.shape[1] % device_mesh.size() != 0 and self.split:
+                raise ValueError(
+                    f"Sequence parallelism over tp={device_mesh.size()} needs the sequence length ({x.shape[1]}) to be "
+                    f"divisible by {device_mesh.size()}. Pad the sequences or drop the sequence-parallel styles."
+                )
+            return DTensor.from_local(x, device_mesh, [src], run_check=False).redistribute(device_mesh, [dst]).to_local()
+
+        if self.split:
+
+            def pre_hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+                return (relayout(args[0], Replicate(), Shard(1)), *args[1:])
+
+            module.register_forward_pre_hook(pre_hook)
+        else:
+
+            def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+                return relayout(output, Shard(1), Replicate())
+
+            module.register_forward_hook(hook)
+        return module
+
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.Dropout)
+# name -> (style factory, module types it applies to; None: any module)
+_STYLES: dict[str, tuple[Callable[[], ParallelStyle], tuple[type, ...] | None]] = {
+    "colwise": (ColwiseParallel, (nn.Linear, nn.Embedding)),
+    "rowwise": (RowwiseParallel, (nn.Linear, nn.Embedding)),
+    "colwise_gathered": (lambda: ColwiseParallel(output_layouts=Replicate()), (nn.Linear,)),
+    "vocab_parallel": (lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False), (nn.Linear,)),
+    "sequence_parallel": (SequenceParallel, _NORMS),
+    "colwise_sp": (lambda: ColwiseParallel(input_layouts=Shard(1)), (nn.Linear,)),
+    "rowwise_sp": (lambda: RowwiseParallel(output_layouts=Shard(1)), (nn.Linear,)),
+    "sequence_split_input": (lambda: _SequenceBoundary(split=True), None),
+    "sequence_gather_output": (lambda: _SequenceBoundary(split=False), None),
 }
+STYLE_NAMES = tuple(_STYLES)
 
 
-def reference_plan(prefix: str = "blocks") -> dict[str, StyleName]:
-    """Plan for a ``ModuleList`` of `CausalSelfAttentionBlock` at ``prefix`` (heads and MLP split)."""
+def reference_plan(prefix: str = "blocks", *, sequence_parallel: bool = False, num_blocks: int | None = None) -> dict[str, StyleName]:
+    """Plan for a ``ModuleList`` of `CausalSelfAttentionBlock` at ``prefix`` (heads and MLP split).
+
+    ``sequence_parallel=True`` (needs ``num_blocks``) also shards the residual stream between the
+    first and the last block along the sequence; the stack's input and output stay whole.
+    """
+    if not sequence_parallel:
+        return {
+            f"{prefix}.*.q": "colwise",
+            f"{prefix}.*.k": "colwise",
+            f"{prefix}.*.v": "colwise",
+            f"{prefix}.*.out": "rowwise",
+            f"{prefix}.*.up": "colwise",
+            f"{prefix}.*.down": "rowwise",
+        }
+    if not num_blocks:
+        raise ValueError("reference_plan(sequence_parallel=True) needs num_blocks (to gather after the last block).")
     return {
-        f"{prefix}.*.q": "colwise",
-        f"{prefix}.*.k": "colwise",
-        f"{prefix}.*.v": "colwise",
-        f"{prefix}.*.out": "rowwise",
-        f"{prefix}.*.up": "colwise",
-        f"{prefix}.*.down": "rowwise",
+        f"{prefix}.0": "sequence_split_input",
+        f"{prefix}.{num_blocks - 1}": "sequence_gather_output",
+        f"{prefix}.*.attn_norm": "sequence_parallel",
+        f"{prefix}.*.mlp_norm": "sequence_parallel",
+        f"{prefix}.*.q": "colwise_sp",
+        f"{prefix}.*.k": "colwise_sp",
+        f"{prefix}.*.v": "colwise_sp",
+        f"{prefix}.*.out": "rowwise_sp",
+        f"{prefix}.*.up": "colwise_sp",
+        f"{prefix}.*.down": "rowwise_sp",
     }
+
+
+def uses_loss_parallel(plan: Any) -> bool:
+    """Whether ``plan`` leaves logits split over the vocabulary (needs torch's ``loss_parallel()``)."""
+    return isinstance(plan, Mapping) and any(style == "vocab_parallel" for style in plan.values())
 
 
 def resolve_plan(module: nn.Module, plan: Mapping[str, ParallelStyle | StyleName]) -> dict[str, ParallelStyle]:
@@ -55,10 +144,11 @@ def resolve_plan(module: nn.Module, plan: Mapping[str, ParallelStyle | StyleName
     names = [name for name, _ in module.named_modules() if name]
     resolved: dict[str, ParallelStyle] = {}
     for pattern, style in plan.items():
+        kinds: tuple[type, ...] | None = None
         if isinstance(style, str):
             if style not in _STYLES:
-                raise ValueError(f"Tensor-parallel plan: unknown style {style!r} for {pattern!r}; use one of {sorted(_STYLES)} or a ParallelStyle.")
-            make: Callable[[], ParallelStyle] = _STYLES[style]
+                raise ValueError(f"Tensor-parallel plan: unknown style {style!r} for {pattern!r}; use one of {list(_STYLES)} or a ParallelStyle.")
+            make, kinds = _STYLES[style]
         elif isinstance(style, ParallelStyle):
             make = lambda style=style: style  # noqa: E731 - a ready style object
         else:
@@ -70,11 +160,13 @@ def resolve_plan(module: nn.Module, plan: Mapping[str, ParallelStyle | StyleName
                 f"Module names look like {names[:8]}{' ...' if len(names) > 8 else ''}."
             )
         for name in matches:
-            if not isinstance(module.get_submodule(name), (nn.Linear, nn.Embedding)):
+            if kinds is not None and not isinstance(module.get_submodule(name), kinds):
                 raise ValueError(
-                    f"Tensor-parallel plan: {name!r} is a {type(module.get_submodule(name)).__name__}; colwise/rowwise "
-                    f"apply to nn.Linear and nn.Embedding."
+                    f"Tensor-parallel plan: {name!r} is a {type(module.get_submodule(name)).__name__}; {style!r} "
+                    f"applies to {' / '.join(k.__name__ for k in kinds)}."
                 )
+            if name in resolved:
+                raise ValueError(f"Tensor-parallel plan: {name!r} is matched by more than one pattern (the last is {pattern!r}).")
             resolved[name] = make()
     return resolved
 
@@ -99,7 +191,17 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan) ->
         return module
     resolved = resolve_plan(module, plan)
     check_divisibility(module, tp_mesh.size())
+    # output projections may split unevenly (DTensor pads); split heads and MLP widths may not
+    uneven_ok = {
+        name
+        for pattern, style in plan.items()
+        if style in ("vocab_parallel", "colwise_gathered")
+        for name in resolved
+        if fnmatch.fnmatchcase(name, pattern)
+    }
     for name, style in resolved.items():
+        if name in uneven_ok:
+            continue
         sub = module.get_submodule(name)
         width = sub.out_features if isinstance(style, ColwiseParallel) and isinstance(sub, nn.Linear) else None
         if width is not None and width % tp_mesh.size() != 0:

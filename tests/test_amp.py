@@ -1,0 +1,33 @@
+"""Tier 2: fp16 loss scaling with sharded gradients skips the same steps on every rank."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_hybrid.testing import run_distributed
+
+
+def _step(synchronized: bool) -> tuple[float, float]:
+    import torch.distributed as dist
+
+    from lightning_hybrid.parallel.amp import synchronize_found_inf
+
+    param = torch.nn.Parameter(torch.ones(3))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    if synchronized:
+        synchronize_found_inf(scaler)
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    # a "shard" whose gradient overflows on rank 1 only
+    factor = float("inf") if dist.get_rank() == 1 else 1.0
+    scaler.scale((param * factor).sum()).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(param.detach().sum()), float(scaler.get_scale())
+
+
+def test_overflow_on_one_rank_skips_the_step_everywhere() -> None:
+    for value, scale in run_distributed(_step, 2, True, timeout_s=60):
+        assert value == 3.0 and scale == 2.0  # step skipped, scale halved, on both ranks
+    unsynced = run_distributed(_step, 2, False, timeout_s=60)
+    assert unsynced[0][0] != 3.0  # what plain GradScaler does: rank 0 steps, rank 1 does not
+    assert unsynced[1][0] == 3.0
