@@ -2,7 +2,10 @@
 
 The reference recommender (SASRec, item table sharded row-wise in both variants) at two sizes,
 with the same global batch: dp=2 gives each rank half the users and a full copy of the blocks;
-tp=2 gives both ranks all users and half of every block (heads and MLP width).
+tp=2 gives both ranks all users and half of every block (heads and MLP width). Two more variants:
+tp=2 with sequence parallelism and a vocabulary-parallel output layer (``tp2_sp_vocab``: the
+activations outside the split layers and the full-softmax logits are split too), and dp=2 with
+FSDP2 instead of DDP for the dense weights (``fsdp2``: weights and Adam state sharded).
 
     python benchmarks/tp_vs_dp.py            # prints a table, writes benchmarks/results/tp_vs_dp.json
     python benchmarks/tp_vs_dp.py --smoke    # seconds; what the test suite runs
@@ -34,6 +37,8 @@ SIZES = {
     # weights and optimizer state dominate: short sequences, a small batch, wide blocks
     "wide": {"d_model": 1024, "num_blocks": 4, "num_heads": 8, "mlp_ratio": 4, "max_len": 20, "items": 2000, "global_batch": 8},
 }
+VARIANTS = ("dp2", "tp2", "tp2_sp_vocab", "fsdp2")
+LABELS = {"dp2": "dp=2 (DDP)", "tp2": "tp=2", "tp2_sp_vocab": "tp=2 + SP + vocab-parallel", "fsdp2": "dp=2 (FSDP2)"}
 SMOKE = {"small": {"d_model": 16, "num_blocks": 1, "num_heads": 2, "mlp_ratio": 2, "max_len": 8, "items": 50, "global_batch": 8}}
 
 
@@ -52,7 +57,8 @@ def _worker(cfg: dict[str, Any], variant: str, steps: int, warmup: int) -> dict[
     rank = int(os.environ["RANK"])
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
-    tp = 2 if variant == "tp2" else 1
+    tp = 2 if variant.startswith("tp2") else 1
+    options = {"sequence_parallel": True, "tensor_parallel_output": "vocab_parallel"} if variant == "tp2_sp_vocab" else {}
     per_rank_batch = cfg["global_batch"] // (2 // tp)
     users = cfg["global_batch"] * (warmup + steps)  # one pass = warmup + steps optimizer steps
     data = SequenceDataModule(
@@ -69,10 +75,12 @@ def _worker(cfg: dict[str, Any], variant: str, steps: int, warmup: int) -> dict[
     torch.manual_seed(0)
     model = SASRec(
         num_items=cfg["items"], max_len=cfg["max_len"], d_model=cfg["d_model"], num_blocks=cfg["num_blocks"],
-        num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], dropout=0.0,
+        num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], dropout=0.0, **options,
     )
     trainer = pl.Trainer(
-        strategy=HybridStrategy(tensor_parallel=tp, embedding_sharding={"item_id": "row_wise"}),
+        strategy=HybridStrategy(
+            tensor_parallel=tp, embedding_sharding={"item_id": "row_wise"}, dense_parallel="fsdp" if variant == "fsdp2" else "ddp"
+        ),
         accelerator="cpu", devices=2, max_epochs=1, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
     )
@@ -91,25 +99,34 @@ def main() -> None:
     steps, warmup = (3, 1) if args.smoke else (10, 3)
     results: dict[str, Any] = {}
     for name, cfg in sizes.items():
-        for variant in ("dp2", "tp2"):  # fresh processes per variant: clean memory peaks
+        for variant in VARIANTS:  # fresh processes per variant: clean memory peaks
             ranks = run_distributed(_worker, 2, cfg, variant, steps, warmup, init_process_group=False, timeout_s=1200)
             results[f"{name}/{variant}"] = {
                 "step_ms": max(r["step_s"] for r in ranks) * 1e3,
                 "peak_mb_per_rank": max(r["peak_mb"] for r in ranks),
                 "steps": ranks[0]["steps"],
             }
-    table = ["| size | variant | step (ms) | peak memory / rank (MB) |", "|---|---|---|---|"]
-    summary = {}
+    table = ["| size | variant | step (ms) | peak memory / rank (MB) | time / dp=2 | memory / dp=2 |", "|---|---|---|---|---|---|"]
+    summary: dict[str, Any] = {}
     for name, cfg in sizes.items():
-        dp, tp = results[f"{name}/dp2"], results[f"{name}/tp2"]
-        for variant, r in (("dp=2", dp), ("tp=2", tp)):
-            table.append(f"| {name} (d={cfg['d_model']}, {cfg['num_blocks']} blocks) | {variant} | {r['step_ms']:.1f} | {r['peak_mb_per_rank']:.0f} |")
-        summary[name] = {"time_ratio_tp_over_dp": tp["step_ms"] / dp["step_ms"], "memory_ratio_tp_over_dp": tp["peak_mb_per_rank"] / max(dp["peak_mb_per_rank"], 1e-9)}
+        dp = results[f"{name}/dp2"]
+        summary[name] = {}
+        for variant in VARIANTS:
+            r = results[f"{name}/{variant}"]
+            time_ratio = r["step_ms"] / dp["step_ms"]
+            memory_ratio = r["peak_mb_per_rank"] / max(dp["peak_mb_per_rank"], 1e-9)
+            if variant != "dp2":
+                summary[name][variant] = {"time_ratio_over_dp2": time_ratio, "memory_ratio_over_dp2": memory_ratio}
+            table.append(
+                f"| {name} (d={cfg['d_model']}, {cfg['num_blocks']} blocks) | {LABELS[variant]} | {r['step_ms']:.1f} | "
+                f"{r['peak_mb_per_rank']:.0f} | {time_ratio:.2f}x | {memory_ratio:.2f}x |"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "tp_vs_dp", "sizes": sizes, "results": results, "ratios": summary}, indent=2))
     print("\n".join(table))
-    for name, s in summary.items():
-        print(f"{name}: tp/dp step time {s['time_ratio_tp_over_dp']:.2f}x, peak memory {s['memory_ratio_tp_over_dp']:.2f}x")
+    for name, per_variant in summary.items():
+        for variant, s in per_variant.items():
+            print(f"{name}: {LABELS[variant]} / dp=2 step time {s['time_ratio_over_dp2']:.2f}x, peak memory {s['memory_ratio_over_dp2']:.2f}x")
     print(f"JSON: {args.out}")
 
 

@@ -44,10 +44,12 @@ def is_distributed_checkpoint(path: str | os.PathLike[str]) -> bool:
 def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tensor]:
     """Collectively gather ``module.state_dict()`` with sharded tensors made whole on rank ``dst``.
 
-    Every rank must call this; only ``dst`` gets a non-empty result.
+    Every rank must call this; only ``dst`` gets a non-empty result. Entries that only other
+    ranks hold (the layers of other pipeline stages) are sent to ``dst`` as well.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     full: dict[str, torch.Tensor] = {}
+    mine: dict[str, torch.Tensor] = {}  # whole (non-table) entries of this rank
     for key, value in module.state_dict().items():
         if isinstance(value, ShardedTensor):
             out = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
@@ -55,11 +57,21 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
             if rank == dst:
                 full[key] = out  # type: ignore[assignment]
         elif isinstance(value, DTensor):
-            tensor = value.full_tensor()
-            if rank == dst:
-                full[key] = tensor.detach().cpu()
-        elif isinstance(value, torch.Tensor) and rank == dst:
-            full[key] = value.detach().cpu().clone()
+            mine[key] = value.full_tensor().detach().cpu()
+        elif isinstance(value, torch.Tensor):
+            mine[key] = value.detach().cpu().clone()
+    if rank == dst:
+        full.update(mine)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box: list[Any] = [set(mine) if rank == dst else None]
+        dist.broadcast_object_list(box, src=dst)
+        extra = {k: v for k, v in mine.items() if k not in box[0]}
+        gathered: list[Any] = [None] * dist.get_world_size() if rank == dst else []
+        dist.gather_object(extra, gathered if rank == dst else None, dst=dst)
+        if rank == dst:
+            for part in gathered:
+                for key, value in (part or {}).items():
+                    full.setdefault(key, value)
     return full
 
 

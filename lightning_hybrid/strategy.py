@@ -50,16 +50,18 @@ from lightning_hybrid import checkpoint as ckpt
 from lightning_hybrid.failfast import FailFast, augment_with_remote_error
 from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_launcher
 from lightning_hybrid.mesh import build_device_mesh
-from lightning_hybrid.parallel import clip
+from lightning_hybrid.parallel import clip, pipeline
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.parallel import embedding as emb
 from lightning_hybrid.parallel import embedding_optim as emb_optim
+from lightning_hybrid.parallel.pipeline import ScheduleName
 from lightning_hybrid.plan import AxisSize, ParallelPlan
 
 log = logging.getLogger(__name__)
 
 KernelName = Literal["fused", "dense"]
 DenseParallelName = Literal["ddp", "fsdp"]
+PipelineSplitName = Literal["even", "balanced"]
 
 
 class HybridStrategy(ParallelStrategy):
@@ -83,6 +85,16 @@ class HybridStrategy(ParallelStrategy):
             time; composes with ``tensor_parallel``). See `lightning_hybrid.parallel.data`.
         reshard_after_forward: with ``dense_parallel="fsdp"``, free each block's gathered weights
             after its forward (less memory, one more all-gather in backward).
+        pipeline_parallel: pipeline stages on the ``pp`` axis (the model provides ``pipeline_spec()``;
+            see `lightning_hybrid.parallel.pipeline`).
+        pipeline_schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"`` or ``"zero_bubble"``
+            (the last two run ``pipeline_virtual_stages`` >= 2 stages per rank).
+        pipeline_microbatches: microbatches per batch (default: the number of stages); the batch
+            size must be divisible by it.
+        pipeline_virtual_stages: stages per rank for the interleaved / zero-bubble schedules.
+        pipeline_split: blocks per stage: ``"even"``, ``"balanced"`` (profile each block on this
+            hardware, then cut where the slowest stage is fastest; `lightning_hybrid.balance`), or
+            an explicit list such as ``[3, 1]``.
         shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
         embedding_sharding: table name -> forced sharding type (``"table_wise"``, ``"row_wise"``,
             ``"column_wise"``, ``"data_parallel"``, ``"table_row_wise"``, ``"table_column_wise"``).
@@ -118,6 +130,11 @@ class HybridStrategy(ParallelStrategy):
         tensor_parallel_plan: dict[str, str] | None = None,
         dense_parallel: DenseParallelName = "ddp",
         reshard_after_forward: bool = True,
+        pipeline_parallel: AxisSize = 1,
+        pipeline_schedule: ScheduleName = "1f1b",
+        pipeline_microbatches: int | None = None,
+        pipeline_virtual_stages: int = 1,
+        pipeline_split: list[int] | PipelineSplitName = "even",
         shard_embeddings: bool = True,
         embedding_sharding: dict[str, str] | None = None,
         embedding_kernels: dict[str, KernelName] | None = None,
@@ -150,6 +167,28 @@ class HybridStrategy(ParallelStrategy):
             raise ValueError(f"HybridStrategy(dense_parallel={dense_parallel!r}): use 'ddp' or 'fsdp'.")
         self._dense_parallel = dense_parallel
         self._reshard_after_forward = reshard_after_forward
+        pipeline.validate_pipeline_options(
+            schedule=pipeline_schedule,
+            pipeline_parallel=pipeline_parallel if isinstance(pipeline_parallel, int) else 1,
+            virtual_stages=pipeline_virtual_stages,
+            microbatches=pipeline_microbatches,
+        )
+        if isinstance(pipeline_split, str) and pipeline_split not in ("even", "balanced"):
+            raise ValueError(f"HybridStrategy(pipeline_split={pipeline_split!r}): use 'even', 'balanced' or a list of blocks per stage.")
+        if pipeline_parallel not in (1, "auto") and dense_parallel == "fsdp":
+            raise ValueError(
+                "HybridStrategy(pipeline_parallel > 1, dense_parallel='fsdp') is not supported yet: each stage's weights "
+                "exist once per pipeline rank already; use dense_parallel='ddp' with pipelining."
+            )
+        self._pipeline_parallel = pipeline_parallel
+        self._pipeline_options = {
+            "schedule": pipeline_schedule,
+            "microbatches": pipeline_microbatches,
+            "virtual_stages": pipeline_virtual_stages,
+        }
+        self._pipeline_split = pipeline_split
+        self._pipeline: pipeline.PipelineRunner | None = None
+        self._stashed_grads: dict[torch.nn.Parameter, Tensor] = {}
         self._manual_dense_sync: list[torch.nn.Parameter] = []
         self._shard_embeddings = shard_embeddings
         self._sharding_spec = emb.EmbeddingShardingSpec(
@@ -261,6 +300,7 @@ class HybridStrategy(ParallelStrategy):
             world_size=self.world_size,
             data_parallel=self._data_parallel,
             tensor_parallel=self._tensor_parallel,
+            pipeline_parallel=self._pipeline_parallel,
             devices_per_node=self.num_processes or None,
         )
         # torchrec reads LOCAL_WORLD_SIZE to find node boundaries; Lightning's launchers don't set it
@@ -307,6 +347,10 @@ class HybridStrategy(ParallelStrategy):
         if self._shard_embeddings and not self._sharded_modules:
             self._shard_embedding_tables(trainer, fitting=fitting)
 
+        # 2b. pipeline stages: this rank keeps only its own blocks from here on
+        if self.plan.pipeline_parallel > 1 and self._pipeline is None:
+            self._build_pipeline(trainer)
+
         # 3. data parallelism over the dense rest
         if fitting and self._dense_parallel == "fsdp":
             if not self._is_fsdp():
@@ -316,7 +360,7 @@ class HybridStrategy(ParallelStrategy):
                     dp_mesh=self.device_mesh["dp"],
                     reshard_after_forward=self._reshard_after_forward,
                 )
-        elif fitting and self.plan.tensor_parallel > 1:
+        elif fitting and (self.plan.tensor_parallel > 1 or self.plan.pipeline_parallel > 1):
             # DDP cannot hook DTensor parameters: average the dense gradients over dp after backward
             sharded = set(data_parallel.names_under(self.lightning_module, list(self._sharded_modules)))
             self._manual_dense_sync = [
@@ -367,12 +411,14 @@ class HybridStrategy(ParallelStrategy):
                 "updates them inside backward). Set HybridStrategy(embedding_kernels={table: 'dense'}) for tables "
                 "that must be clipped."
             )
-        if not sharded_ids and self.plan.tensor_parallel == 1 and self._dense_parallel == "ddp":
+        pp = self.plan.pipeline_parallel
+        if not sharded_ids and self.plan.tensor_parallel == 1 and self._dense_parallel == "ddp" and pp == 1:
             return
         plugin = self.precision_plugin
+        stage_group = self.device_mesh["pp"].get_group() if pp > 1 else None
 
         def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
-            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val))
+            clip.clip_grad_norm_across_shards(plugin.main_params(optimizer), sharded_ids, float(clip_val), stage_group=stage_group)
 
         # The precision plugin owns clipping in Lightning; only its norm computation must change.
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
@@ -394,6 +440,44 @@ class HybridStrategy(ParallelStrategy):
         apply_tensor_parallel(model, self.device_mesh["tp"], plan)
         self._tp_applied = True
         self._loss_parallel = uses_loss_parallel(plan)
+
+    def _replica_group(self) -> dist.ProcessGroup:
+        """The ranks of this rank's data-parallel replica (its pp x tp block of the mesh)."""
+        if self.plan.tensor_parallel == 1:
+            return self.device_mesh["pp"].get_group()
+        mine = None
+        ranks = self.device_mesh.mesh  # [pp, dp, tp] global ranks
+        for d in range(self.plan.data_parallel):  # every rank creates every group, in the same order
+            members = sorted(int(r) for r in ranks[:, d, :].flatten())
+            group = dist.new_group(members)
+            if self.global_rank in members:
+                mine = group
+        assert mine is not None
+        return mine
+
+    def _build_pipeline(self, trainer: Any) -> None:
+        model = self.lightning_module
+        make_spec = getattr(model, "pipeline_spec", None)
+        if make_spec is None:
+            raise ValueError(
+                f"HybridStrategy(pipeline_parallel={self.plan.pipeline_parallel}) needs {type(model).__name__}.pipeline_spec() "
+                f"returning a lightning_hybrid.parallel.pipeline.PipelineSpec (its blocks, what runs before and after them)."
+            )
+        spec = make_spec()
+        split = self._pipeline_split
+        if split == "balanced":
+            from lightning_hybrid.balance import balanced_split_for
+
+            split = balanced_split_for(model, spec, trainer, self)
+        self._pipeline = pipeline.PipelineRunner(
+            model,
+            spec,
+            pp_group=self.device_mesh["pp"].get_group(),
+            device=self.root_device,
+            blocks_per_stage=None if split == "even" else list(split),
+            **self._pipeline_options,
+        )
+        self._pipeline_spec = spec
 
     def _shard_embedding_tables(self, trainer: Any, *, fitting: bool) -> None:
         from torchrec.distributed.types import ShardingEnv
@@ -461,12 +545,19 @@ class HybridStrategy(ParallelStrategy):
         if self._validate_inputs:
             for fqn, module in self._sharded_modules.items():
                 emb.add_id_range_check(module, [i for i in infos if i.module_fqn == fqn])
-        if self.plan.tensor_parallel > 1:
-            # the ranks of a tp group share one batch: each looks up 1/tp of it, then they gather
+        if self.plan.tensor_parallel > 1 or self.plan.pipeline_parallel > 1:
+            # the ranks of one dp replica share one batch: each looks up a slice of it, then they
+            # gather (parallel.replica_lookup); under pipelining only the first stage has a
+            # gradient for it, so gradients are summed over the replica's ranks and scaled by pp
+            # (torchrec divides table gradients by the world size)
             from lightning_hybrid.parallel.replica_lookup import split_lookup_over_group
 
+            if self.plan.pipeline_parallel > 1:
+                group, summed, scale = self._replica_group(), True, float(self.plan.pipeline_parallel)
+            else:
+                group, summed, scale = self.device_mesh["tp"].get_group(), False, None
             for module in self._sharded_modules.values():
-                split_lookup_over_group(module, self.device_mesh["tp"].get_group())
+                split_lookup_over_group(module, group, summed_grads=summed, grad_scale=scale)
         rank_zero_info(
             "HybridStrategy embedding plan:\n"
             + "\n".join(
@@ -519,6 +610,8 @@ class HybridStrategy(ParallelStrategy):
             emb_optim.sync_fused_learning_rates(
                 self._fused_optimizers_by_table(), self._table_choice, self._unwrapped_optimizers()
             )
+        if self._pipeline is not None:
+            return self._pipeline_training_step(*args, **kwargs)
         with self._loss_parallel_context():
             if self._is_fsdp():
                 return self._through_fsdp_root("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
@@ -534,8 +627,35 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        if self._pipeline is not None:
+            # the schedule ran forward and backward inside training_step; Lightning zeroed the
+            # gradients in between (its closure does so after the step), so put them back
+            for param, grad in self._stashed_grads.items():
+                param.grad = grad if param.grad is None else param.grad + grad
+            self._stashed_grads = {}
+            closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+            self.post_backward(closure_loss)
+            return closure_loss
         with self._loss_parallel_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def _pipeline_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> Tensor:
+        assert self._pipeline is not None
+        size = _batch_size(batch)
+        params = list(self.lightning_module.parameters())
+        # Lightning zeroes gradients after training_step (or not at all while accumulating): keep
+        # what was there before, hand this step's gradients over in backward()
+        before = {p: p.grad for p in params if p.grad is not None}
+        for param in before:
+            param.grad = None
+        with self.precision_plugin.train_step_context():
+            loss = self._pipeline.train_step(batch, size)
+        self._stashed_grads = {p: p.grad for p in params if p.grad is not None}
+        for param in params:
+            param.grad = before.get(param)
+        if self._pipeline_spec.log_name:
+            self.lightning_module.log(self._pipeline_spec.log_name, loss, prog_bar=True, batch_size=size)
+        return loss
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -551,6 +671,11 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pipeline is not None:
+            raise RuntimeError(
+                "HybridStrategy: predict with pipeline_parallel > 1 is not supported. Checkpoints reshard on load: "
+                "predict from the checkpoint with pipeline_parallel=1 (e.g. --trainer.strategy.init_args.pipeline_parallel=1)."
+            )
         if self._is_fsdp():
             return self._through_fsdp_root("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
         return super().predict_step(*args, **kwargs)
@@ -756,3 +881,23 @@ class HybridStrategy(ParallelStrategy):
             cls,
             description="lightning_hybrid: torchrec-sharded embeddings + data-parallel dense layers",
         )
+
+
+def _batch_size(batch: Any) -> int:
+    """The first dimension of the first tensor in ``batch`` (dicts, lists, tuples, KJTs)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        for value in batch.values():
+            size = _batch_size(value)
+            if size >= 0:
+                return size
+    if isinstance(batch, (list, tuple)):
+        for value in batch:
+            size = _batch_size(value)
+            if size >= 0:
+                return size
+    stride = getattr(batch, "stride", None)
+    if callable(stride):
+        return int(stride())
+    return -1

@@ -32,9 +32,11 @@ def test_strategy_overhead_smoke(tmp_path: Path) -> None:
 
 def test_tp_vs_dp_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("tp_vs_dp.py", tmp_path / "tp_vs_dp.json")
-    assert set(result["results"]) == {"small/dp2", "small/tp2"}
+    assert set(result["results"]) == {"small/dp2", "small/tp2", "small/tp2_sp_vocab", "small/fsdp2"}
     assert all(r["step_ms"] > 0 and r["steps"] == 4 for r in result["results"].values())
-    assert "tp/dp step time" in stdout
+    ratio = result["ratios"]["small"]["tp2"]["time_ratio_over_dp2"]
+    assert abs(ratio - result["results"]["small/tp2"]["step_ms"] / result["results"]["small/dp2"]["step_ms"]) < 1e-9
+    assert "tp=2 + SP + vocab-parallel / dp=2 step time" in stdout
 
 
 def test_gpu_block_tflops_script_runs_on_cpu(tmp_path: Path) -> None:

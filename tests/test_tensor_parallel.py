@@ -431,6 +431,7 @@ def test_tensor_parallel_option_errors() -> None:
         SASRec(num_items=10, tensor_parallel_output="sideways")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs num_blocks"):
         reference_plan(sequence_parallel=True)
+    assert reference_plan(sequence_parallel=True, num_blocks=1)["blocks.0"] == "sequence_parallel_region"  # split + gather
     with pytest.raises(ValueError, match="'blocks.0.q' is a Linear; 'sequence_parallel' applies to LayerNorm / RMSNorm / Dropout"):
         resolve_plan(_sasrec(), {"blocks.0.q": "sequence_parallel"})
     with pytest.raises(ValueError, match="matched by more than one pattern"):

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
 from lightning_hybrid.optim import GroupedOptimizer
+from lightning_hybrid.parallel.pipeline import pipeline_runner
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -275,6 +276,14 @@ class SASRec(pl.LightningModule):
 
         ``user`` ([B], 0-based index, -1 for none) and ``time`` ([B, L] buckets) feed the side features.
         """
+        x = self._block_input(self._embed(items, user, time), items)
+        mask = causal_padding_mask(items)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.final_norm(x)
+
+    def _embed(self, items: torch.Tensor, user: torch.Tensor | None = None, time: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding lookups of a batch, summed per position: [B, L, D]."""
         batch, length = items.shape
         if length > self.max_len:
             raise ValueError(f"SASRec: sequences of length {length} exceed max_len={self.max_len}; set data.max_len <= model max_len.")
@@ -311,14 +320,34 @@ class SASRec(pl.LightningModule):
             emb = emb + looked_up["user"].values().view(batch, 1, -1)
         if self.hparams.text_tower:
             emb = emb + self._encode_text(items)
-        d_model = emb.shape[-1]
+        return emb
+
+    def _block_input(self, emb: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scaled embeddings + positions, padding zeroed: the input of the first block."""
+        length = items.shape[1]
         positions = torch.arange(self.max_len - length, self.max_len, device=items.device)
-        x = emb * math.sqrt(d_model) + self.position(positions)
-        x = self.input_dropout(x) * (items != 0).unsqueeze(-1)
-        mask = causal_padding_mask(items)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.final_norm(x)
+        x = emb * math.sqrt(emb.shape[-1]) + self.position(positions)
+        return self.input_dropout(x) * (items != 0).unsqueeze(-1)
+
+    def pipeline_spec(self) -> Any:
+        """How HybridStrategy(pipeline_parallel > 1) runs this model (see lightning_hybrid.parallel.pipeline)."""
+        from lightning_hybrid.parallel.pipeline import PipelineSpec
+
+        if self.hparams.text_tower:
+            raise ValueError(
+                "SASRec(text_tower=True) cannot run with pipeline_parallel > 1 yet: the text tower's dense layers sit "
+                "inside the embedding lookup, which every pipeline rank runs. Use text_tower=False or pipeline_parallel=1."
+            )
+        return PipelineSpec(
+            blocks=self.blocks,
+            lookup=lambda batch: self._embed(batch["input"], batch.get("user"), batch.get("time")),
+            first=lambda mb, emb: self._block_input(emb, mb["input"]),
+            block_forward=lambda block, x, mb: block(x, causal_padding_mask(mb["input"])),
+            last=lambda hidden, mb: self._loss(self.final_norm(hidden), mb["target"]),
+            first_modules=("position",),
+            last_modules=("final_norm", "output"),
+            log_name="train_loss",
+        )
 
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
@@ -351,7 +380,10 @@ class SASRec(pl.LightningModule):
 
     def forward(self, items: torch.Tensor, user: torch.Tensor | None = None, time: torch.Tensor | None = None) -> torch.Tensor:
         """Scores of every item as the next one after each user's sequence: [B, num_items + 1]."""
-        scores = self.output(self.encode(items, user, time)[:, -1])
+        return self._scores(self.encode(items, user, time))
+
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = self.output(hidden[:, -1])
         if isinstance(scores, DTensor):  # vocab-parallel output: ranking needs every item's score
             scores = scores.full_tensor()
         scores[:, 0] = float("-inf")
@@ -368,7 +400,12 @@ class SASRec(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))
-        target = batch["target"]
+        loss = self._loss(hidden, batch["target"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=int((batch["target"] != 0).sum()))
+        return loss
+
+    def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Next-item loss of [B, L, D] final hidden states against [B, L] targets (0 = none)."""
         valid = target != 0
         h, positives = hidden[valid], target[valid]
         if self.hparams.loss == "full":
@@ -383,7 +420,6 @@ class SASRec(pl.LightningModule):
             loss = sampled_softmax_loss(
                 h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs
             )
-        self.log("train_loss", loss, prog_bar=True, batch_size=int(valid.sum()))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -407,8 +443,15 @@ class SASRec(pl.LightningModule):
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def _ranked_scores(self, batch: dict[str, Any], exclude_seen: bool) -> torch.Tensor:
-        scores = self(batch["input"], batch.get("user"), batch.get("time"))
+    def _ranked_scores(self, batch: dict[str, Any], exclude_seen: bool) -> torch.Tensor | None:
+        runner = pipeline_runner(self)
+        if runner is not None:  # pipeline: only the last stage's ranks see the final hidden states
+            hidden = runner.forward(batch, batch["input"].shape[0])
+            if hidden is None:
+                return None
+            scores = self._scores(self.final_norm(hidden))
+        else:
+            scores = self(batch["input"], batch.get("user"), batch.get("time"))
         if exclude_seen and batch["seen_values"].numel():
             rows = torch.repeat_interleave(torch.arange(len(scores), device=scores.device), batch["seen_lengths"])
             keep = scores.gather(1, batch["target"].view(-1, 1))
@@ -418,6 +461,8 @@ class SASRec(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         scores = self._ranked_scores(batch, self.hparams.exclude_seen)
+        if scores is None:
+            return  # an earlier pipeline stage: the last stage counts these users
         self.val_metrics.update(target_ranks(scores, batch["target"]), batch["valid"])
 
     def on_validation_epoch_end(self) -> None:
@@ -427,6 +472,8 @@ class SASRec(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         scores = self._ranked_scores(batch, self.hparams.exclude_seen)
+        if scores is None:
+            return
         self.test_metrics.update(target_ranks(scores, batch["target"]), batch["valid"])
 
     def on_test_epoch_end(self) -> None:

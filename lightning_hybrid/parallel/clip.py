@@ -20,6 +20,7 @@ def clip_grad_norm_across_shards(
     max_norm: float,
     *,
     group: dist.ProcessGroup | None = None,
+    stage_group: dist.ProcessGroup | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Scale all gradients so their global L2 norm is at most ``max_norm``; return that norm.
@@ -28,6 +29,8 @@ def clip_grad_norm_across_shards(
         parameters: every parameter the optimizer steps (replicated and sharded).
         sharded_ids: ``id()`` of the parameters whose gradient is this rank's shard of a table.
         group: the ranks over which the table shards are spread.
+        stage_group: the pipeline group: each of its ranks holds other layers, so their dense
+            squares are summed over it.
 
     DTensor gradients (tensor parallelism, FSDP2) count once per shard: their squares are summed
     over the mesh dimensions on which they are ``Shard``-placed (``Replicate`` ones count once).
@@ -55,11 +58,14 @@ def clip_grad_norm_across_shards(
     total_sq = replicated_sq + table_sq
     if dist.is_initialized():
         dist.all_reduce(table_sq, group=group)
-        total_sq = replicated_sq + table_sq
+        dense_sq = replicated_sq
         for (_mesh_id, dims), (mesh, acc) in split_sq.items():
             for dim in dims:  # summing over each sharded dim in turn sums over their product
                 dist.all_reduce(acc, group=mesh.get_group(dim))
-            total_sq = total_sq + acc
+            dense_sq = dense_sq + acc
+        if stage_group is not None:
+            dist.all_reduce(dense_sq, group=stage_group)
+        total_sq = dense_sq + table_sq
     total = total_sq.sqrt()
     coef = max_norm / (float(total) + eps)
     if coef < 1.0:

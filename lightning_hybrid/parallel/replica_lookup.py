@@ -58,34 +58,48 @@ class _GatherSlices(torch.autograd.Function):
     """All-gather equal-sized flat slices; backward keeps this rank's slice of a replicated grad."""
 
     @staticmethod
-    def forward(ctx: Any, local: torch.Tensor, group: dist.ProcessGroup, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, local: torch.Tensor, group: dist.ProcessGroup, scale: float, summed: bool) -> torch.Tensor:
         ctx.rank = dist.get_rank(group)
         ctx.scale = scale
+        ctx.group = group
+        ctx.summed = summed
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local.contiguous(), group=group)
         return torch.stack(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return grad[ctx.rank] * ctx.scale, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        if ctx.summed:  # the ranks hold different parts of the gradient (pipeline: only the first stage)
+            grad = grad.contiguous()
+            dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank] * ctx.scale, None, None, None
 
 
-def _gather_padded(local: torch.Tensor, length: int, group: dist.ProcessGroup) -> torch.Tensor:
+def _gather_padded(local: torch.Tensor, length: int, group: dist.ProcessGroup, scale: float, summed: bool) -> torch.Tensor:
     """[world, length] from each rank's flat ``local`` (padded with zeros up to ``length``)."""
     padded = torch.nn.functional.pad(local.reshape(-1), (0, length - local.numel()))
-    return _GatherSlices.apply(padded, group, float(dist.get_world_size(group)))
+    return _GatherSlices.apply(padded, group, scale, summed)
 
 
-def split_lookup_over_group(module: nn.Module, group: dist.ProcessGroup) -> None:
+def split_lookup_over_group(
+    module: nn.Module, group: dist.ProcessGroup, *, summed_grads: bool = False, grad_scale: float | None = None
+) -> None:
     """Make ``module(features)`` look up ``1/size`` of the batch per rank of ``group`` and gather.
 
     ``module`` is a sharded (or unsharded) EmbeddingBagCollection or EmbeddingCollection; every
     rank of ``group`` must call it with the same ``features``. The result equals the unsplit
     lookup on every rank (values and gradients, see the module docstring for the scaling).
+
+    Gradients: by default each rank's gradient of the output is assumed to be the whole, same
+    gradient (tensor parallelism), and each keeps its slice times ``grad_scale`` (default: the
+    group size). ``summed_grads=True`` is for groups whose ranks hold different parts of it (the
+    ranks of a pipeline, where only the first stage has one): the gradients are summed over the
+    group first.
     """
     original: Callable[..., Any] = module.forward
     size = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    scale = float(size) if grad_scale is None else float(grad_scale)
 
     def forward(features: KeyedJaggedTensor, *args: Any, **kwargs: Any) -> Any:
         batch = features.stride()
@@ -97,17 +111,17 @@ def split_lookup_over_group(module: nn.Module, group: dist.ProcessGroup) -> None
         if isinstance(out, KeyedTensor):
             # pooled: [chunk, sum(dims)] per rank -> [batch, sum(dims)]
             values = out.values()
-            gathered = _gather_padded(values, values.numel(), group).view(size * chunk, -1)[:batch]
+            gathered = _gather_padded(values, values.numel(), group, scale, summed_grads).view(size * chunk, -1)[:batch]
             return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(), values=gathered, key_dim=out.key_dim())
         if isinstance(out, dict):
-            return _gather_sequences(out, features, chunk, group)
+            return _gather_sequences(out, features, chunk, group, scale, summed_grads)
         raise TypeError(f"split_lookup_over_group: {type(module).__name__} returned {type(out).__name__}; expected a KeyedTensor or a dict of JaggedTensor.")
 
     module.forward = forward  # type: ignore[method-assign]
 
 
 def _gather_sequences(
-    out: dict[str, JaggedTensor], features: KeyedJaggedTensor, chunk: int, group: dist.ProcessGroup
+    out: dict[str, JaggedTensor], features: KeyedJaggedTensor, chunk: int, group: dist.ProcessGroup, scale: float, summed: bool
 ) -> dict[str, JaggedTensor]:
     """Unpooled (EmbeddingCollection) outputs: each rank's rows of each feature, re-assembled."""
     size = dist.get_world_size(group)
@@ -119,7 +133,7 @@ def _gather_sequences(
     dims = [int(out[k].values().shape[-1]) for k in keys]
     per_rank = [sum(rows[k][q] * dims[k] for k in range(len(keys))) for q in range(size)]
     local = torch.cat([out[k].values().reshape(-1) for k in keys])
-    gathered = _gather_padded(local, max(per_rank), group)
+    gathered = _gather_padded(local, max(per_rank), group, scale, summed)
     result: dict[str, JaggedTensor] = {}
     offsets = [0] * size
     for k, key in enumerate(keys):

@@ -22,7 +22,8 @@ Style names (`STYLE_NAMES`):
   as a DTensor and `HybridStrategy` runs forward and backward under torch's ``loss_parallel()``,
   so ``F.cross_entropy`` never materialises the full logits (the memory win for large catalogs).
 - Sequence parallelism (optional): ``"sequence_split_input"`` on the first block of a stack and
-  ``"sequence_gather_output"`` on its last make the residual stream between them sharded along the
+  ``"sequence_gather_output"`` on its last (``"sequence_parallel_region"``: both, on a one-block stack)
+  make the residual stream between them sharded along the
   sequence; ``"sequence_parallel"`` runs norms on those shards; ``"colwise_sp"`` all-gathers the
   sequence before a column-wise layer, ``"rowwise_sp"`` reduce-scatters after a row-wise one (the
   all-reduce of plain TP becomes an all-gather + a reduce-scatter, same bytes, 1/tp of the norm and
@@ -59,9 +60,10 @@ class _SequenceBoundary(ParallelStyle):
     (backward keeps this rank's slice of the replicated gradient).
     """
 
-    def __init__(self, *, split: bool) -> None:
+    def __init__(self, *, split: bool, gather: bool) -> None:
         super().__init__()
         self.split = split
+        self.gather = gather
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def relayout(x: torch.Tensor, src: Any, dst: Any) -> torch.Tensor:
@@ -78,7 +80,7 @@ class _SequenceBoundary(ParallelStyle):
                 return (relayout(args[0], Replicate(), Shard(1)), *args[1:])
 
             module.register_forward_pre_hook(pre_hook)
-        else:
+        if self.gather:
 
             def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
                 return relayout(output, Shard(1), Replicate())
@@ -97,8 +99,9 @@ _STYLES: dict[str, tuple[Callable[[], ParallelStyle], tuple[type, ...] | None]] 
     "sequence_parallel": (SequenceParallel, _NORMS),
     "colwise_sp": (lambda: ColwiseParallel(input_layouts=Shard(1)), (nn.Linear,)),
     "rowwise_sp": (lambda: RowwiseParallel(output_layouts=Shard(1)), (nn.Linear,)),
-    "sequence_split_input": (lambda: _SequenceBoundary(split=True), None),
-    "sequence_gather_output": (lambda: _SequenceBoundary(split=False), None),
+    "sequence_split_input": (lambda: _SequenceBoundary(split=True, gather=False), None),
+    "sequence_gather_output": (lambda: _SequenceBoundary(split=False, gather=True), None),
+    "sequence_parallel_region": (lambda: _SequenceBoundary(split=True, gather=True), None),
 }
 STYLE_NAMES = tuple(_STYLES)
 
@@ -120,9 +123,13 @@ def reference_plan(prefix: str = "blocks", *, sequence_parallel: bool = False, n
         }
     if not num_blocks:
         raise ValueError("reference_plan(sequence_parallel=True) needs num_blocks (to gather after the last block).")
+    boundaries = (
+        {f"{prefix}.0": "sequence_parallel_region"}
+        if num_blocks == 1
+        else {f"{prefix}.0": "sequence_split_input", f"{prefix}.{num_blocks - 1}": "sequence_gather_output"}
+    )
     return {
-        f"{prefix}.0": "sequence_split_input",
-        f"{prefix}.{num_blocks - 1}": "sequence_gather_output",
+        **boundaries,
         f"{prefix}.*.attn_norm": "sequence_parallel",
         f"{prefix}.*.mlp_norm": "sequence_parallel",
         f"{prefix}.*.q": "colwise_sp",

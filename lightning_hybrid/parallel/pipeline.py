@@ -1,0 +1,409 @@
+"""Pipeline parallelism over the mesh's ``pp`` axis with ``torch.distributed.pipelining``.
+
+A model takes part by describing itself as a `PipelineSpec`: the ``nn.ModuleList`` of blocks
+that is cut into stages, what runs before the first block (``first``: the dense part of the
+input, e.g. adding positions to the embedding lookups) and after the last one (``last``: the loss
+of one microbatch), and optionally the embedding ``lookup`` of the whole batch. `PipelineRunner`
+builds the stages and a schedule and runs one training step or one forward pass.
+
+Stages and ranks: the blocks are cut into ``pp * virtual_stages`` contiguous stages; rank ``r`` of
+the pp group runs stages ``r, r + pp, r + 2 pp, ...`` (one stage per rank for GPipe and 1F1B,
+several for the interleaved and zero-bubble schedules). Each rank keeps only its own blocks (the
+others are replaced by ``nn.Identity``), the first stage's rank keeps ``first_modules`` and the
+last stage's rank ``last_modules``: weights, gradients and optimizer state exist once per pp group.
+
+Embedding tables and the pipeline: torchrec shards the tables over *all* ranks, and its lookups
+are collectives, which must not run inside the schedule (only the first stage would call them).
+So the lookup of the whole batch runs on every rank before the schedule, each pp rank looking up
+``1/pp`` of it (`lightning_hybrid.parallel.replica_lookup`); the first stage reads its microbatch
+rows from the result, detached, so the schedule accumulates their gradient; after the schedule,
+every rank runs the lookup's backward together (the gradient reaches each slice's owner, then
+torchrec's all-to-all). Tables therefore stay spread over the whole cluster, not over the first
+stage's ranks only, and their all-to-alls run once per step, not once per microbatch.
+
+Loss: the loss of a step is the mean of the microbatch losses (as with gradient accumulation);
+every rank gets it (broadcast from the last stage) so logging and callbacks see the same value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+_MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
+
+
+@dataclass
+class PipelineSpec:
+    """How a model runs as a pipeline (returned by ``LightningModule.pipeline_spec()``).
+
+    Attributes:
+        blocks: the layers cut into stages, in order; each maps hidden -> hidden of the same shape.
+        first: ``first(microbatch, lookups)`` -> the input of ``blocks[0]``; ``lookups`` are the rows
+            of ``lookup(batch)`` for this microbatch (None without ``lookup``). Runs on the first stage.
+        last: ``last(hidden, microbatch)`` -> the mean loss of the microbatch. Runs on the last stage.
+        block_forward: ``block_forward(block, hidden, microbatch)`` -> hidden; how one block is
+            called (e.g. with an attention mask built from the microbatch). Default ``block(hidden)``.
+        lookup: ``lookup(batch)`` -> a tensor whose first dimension is the batch: the embedding
+            lookups of the whole batch. Runs on every rank (torchrec lookups are collectives).
+        first_modules: attribute names of the modules only ``first`` uses (kept on the first stage).
+        last_modules: attribute names of the modules only ``last`` uses (kept on the last stage).
+        log_name: if set, HybridStrategy logs the step's loss under this name (``training_step``
+            itself does not run under pipelining).
+    """
+
+    blocks: nn.ModuleList
+    first: Callable[[Any, torch.Tensor | None], torch.Tensor]
+    last: Callable[[torch.Tensor, Any], torch.Tensor]
+    block_forward: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor] = field(default=lambda block, x, mb: block(x))
+    lookup: Callable[[Any], torch.Tensor] | None = None
+    first_modules: Sequence[str] = ()
+    last_modules: Sequence[str] = ()
+    log_name: str | None = None
+
+
+def pipeline_runner(module: nn.Module) -> PipelineRunner | None:
+    """The runner HybridStrategy attached to ``module`` (None when it is not pipelined).
+
+    Evaluation code uses it: ``runner.forward(batch, batch_size)`` is the last block's output on
+    the last stage's ranks and None on the others (which then skip their metric update).
+    """
+    return module.__dict__.get("_lightning_hybrid_pipeline")
+
+
+def even_split(num_blocks: int, num_stages: int) -> list[int]:
+    """Blocks per stage, as equal as possible (earlier stages take the remainder)."""
+    check_stage_count(num_blocks, num_stages)
+    base, extra = divmod(num_blocks, num_stages)
+    return [base + (1 if s < extra else 0) for s in range(num_stages)]
+
+
+def check_stage_count(num_blocks: int, num_stages: int, schedule: str | None = None) -> None:
+    if num_stages > num_blocks:
+        hint = " (interleaved and zero-bubble schedules run several stages per rank)" if schedule in _MULTI_STAGE else ""
+        raise ValueError(
+            f"Pipeline: {num_stages} stages{hint} but the model has only {num_blocks} blocks; every stage needs at "
+            f"least one. Lower pipeline_parallel / pipeline_virtual_stages, or use a model with more blocks."
+        )
+
+
+def validate_pipeline_options(
+    *, schedule: str, pipeline_parallel: int, virtual_stages: int, microbatches: int | None
+) -> None:
+    """Checks that need no model (run in the strategy's constructor and again at setup)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"HybridStrategy(pipeline_schedule={schedule!r}): use one of {list(SCHEDULES)}.")
+    if virtual_stages < 1:
+        raise ValueError(f"HybridStrategy(pipeline_virtual_stages={virtual_stages}) must be >= 1.")
+    if schedule in _MULTI_STAGE and virtual_stages < 2:
+        raise ValueError(
+            f"pipeline_schedule={schedule!r} runs several stages per rank: set pipeline_virtual_stages >= 2 "
+            f"(got {virtual_stages}), or use 'gpipe' / '1f1b'."
+        )
+    if schedule not in _MULTI_STAGE and virtual_stages != 1:
+        raise ValueError(
+            f"pipeline_schedule={schedule!r} runs one stage per rank; pipeline_virtual_stages={virtual_stages} needs "
+            f"'interleaved_1f1b' or 'zero_bubble'."
+        )
+    if microbatches is not None and microbatches < 1:
+        raise ValueError(f"HybridStrategy(pipeline_microbatches={microbatches}) must be >= 1.")
+    if microbatches is not None and schedule == "1f1b" and microbatches < pipeline_parallel:
+        raise ValueError(
+            f"pipeline_schedule='1f1b' needs pipeline_microbatches >= pipeline_parallel ({pipeline_parallel}); got "
+            f"{microbatches}. Use more microbatches (fewer means a larger bubble anyway) or 'gpipe'."
+        )
+    if microbatches is not None and schedule in _MULTI_STAGE:
+        rounds = max(1, microbatches // pipeline_parallel)
+        if microbatches % rounds != 0:
+            raise ValueError(
+                f"pipeline_schedule={schedule!r} needs pipeline_microbatches to be a multiple of "
+                f"max(1, microbatches // pipeline_parallel) = {rounds}; got {microbatches}. Use a multiple of {pipeline_parallel}."
+            )
+
+
+def check_batch_divides(batch_size: int, microbatches: int, what: str = "a batch") -> None:
+    if batch_size % microbatches != 0:
+        raise ValueError(
+            f"Pipeline: {what} of {batch_size} samples does not split into pipeline_microbatches={microbatches} equal "
+            f"microbatches. Use a batch size divisible by {microbatches} (and drop_last=True on the training loader, or a "
+            f"data set size that leaves a divisible last batch), or change pipeline_microbatches."
+        )
+
+
+def stage_ranges(blocks_per_stage: Sequence[int]) -> list[range]:
+    """Stage index -> the block indices it runs."""
+    ranges, start = [], 0
+    for count in blocks_per_stage:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
+def slice_microbatch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
+    """The rows ``index`` of every tensor in ``batch`` whose first dimension is the batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index] if batch.dim() > 0 and batch.shape[0] == batch_size else batch
+    if isinstance(batch, dict):
+        return {k: slice_microbatch(v, index, batch_size) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(slice_microbatch(v, index, batch_size) for v in batch)
+    return batch
+
+
+class _Stage(nn.Module):
+    """One pipeline stage: (first part) + its blocks.
+
+    Only the hidden state travels between stages. Which rows of the batch a forward call is about
+    is known locally: every schedule runs a stage's forwards in microbatch order, so the i-th call
+    of a step is microbatch i. (torch also calls the stage once on placeholder tensors to infer
+    shapes, the first time a schedule runs; `_InferringStage` flags that call, which is then
+    given microbatch 0's rows and not counted.)
+    """
+
+    def __init__(self, runner: PipelineRunner, index: int, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
+        super().__init__()
+        self._runner = [runner]  # a list: not registered as a submodule
+        self.stage_index = index
+        self.blocks = nn.ModuleList(blocks)
+        self.is_first = is_first
+        self.is_last = is_last
+        self.calls = 0
+        self.inferring = False
+        model = runner.model
+        spec = runner.spec
+        # first/last modules are registered here too, so the stage owns (and syncs) their weights
+        self.extra = nn.ModuleDict(
+            {
+                name.replace(".", "__"): model.get_submodule(name)
+                for name in [*(spec.first_modules if is_first else ()), *(spec.last_modules if is_last else ())]
+            }
+        )
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        runner = self._runner[0]
+        started = time.perf_counter()
+        index = runner.microbatch_rows(0 if self.inferring else self.calls)
+        if not self.inferring:
+            self.calls += 1
+        mb = runner.microbatch(index)
+        if self.is_first:
+            x = runner.spec.first(mb, runner.lookups_for(index))
+        else:
+            (x,) = inputs
+        for block in self.blocks:
+            x = runner.spec.block_forward(block, x, mb)
+        if self.is_last and runner.training_step_running:
+            # the loss is computed inside the last stage, not in the schedule's loss_fn: weights
+            # used there (final norm, output layer) would otherwise be outside the stage, and the
+            # zero-bubble schedules free the stage output that such a loss_fn saves for backward
+            x = runner.spec.last(x, mb) / runner.current_microbatches
+        runner.busy_s += time.perf_counter() - started
+        return x
+
+
+def _inferring_stage_class() -> type:
+    from torch.distributed.pipelining import PipelineStage
+
+    class InferringStage(PipelineStage):
+        """torch's stage, marking its shape-inference forward on the wrapped `_Stage`."""
+
+        def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
+            self.submod.inferring = True
+            try:
+                return super()._forward_metadata_inference(*args, **kwargs)
+            finally:
+                self.submod.inferring = False
+
+    return InferringStage
+
+
+def _InferringStage(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory, imported lazily
+    return _inferring_stage_class()(*args, **kwargs)
+
+
+class PipelineRunner:
+    """Runs a `PipelineSpec` model as a pipeline over ``pp_group``.
+
+    Build it after tensor parallelism and embedding sharding (it prunes blocks this rank does not
+    run) and before the optimizer is created.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: PipelineSpec,
+        *,
+        pp_group: dist.ProcessGroup,
+        device: torch.device,
+        schedule: str = "1f1b",
+        microbatches: int | None = None,
+        virtual_stages: int = 1,
+        blocks_per_stage: Sequence[int] | None = None,
+    ) -> None:
+        self.model = model
+        self.spec = spec
+        self.group = pp_group
+        self.device = device
+        self.schedule_name = schedule
+        self.pp = dist.get_world_size(pp_group)
+        self.pp_rank = dist.get_rank(pp_group)
+        validate_pipeline_options(schedule=schedule, pipeline_parallel=self.pp, virtual_stages=virtual_stages, microbatches=microbatches)
+        self.num_stages = self.pp * virtual_stages
+        num_blocks = len(spec.blocks)
+        check_stage_count(num_blocks, self.num_stages, schedule)
+        if blocks_per_stage is None:
+            blocks_per_stage = even_split(num_blocks, self.num_stages)
+        blocks_per_stage = list(blocks_per_stage)
+        if len(blocks_per_stage) != self.num_stages or sum(blocks_per_stage) != num_blocks or min(blocks_per_stage) < 1:
+            raise ValueError(
+                f"Pipeline split {blocks_per_stage} must give each of the {self.num_stages} stages at least one block and "
+                f"cover all {num_blocks} blocks exactly."
+            )
+        self.blocks_per_stage = blocks_per_stage
+        self.microbatches = microbatches or self.num_stages
+        validate_pipeline_options(schedule=schedule, pipeline_parallel=self.pp, virtual_stages=virtual_stages, microbatches=self.microbatches)
+        self.local_stage_ids = list(range(self.pp_rank, self.num_stages, self.pp))
+        self.is_first_rank = 0 in self.local_stage_ids
+        self.is_last_rank = (self.num_stages - 1) in self.local_stage_ids
+        self.last_rank_global = dist.get_global_rank(pp_group, (self.num_stages - 1) % self.pp)
+        ranges = stage_ranges(blocks_per_stage)
+        self.stages = [
+            _Stage(self, s, [spec.blocks[i] for i in ranges[s]], is_first=s == 0, is_last=s == self.num_stages - 1)
+            for s in self.local_stage_ids
+        ]
+        self._prune(ranges)
+        model.__dict__["_lightning_hybrid_pipeline"] = self  # not an attribute nn.Module would register
+        self._schedules: dict[tuple[bool, int], Any] = {}
+        self._batch: Any = None
+        self._batch_size = 0
+        self.current_microbatches = 1
+        self.training_step_running = False
+        self._lookups: torch.Tensor | None = None
+        self.busy_s = 0.0
+        self.last_step: dict[str, float] = {}
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def _prune(self, ranges: list[range]) -> None:
+        """Drop the blocks and first/last modules this rank does not run (memory, checkpoints)."""
+        local = {i for s in self.local_stage_ids for i in ranges[s]}
+        for i in range(len(self.spec.blocks)):
+            if i not in local:
+                self.spec.blocks[i] = nn.Identity()
+        drop = [*(() if self.is_first_rank else self.spec.first_modules), *(() if self.is_last_rank else self.spec.last_modules)]
+        for name in drop:
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, attr, None)
+
+    def stage_parameters(self) -> list[nn.Parameter]:
+        """Parameters of this rank's stages (what its optimizer steps, besides sharded tables)."""
+        seen: dict[int, nn.Parameter] = {}
+        for stage in self.stages:
+            for p in stage.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    # -- microbatches --------------------------------------------------------------------------
+
+    def microbatch_rows(self, i: int) -> torch.Tensor:
+        size = self._batch_size // self.current_microbatches
+        return torch.arange(i * size, (i + 1) * size, device=self.device)
+
+    def microbatch(self, index: torch.Tensor) -> Any:
+        return slice_microbatch(self._batch, index, self._batch_size)
+
+    def lookups_for(self, index: torch.Tensor) -> torch.Tensor | None:
+        return None if self._lookups is None else self._lookups[index]
+
+    def _schedule(self, batch_size: int, train: bool) -> Any:
+        key = (train, batch_size)
+        if key not in self._schedules:
+            self._schedules[key] = self._build_schedule(batch_size, train)
+        return self._schedules[key]
+
+    def _build_schedule(self, batch_size: int, train: bool) -> Any:
+        from torch.distributed import pipelining as ppl
+
+        stages = [_InferringStage(stage, stage.stage_index, self.num_stages, self.device, group=self.group) for stage in self.stages]
+        if not train:
+            # forward only: the largest microbatch count <= the training one that divides this batch
+            # (evaluation batches may be ragged); the order of forwards is GPipe's in any schedule
+            n = max(d for d in range(1, min(self.microbatches, batch_size) + 1) if batch_size % d == 0)
+            if len(stages) == 1:
+                return ppl.ScheduleGPipe(stages[0], n)
+            return ppl.ScheduleLoopedBFS(stages, n)
+        check_batch_divides(batch_size, self.microbatches)
+        loss_fn = self._loss
+        n = self.microbatches
+        # scale_grads=False: the loss function already divides by the number of microbatches, so
+        # every gradient (stage weights and the embedding rows alike) is that of the mean loss
+        if self.schedule_name == "gpipe":
+            return ppl.ScheduleGPipe(stages[0], n, loss_fn=loss_fn, scale_grads=False)
+        if self.schedule_name == "1f1b":
+            return ppl.Schedule1F1B(stages[0], n, loss_fn=loss_fn, scale_grads=False)
+        if self.schedule_name == "interleaved_1f1b":
+            return ppl.ScheduleInterleaved1F1B(stages, n, loss_fn=loss_fn, scale_grads=False)
+        return ppl.ScheduleInterleavedZeroBubble(stages, n, loss_fn=loss_fn, scale_grads=False)
+
+    @staticmethod
+    def _loss(output: torch.Tensor, _index: torch.Tensor) -> torch.Tensor:
+        return output  # the last stage already returns the microbatch's share of the loss
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _prepare(self, batch: Any, batch_size: int, grad: bool) -> torch.Tensor | None:
+        self._batch, self._batch_size = batch, batch_size
+        for stage in self.stages:
+            stage.calls = 0
+        lookups = None
+        if self.spec.lookup is not None:
+            with torch.set_grad_enabled(grad):
+                lookups = self.spec.lookup(batch)  # every rank: torchrec lookups are collectives
+            self._lookups = lookups.detach().requires_grad_(grad and lookups.requires_grad)
+        return lookups
+
+    def train_step(self, batch: Any, batch_size: int) -> torch.Tensor:
+        """Forward and backward of one batch; returns the mean microbatch loss on every pp rank."""
+        started = time.perf_counter()
+        self.busy_s = 0.0
+        lookups = self._prepare(batch, batch_size, grad=True)
+        index = torch.arange(batch_size, device=self.device)
+        losses: list[torch.Tensor] = []
+        schedule = self._schedule(batch_size, train=True)
+        self.current_microbatches = schedule._n_microbatches
+        self.training_step_running = True
+        try:
+            schedule.step(index, target=index, losses=losses, return_outputs=False)
+        finally:
+            self.training_step_running = False
+        if lookups is not None and lookups.requires_grad:
+            assert self._lookups is not None
+            grad = self._lookups.grad if self._lookups.grad is not None else torch.zeros_like(lookups)
+            lookups.backward(grad)  # together on every rank: the gradient reaches each slice, then torchrec
+        loss = torch.stack([x.detach() for x in losses]).sum() if losses else torch.zeros((), device=self.device)
+        dist.broadcast(loss, src=self.last_rank_global, group=self.group)
+        self._lookups = None
+        self._batch = None
+        self.last_step = {"step_s": time.perf_counter() - started, "busy_s": self.busy_s}
+        return loss
+
+    @torch.no_grad()
+    def forward(self, batch: Any, batch_size: int) -> torch.Tensor | None:
+        """Forward only: the last block's output for the whole batch on the last stage's rank, else None."""
+        self._prepare(batch, batch_size, grad=False)
+        index = torch.arange(batch_size, device=self.device)
+        schedule = self._schedule(batch_size, train=False)
+        self.current_microbatches = schedule._n_microbatches
+        out = schedule.eval(index)
+        self._lookups = None
+        self._batch = None
+        return out if self.is_last_rank else None
