@@ -188,6 +188,7 @@ class HybridStrategy(ParallelStrategy):
         }
         self._pipeline_split = pipeline_split
         self._pipeline: pipeline.PipelineRunner | None = None
+        self.pipeline_metrics: dict[str, float] = {}
         self._stashed_grads: dict[torch.nn.Parameter, Tensor] = {}
         self._manual_dense_sync: list[torch.nn.Parameter] = []
         self._shard_embeddings = shard_embeddings
@@ -478,6 +479,13 @@ class HybridStrategy(ParallelStrategy):
             **self._pipeline_options,
         )
         self._pipeline_spec = spec
+        runner = self._pipeline
+        report = getattr(self, "_balance_report", None)
+        predicted = f", predicted max/mean stage time {report['plan'].imbalance:.3f}" if report else ""
+        rank_zero_info(
+            f"HybridStrategy pipeline: {runner.num_stages} stages over pp={runner.pp} ({self._pipeline_options['schedule']}, "
+            f"{runner.microbatches} microbatches), blocks per stage {runner.blocks_per_stage}{predicted}"
+        )
 
     def _shard_embedding_tables(self, trainer: Any, *, fitting: bool) -> None:
         from torchrec.distributed.types import ShardingEnv
@@ -583,6 +591,27 @@ class HybridStrategy(ParallelStrategy):
         return [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
 
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self._pipeline is not None:
+            self._check_pipeline_batches()
+
+    def _check_pipeline_batches(self) -> None:
+        """Refuse, before the first step, a training loader whose batches cannot be cut into the
+        pipeline's microbatches (the last batch of an epoch included)."""
+        assert self._pipeline is not None
+        loader = self.lightning_module.trainer.train_dataloader
+        batch_size = getattr(loader, "batch_size", None)
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(batch_size, int) or sampler is None or not hasattr(sampler, "__len__"):
+            return  # checked per batch instead
+        m = self._pipeline.microbatches
+        pipeline.check_batch_divides(batch_size, m, "the training batch size")
+        last = len(sampler) % batch_size
+        if last and not getattr(loader, "drop_last", False):
+            pipeline.check_batch_divides(last, m, f"the last training batch of an epoch ({len(sampler)} samples per replica)")
+
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
@@ -653,8 +682,13 @@ class HybridStrategy(ParallelStrategy):
         self._stashed_grads = {p: p.grad for p in params if p.grad is not None}
         for param in params:
             param.grad = before.get(param)
+        module = self.lightning_module
         if self._pipeline_spec.log_name:
-            self.lightning_module.log(self._pipeline_spec.log_name, loss, prog_bar=True, batch_size=size)
+            module.log(self._pipeline_spec.log_name, loss, prog_bar=True, batch_size=size)
+        # per-stage busy time, bubble fraction, imbalance: to loggers and callbacks (callback_metrics)
+        self.pipeline_metrics = self._pipeline.stage_metrics()
+        if not self._pipeline.last_step.get("first_time"):
+            module.log_dict(self.pipeline_metrics, on_step=True, on_epoch=False, batch_size=size)
         return loss
 
     @override

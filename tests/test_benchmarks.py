@@ -50,3 +50,14 @@ def test_gpu_block_tflops_script_runs_on_cpu(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     row = json.loads(out.read_text())["rows"][0]
     assert row["ours_tflops"] > 0 and row["encoder_layer_tflops"] > 0
+
+
+def test_pipeline_bubble_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("pipeline_bubble.py", tmp_path / "bubble.json")
+    rows = result["results"]
+    assert {r["schedule"] for r in rows.values()} == {"gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"}
+    for row in rows.values():
+        assert 0.0 <= row["bubble_measured"] < 1.0 and row["step_ms"] > 0
+        assert abs(row["bubble_theory_gpipe_formula"] - 1 / (row["microbatches"] + 1)) < 1e-12
+    assert abs(rows["interleaved_1f1b/m=2"]["bubble_theory"] - 1 / (2 * 2 + 1)) < 1e-12  # (p-1)/(v m + p-1)
+    assert "| gpipe | 1 | 2 |" in stdout

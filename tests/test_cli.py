@@ -113,3 +113,27 @@ def test_two_dimensional_fit_through_the_cli(tmp_path: Path) -> None:
     )
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "meta.pt").is_file()
+
+
+def test_pipeline_fit_through_the_cli(tmp_path: Path) -> None:
+    """recipes/pipeline.yaml, shrunk: pp=2 x dp=2 on 4 processes, balanced split, sharded item table."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pipeline.yaml"
+    main(
+        [
+            "fit",
+            "-c",
+            str(recipe),
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]",
+            "--data.init_args.synthetic_users=64",
+            "--data.init_args.synthetic_items=40",
+            "--data.init_args.batch_size=8",
+            "--data.init_args.eval_batch_size=16",
+            "--model.init_args.d_model=16",
+        ]
+    )
+    checkpoints = list((tmp_path / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "meta.pt").is_file()

@@ -192,3 +192,60 @@ def test_pipeline_checkpoint_resume_is_exact(tmp_path: Any) -> None:
         half = len(result["uninterrupted"]) // 2
         assert len(result["resumed"]) == half > 0
         assert_close(torch.tensor(result["resumed"]), torch.tensor(result["uninterrupted"][half:]), rtol=1e-6, atol=1e-7)
+
+
+def _bad(case: str) -> str:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import TinyRec, loader, quiet_trainer
+
+    blocks, kwargs, data = 4, {}, dict(DATA, batch_size=8)
+    if case == "stages":
+        blocks = 1
+    elif case == "virtual":
+        blocks, kwargs = 3, {"pipeline_schedule": "interleaved_1f1b", "pipeline_virtual_stages": 2}
+    elif case == "batch":
+        data = dict(DATA, batch_size=7)
+    model = _model_class()(num_items=30, max_len=8, d_model=16, num_blocks=blocks, num_heads=2, dropout=0.0) if case != "spec" else TinyRec()
+    trainer = quiet_trainer(strategy=HybridStrategy(pipeline_parallel=2, **kwargs), devices=2, max_epochs=1, limit_val_batches=0)
+    try:
+        if case == "spec":
+            trainer.fit(model, train_dataloaders=loader(8))
+        else:
+            trainer.fit(model, datamodule=SequenceDataModule(**data))
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("stages", "2 stages but the model has only 1 blocks"),
+        ("virtual", "4 stages (interleaved and zero-bubble schedules run several stages per rank) but the model has only 3 blocks"),
+        ("batch", "the training batch size of 7 samples does not split into pipeline_microbatches=2"),
+        ("spec", "needs TinyRec.pipeline_spec()"),
+    ],
+)
+def test_bad_pipeline_layouts_fail_on_every_rank(case: str, message: str) -> None:
+    for result in run_distributed(_bad, 2, case, init_process_group=False, timeout_s=120):
+        assert message in result, result
+
+
+def test_pipeline_option_errors() -> None:
+    from lightning_hybrid import HybridStrategy
+
+    with pytest.raises(ValueError, match="pipeline_schedule='pipedream'"):
+        HybridStrategy(pipeline_parallel=2, pipeline_schedule="pipedream")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="runs several stages per rank: set pipeline_virtual_stages >= 2"):
+        HybridStrategy(pipeline_parallel=2, pipeline_schedule="interleaved_1f1b")
+    with pytest.raises(ValueError, match="'1f1b' runs one stage per rank; pipeline_virtual_stages=2"):
+        HybridStrategy(pipeline_parallel=2, pipeline_virtual_stages=2)
+    with pytest.raises(ValueError, match=r"'1f1b' needs pipeline_microbatches >= pipeline_parallel \(4\); got 2"):
+        HybridStrategy(pipeline_parallel=4, pipeline_microbatches=2)
+    with pytest.raises(ValueError, match="dense_parallel='fsdp'\\) is not supported yet"):
+        HybridStrategy(pipeline_parallel=2, dense_parallel="fsdp")
+    with pytest.raises(ValueError, match="pipeline_split='lopsided'"):
+        HybridStrategy(pipeline_parallel=2, pipeline_split="lopsided")  # type: ignore[arg-type]

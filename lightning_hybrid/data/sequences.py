@@ -370,6 +370,8 @@ class SequenceDataModule(pl.LightningDataModule):
         max_len: items of history the model sees (the most recent ones).
         batch_size: training users per data-parallel rank and step.
         eval_batch_size: users per rank and step in validation/test/predict.
+        drop_last: drop each epoch's last, smaller training batch (pipeline parallelism needs every
+            batch to split into its microbatches).
         num_items: vocabulary size the model is built for; ``None`` takes the data's. Ids beyond it are an error.
         synthetic_users, synthetic_items, synthetic_min_len, synthetic_max_len, seed: the generator.
         item_text: also provide item text tokens (MovieLens: movies.csv / movies.dat / u.item beside
@@ -389,6 +391,7 @@ class SequenceDataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_items: int | None = None,
         num_workers: int = 0,
+        drop_last: bool = False,
         synthetic_users: int = 2000,
         synthetic_items: int = 500,
         synthetic_min_len: int = 5,
@@ -407,6 +410,7 @@ class SequenceDataModule(pl.LightningDataModule):
             raise ValueError(f"SequenceDataModule(format={format!r}): use auto, sasrec, movielens or synthetic.")
         self.path, self.format, self.max_len = path, format, max_len
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.drop_last = drop_last
         self.expected_items = num_items
         self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed)
         self.data: SequenceData | None = None
@@ -534,7 +538,7 @@ class SequenceDataModule(pl.LightningDataModule):
         return int(kwargs.get("rank", trainer.global_rank)), int(kwargs.get("num_replicas", trainer.world_size))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=False, num_workers=self.num_workers)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, num_workers=self.num_workers)
 
     def _eval_loader(self, dataset: EvalSequences) -> DataLoader:
         rank, size = self._dp()

@@ -177,6 +177,7 @@ class _Stage(nn.Module):
         self.is_last = is_last
         self.calls = 0
         self.inferring = False
+        self.busy_s = 0.0
         model = runner.model
         spec = runner.spec
         # first/last modules are registered here too, so the stage owns (and syncs) their weights
@@ -189,7 +190,6 @@ class _Stage(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         runner = self._runner[0]
-        started = time.perf_counter()
         index = runner.microbatch_rows(0 if self.inferring else self.calls)
         if not self.inferring:
             self.calls += 1
@@ -205,7 +205,6 @@ class _Stage(nn.Module):
             # used there (final norm, output layer) would otherwise be outside the stage, and the
             # zero-bubble schedules free the stage output that such a loss_fn saves for backward
             x = runner.spec.last(x, mb) / runner.current_microbatches
-        runner.busy_s += time.perf_counter() - started
         return x
 
 
@@ -213,7 +212,9 @@ def _inferring_stage_class() -> type:
     from torch.distributed.pipelining import PipelineStage
 
     class InferringStage(PipelineStage):
-        """torch's stage, marking its shape-inference forward on the wrapped `_Stage`."""
+        """torch's stage, marking its shape-inference forward on the wrapped `_Stage`, and
+        timing its compute (forward, input-grad and weight-grad backward; not the waits for
+        neighbouring stages, which the schedule does outside these calls)."""
 
         def _forward_metadata_inference(self, *args: Any, **kwargs: Any) -> Any:
             self.submod.inferring = True
@@ -221,6 +222,22 @@ def _inferring_stage_class() -> type:
                 return super()._forward_metadata_inference(*args, **kwargs)
             finally:
                 self.submod.inferring = False
+
+        def _timed(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.submod.busy_s += time.perf_counter() - started
+
+        def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+            return self._timed(super().forward_one_chunk, *args, **kwargs)
+
+        def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+            return self._timed(super().backward_one_chunk, *args, **kwargs)
+
+        def backward_weight_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
+            return self._timed(super().backward_weight_one_chunk, *args, **kwargs)
 
     return InferringStage
 
@@ -287,7 +304,6 @@ class PipelineRunner:
         self.current_microbatches = 1
         self.training_step_running = False
         self._lookups: torch.Tensor | None = None
-        self.busy_s = 0.0
         self.last_step: dict[str, float] = {}
 
     # -- layout --------------------------------------------------------------------------------
@@ -364,6 +380,7 @@ class PipelineRunner:
         self._batch, self._batch_size = batch, batch_size
         for stage in self.stages:
             stage.calls = 0
+            stage.busy_s = 0.0
         lookups = None
         if self.spec.lookup is not None:
             with torch.set_grad_enabled(grad):
@@ -373,18 +390,20 @@ class PipelineRunner:
 
     def train_step(self, batch: Any, batch_size: int) -> torch.Tensor:
         """Forward and backward of one batch; returns the mean microbatch loss on every pp rank."""
-        started = time.perf_counter()
-        self.busy_s = 0.0
+        step_started = time.perf_counter()
         lookups = self._prepare(batch, batch_size, grad=True)
         index = torch.arange(batch_size, device=self.device)
         losses: list[torch.Tensor] = []
+        first_time = (True, batch_size) not in self._schedules  # includes torch's shape inference
         schedule = self._schedule(batch_size, train=True)
         self.current_microbatches = schedule._n_microbatches
         self.training_step_running = True
+        schedule_started = time.perf_counter()
         try:
             schedule.step(index, target=index, losses=losses, return_outputs=False)
         finally:
             self.training_step_running = False
+        schedule_s = time.perf_counter() - schedule_started
         if lookups is not None and lookups.requires_grad:
             assert self._lookups is not None
             grad = self._lookups.grad if self._lookups.grad is not None else torch.zeros_like(lookups)
@@ -393,8 +412,30 @@ class PipelineRunner:
         dist.broadcast(loss, src=self.last_rank_global, group=self.group)
         self._lookups = None
         self._batch = None
-        self.last_step = {"step_s": time.perf_counter() - started, "busy_s": self.busy_s}
+        busy = sum(stage.busy_s for stage in self.stages)
+        self.last_step = {
+            "step_s": time.perf_counter() - step_started,
+            "schedule_s": schedule_s,
+            "busy_s": busy,
+            "bubble_fraction": max(0.0, 1.0 - busy / schedule_s) if schedule_s > 0 else 0.0,
+            "first_time": float(first_time),
+        }
         return loss
+
+    def stage_metrics(self) -> dict[str, float]:
+        """This step's pipeline measurements, the same on every rank of the pp group (a collective):
+        per-rank busy seconds, bubble fraction (mean over ranks), imbalance (max/mean busy)."""
+        local = torch.tensor([self.last_step.get("busy_s", 0.0), self.last_step.get("schedule_s", 0.0)], dtype=torch.float64, device=self.device)
+        parts = [torch.zeros_like(local) for _ in range(self.pp)]
+        dist.all_gather(parts, local, group=self.group)
+        busy = [float(p[0]) for p in parts]
+        spans = [float(p[1]) for p in parts]
+        mean_busy = sum(busy) / len(busy)
+        metrics = {f"pipeline/busy_s_rank{r}": b for r, b in enumerate(busy)}
+        metrics["pipeline/bubble_fraction"] = sum(max(0.0, 1 - b / s) if s > 0 else 0.0 for b, s in zip(busy, spans, strict=True)) / len(busy)
+        metrics["pipeline/imbalance"] = max(busy) / mean_busy if mean_busy > 0 else 1.0
+        metrics["pipeline/theoretical_bubble"] = (self.pp - 1) / (self.current_microbatches * (self.num_stages // self.pp) + self.pp - 1)
+        return metrics
 
     @torch.no_grad()
     def forward(self, batch: Any, batch_size: int) -> torch.Tensor | None:
