@@ -386,6 +386,11 @@ class HybridStrategy(ParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None and self._pipeline is not None:
+            raise ValueError(
+                "HybridStrategy(pipeline_parallel > 1) does not support precision='16-mixed' (fp16 loss scaling is not "
+                "wired into the pipeline schedule). Use precision='bf16-mixed' or '32-true'."
+            )
         if scaler is not None and self.world_size > 1:
             # shards overflow on one rank only: every rank must skip the same steps
             from lightning_hybrid.parallel.amp import synchronize_found_inf

@@ -249,3 +249,40 @@ def test_pipeline_option_errors() -> None:
         HybridStrategy(pipeline_parallel=2, dense_parallel="fsdp")
     with pytest.raises(ValueError, match="pipeline_split='lopsided'"):
         HybridStrategy(pipeline_parallel=2, pipeline_split="lopsided")  # type: ignore[arg-type]
+
+
+def _precisions() -> dict[str, list[float]]:
+    out = {}
+    for precision in ("32-true", "bf16-mixed"):
+        warnings.simplefilter("ignore")
+        os.environ.pop("PL_GLOBAL_SEED", None)
+        import lightning.pytorch as pl
+
+        from lightning_hybrid import HybridStrategy
+        from lightning_hybrid.data.sequences import SequenceDataModule
+        from tests.helpers import quiet_trainer
+
+        losses: list[float] = []
+
+        class Losses(pl.Callback):
+            def __init__(self, sink: list[float]) -> None:
+                self.sink = sink
+
+            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+                self.sink.append(float(outputs["loss"]))
+
+        torch.manual_seed(0)
+        model = _model_class()(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0)
+        trainer = quiet_trainer(
+            strategy=HybridStrategy(pipeline_parallel=2), devices=2, max_epochs=2, precision=precision, limit_val_batches=0, callbacks=[Losses(losses)]
+        )
+        trainer.fit(model, datamodule=SequenceDataModule(**dict(DATA, batch_size=8)))
+        out[precision] = losses
+    return out
+
+
+def test_bf16_mixed_under_pipelining_tracks_fp32() -> None:
+    for result in run_distributed(_precisions, 2, init_process_group=False, timeout_s=180):
+        assert len(result["bf16-mixed"]) == len(result["32-true"]) == 6
+        assert_close(torch.tensor(result["bf16-mixed"]), torch.tensor(result["32-true"]), rtol=2e-2, atol=0)
+        assert result["bf16-mixed"] != result["32-true"]  # autocast really ran
