@@ -436,11 +436,15 @@ class HybridStrategy(ParallelStrategy):
         plan = self._tensor_parallel_plan
         if plan is None:
             make_plan = getattr(model, "tensor_parallel_plan", None)
+            if make_plan is None and _has_dtensor_parameters(model):
+                self._tp_applied = True  # the module split itself in configure_model (self.device_mesh["tp"])
+                return
             if make_plan is None:
                 raise ValueError(
                     f"HybridStrategy(tensor_parallel={self.plan.tensor_parallel}) needs a plan: pass "
-                    f"tensor_parallel_plan={{'pattern': 'colwise'|'rowwise', ...}} or define "
-                    f"{type(model).__name__}.tensor_parallel_plan()."
+                    f"tensor_parallel_plan={{'pattern': 'colwise'|'rowwise', ...}}, define "
+                    f"{type(model).__name__}.tensor_parallel_plan(), or split the module yourself in configure_model() "
+                    f"with self.device_mesh['tp']."
                 )
             plan = make_plan()
         apply_tensor_parallel(model, self.device_mesh["tp"], plan)
@@ -683,7 +687,9 @@ class HybridStrategy(ParallelStrategy):
         for param in before:
             param.grad = None
         with self.precision_plugin.train_step_context():
-            loss = self._pipeline.train_step(batch, size)
+            # Lightning divides the returned loss by the accumulated batches before backward; the
+            # schedule backpropagates itself, so it applies the same factor
+            loss = self._pipeline.train_step(batch, size, loss_scale=1.0 / self.lightning_module.trainer.accumulate_grad_batches)
         self._stashed_grads = {p: p.grad for p in params if p.grad is not None}
         for param in params:
             param.grad = before.get(param)
@@ -940,3 +946,9 @@ def _batch_size(batch: Any) -> int:
     if callable(stride):
         return int(stride())
     return -1
+
+
+def _has_dtensor_parameters(module: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())

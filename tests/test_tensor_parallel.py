@@ -436,3 +436,43 @@ def test_tensor_parallel_option_errors() -> None:
         resolve_plan(_sasrec(), {"blocks.0.q": "sequence_parallel"})
     with pytest.raises(ValueError, match="matched by more than one pattern"):
         resolve_plan(_sasrec(), {"blocks.*.q": "colwise", "blocks.0.q": "colwise"})
+
+
+def _fit_self_split(devices: int) -> dict[str, Any]:
+    """A LightningModule that splits itself in configure_model with self.device_mesh (as under
+    Lightning's ModelParallelStrategy); HybridStrategy gets tensor_parallel=2 and no plan."""
+    warnings.simplefilter("ignore")
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.parallel.tensor import apply_tensor_parallel
+    from tests.helpers import TinyClicks, collate, quiet_trainer
+
+    model = _make_encoder_recommender()
+
+    def configure_model() -> None:
+        if model.device_mesh is not None and model.device_mesh["tp"].size() > 1:
+            apply_tensor_parallel(model, model.device_mesh["tp"], {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"})
+
+    model.configure_model = configure_model  # type: ignore[method-assign]
+    data = TinyClicks(48)
+    loader = DataLoader(data, batch_size=16, sampler=DistributedSampler(data, num_replicas=1, rank=0, shuffle=False), collate_fn=collate)
+    if devices == 1:
+        quiet_trainer(devices=1, max_steps=3).fit(model, train_dataloaders=loader)
+        return {"losses": model.losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    trainer = quiet_trainer(strategy=HybridStrategy(tensor_parallel=2), devices=2, max_steps=3)
+    trainer.fit(model, train_dataloaders=loader)
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(model.layers[0].linear1.weight, DTensor)  # really split, by the module itself
+    return {"losses": model.losses, "state": full_state_dict(model)}
+
+
+def test_module_splitting_itself_in_configure_model() -> None:
+    reference = _fit_self_split(1)
+    ranks = run_distributed(_fit_self_split, 2, 2, init_process_group=False, timeout_s=180)
+    for result in ranks:
+        assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    for key, value in reference["state"].items():
+        assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

@@ -204,7 +204,7 @@ class _Stage(nn.Module):
             # the loss is computed inside the last stage, not in the schedule's loss_fn: weights
             # used there (final norm, output layer) would otherwise be outside the stage, and the
             # zero-bubble schedules free the stage output that such a loss_fn saves for backward
-            x = runner.spec.last(x, mb) / runner.current_microbatches
+            x = runner.spec.last(x, mb) * (runner.loss_scale / runner.current_microbatches)
         return x
 
 
@@ -302,6 +302,7 @@ class PipelineRunner:
         self._batch: Any = None
         self._batch_size = 0
         self.current_microbatches = 1
+        self.loss_scale = 1.0
         self.training_step_running = False
         self._lookups: torch.Tensor | None = None
         self.last_step: dict[str, float] = {}
@@ -388,8 +389,13 @@ class PipelineRunner:
             self._lookups = lookups.detach().requires_grad_(grad and lookups.requires_grad)
         return lookups
 
-    def train_step(self, batch: Any, batch_size: int) -> torch.Tensor:
-        """Forward and backward of one batch; returns the mean microbatch loss on every pp rank."""
+    def train_step(self, batch: Any, batch_size: int, *, loss_scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of one batch; returns the mean microbatch loss on every pp rank.
+
+        ``loss_scale`` multiplies the loss that is backpropagated (e.g. 1 / accumulated batches),
+        not the one returned.
+        """
+        self.loss_scale = loss_scale
         step_started = time.perf_counter()
         lookups = self._prepare(batch, batch_size, grad=True)
         index = torch.arange(batch_size, device=self.device)
@@ -408,7 +414,7 @@ class PipelineRunner:
             assert self._lookups is not None
             grad = self._lookups.grad if self._lookups.grad is not None else torch.zeros_like(lookups)
             lookups.backward(grad)  # together on every rank: the gradient reaches each slice, then torchrec
-        loss = torch.stack([x.detach() for x in losses]).sum() if losses else torch.zeros((), device=self.device)
+        loss = torch.stack([x.detach() for x in losses]).sum() / loss_scale if losses else torch.zeros((), device=self.device)
         dist.broadcast(loss, src=self.last_rank_global, group=self.group)
         self._lookups = None
         self._batch = None
