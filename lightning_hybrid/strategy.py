@@ -47,6 +47,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hybrid import checkpoint as ckpt
+from lightning_hybrid.comm.compress import Compressor, GradientCompression, build_compressor
+from lightning_hybrid.comm.modes import MODES, DataParallelMode, LocalSGD, StaleGradients
 from lightning_hybrid.failfast import FailFast, augment_with_remote_error
 from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_launcher
 from lightning_hybrid.mesh import build_device_mesh
@@ -95,6 +97,16 @@ class HybridStrategy(ParallelStrategy):
         pipeline_split: blocks per stage: ``"even"``, ``"balanced"`` (profile each block on this
             hardware, then cut where the slowest stage is fastest; `lightning_hybrid.balance`), or
             an explicit list such as ``[3, 1]``.
+        gradient_compression: how dense gradients travel on the dp axis: a
+            `lightning_hybrid.comm.GradientCompression` (fp16, bf16, PowerSGD, top-k, sign, with
+            error feedback); default exact all-reduce. See `lightning_hybrid.comm`.
+        data_parallel_mode: ``"sync"`` (every step), ``"local_sgd"`` (average the dense weights
+            every ``local_sgd_period`` steps after ``local_sgd_warmup_steps`` synchronous ones) or
+            ``"async"`` (apply the averaged gradients of ``async_staleness`` steps ago while newer
+            ones are in flight). Embedding tables stay synchronous. See `lightning_hybrid.comm.modes`.
+        local_sgd_period: steps between weight averages in ``local_sgd`` mode.
+        local_sgd_warmup_steps: synchronous steps before ``local_sgd`` starts (post-local SGD).
+        async_staleness: steps between a gradient and its application in ``async`` mode.
         shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
         embedding_sharding: table name -> forced sharding type (``"table_wise"``, ``"row_wise"``,
             ``"column_wise"``, ``"data_parallel"``, ``"table_row_wise"``, ``"table_column_wise"``).
@@ -135,6 +147,11 @@ class HybridStrategy(ParallelStrategy):
         pipeline_microbatches: int | None = None,
         pipeline_virtual_stages: int = 1,
         pipeline_split: list[int] | PipelineSplitName = "even",
+        gradient_compression: GradientCompression | None = None,
+        data_parallel_mode: DataParallelMode = "sync",
+        local_sgd_period: int = 4,
+        local_sgd_warmup_steps: int = 0,
+        async_staleness: int = 1,
         shard_embeddings: bool = True,
         embedding_sharding: dict[str, str] | None = None,
         embedding_kernels: dict[str, KernelName] | None = None,
@@ -187,6 +204,45 @@ class HybridStrategy(ParallelStrategy):
             "virtual_stages": pipeline_virtual_stages,
         }
         self._pipeline_split = pipeline_split
+        if data_parallel_mode not in MODES:
+            raise ValueError(f"HybridStrategy(data_parallel_mode={data_parallel_mode!r}): use one of {list(MODES)}.")
+        if isinstance(gradient_compression, dict):  # (from YAML without a class_path)
+            gradient_compression = GradientCompression(**gradient_compression)
+        compressing = gradient_compression is not None and gradient_compression.method != "none"
+        if compressing and dense_parallel == "fsdp":
+            raise ValueError(
+                "HybridStrategy(gradient_compression=..., dense_parallel='fsdp'): FSDP reduce-scatters gradients itself; "
+                "compression works with dense_parallel='ddp'."
+            )
+        if data_parallel_mode != "sync" and dense_parallel == "fsdp":
+            raise ValueError(
+                f"HybridStrategy(data_parallel_mode={data_parallel_mode!r}, dense_parallel='fsdp') is not supported: FSDP "
+                f"shards the weights that local SGD / async updates keep whole on every replica. Use dense_parallel='ddp'."
+            )
+        if data_parallel_mode == "async" and compressing:
+            raise ValueError(
+                "HybridStrategy(data_parallel_mode='async') sends exact gradients in the background; combining it with "
+                f"gradient_compression(method={gradient_compression.method!r}) is not supported (error feedback needs the "
+                "compressed exchange to finish within the step). Use one or the other."
+            )
+        if data_parallel_mode != "sync" and pipeline_parallel not in (1, "auto"):
+            raise ValueError(
+                f"HybridStrategy(data_parallel_mode={data_parallel_mode!r}) with pipeline_parallel > 1 is not supported yet; "
+                f"use data_parallel_mode='sync' with pipelining."
+            )
+        if local_sgd_period < 1 or local_sgd_warmup_steps < 0 or async_staleness < 1:
+            raise ValueError(
+                f"HybridStrategy: local_sgd_period={local_sgd_period} and async_staleness={async_staleness} must be >= 1, "
+                f"local_sgd_warmup_steps={local_sgd_warmup_steps} >= 0."
+            )
+        self._compression = gradient_compression
+        self._dp_mode = data_parallel_mode
+        self._local_sgd_options = {"period": local_sgd_period, "warmup_steps": local_sgd_warmup_steps}
+        self._async_staleness = async_staleness
+        self._compressor: Compressor | None = None
+        self._local_sgd: LocalSGD | None = None
+        self._stale: StaleGradients | None = None
+        self.comm_bytes_last_step = 0
         self._pipeline: pipeline.PipelineRunner | None = None
         self.pipeline_metrics: dict[str, float] = {}
         self._stashed_grads: dict[torch.nn.Parameter, Tensor] = {}
@@ -361,12 +417,22 @@ class HybridStrategy(ParallelStrategy):
                     dp_mesh=self.device_mesh["dp"],
                     reshard_after_forward=self._reshard_after_forward,
                 )
-        elif fitting and (self.plan.tensor_parallel > 1 or self.plan.pipeline_parallel > 1):
-            # DDP cannot hook DTensor parameters: average the dense gradients over dp after backward
+        elif fitting and (self.plan.tensor_parallel > 1 or self.plan.pipeline_parallel > 1 or self._dp_mode != "sync"):
+            # DDP cannot hook DTensor parameters, and local SGD / async decide themselves when to
+            # communicate: the dense gradients (or weights) are exchanged over dp explicitly
             sharded = set(data_parallel.names_under(self.lightning_module, list(self._sharded_modules)))
             self._manual_dense_sync = [
                 p for n, p in self.lightning_module.named_parameters() if p.requires_grad and n not in sharded
             ]
+            dp_group = self.device_mesh["dp"].get_group()
+            self._compressor = build_compressor(self._compression, dp_group)
+            if self._dp_mode != "sync" and self.plan.tensor_parallel == 1:
+                # (DDP would have made the replicas equal; without it, start them equal here)
+                data_parallel.broadcast_dense_state(self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=dp_group)
+            if self._dp_mode == "local_sgd":
+                self._local_sgd = LocalSGD(self._manual_dense_sync, dp_group, counter=self._compressor.counter, **self._local_sgd_options)
+            elif self._dp_mode == "async":
+                self._stale = StaleGradients(self._manual_dense_sync, dp_group, staleness=self._async_staleness, counter=self._compressor.counter)
         elif fitting:
             self.model = data_parallel.wrap_dense_data_parallel(
                 self.lightning_module,
@@ -375,6 +441,11 @@ class HybridStrategy(ParallelStrategy):
                 device=self.root_device,
                 **self._ddp_kwargs,
             )
+            self._compressor = build_compressor(self._compression, self.device_mesh["dp"].get_group())
+            if isinstance(self.model, DistributedDataParallel):
+                from lightning_hybrid.comm.hooks import register_compressor
+
+                register_compressor(self.model, self._compressor)
         elif not self._is_fsdp():  # (an FSDP-sharded model's shards differ by design)
             data_parallel.broadcast_dense_state(
                 self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=self.device_mesh["dp"].get_group()
@@ -648,6 +719,10 @@ class HybridStrategy(ParallelStrategy):
             emb_optim.sync_fused_learning_rates(
                 self._fused_optimizers_by_table(), self._table_choice, self._unwrapped_optimizers()
             )
+        if self._compressor is not None and self._compressor.counter.total:
+            # bytes this rank sent on the dp axis for the previous optimizer step (logging is
+            # allowed here, not in optimizer_step)
+            self.lightning_module.log("comm/dp_bytes_per_step", float(self.comm_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
         if self._pipeline is not None:
             return self._pipeline_training_step(*args, **kwargs)
         with self._loss_parallel_context():
@@ -732,8 +807,28 @@ class HybridStrategy(ParallelStrategy):
         # (replicated "data_parallel" tables need nothing here: torchrec wraps their lookup in its
         # own DDP over the whole world, which with tp > 1 is also what the tp-scaled slice
         # gradients of parallel.replica_lookup need)
-        if self._manual_dense_sync and self.plan.data_parallel > 1:
-            data_parallel.average_gradients(self._manual_dense_sync, self.device_mesh["dp"].get_group())
+        if not self._manual_dense_sync or self.plan.data_parallel == 1 or self._compressor is None:
+            return
+        if self._stale is not None:
+            self._stale.exchange()
+        elif self._local_sgd is None or self._local_sgd.syncs_gradients():
+            grads = [data_parallel.local_tensor(p.grad) for p in self._manual_dense_sync if p.grad is not None]
+            self._compressor.reduce(grads, key="dense")
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self._local_sgd is not None:
+            self._local_sgd.after_optimizer_step()
+        if self._compressor is not None:
+            self.comm_bytes_last_step = self._compressor.counter.take_step()
+        return out
+
+    @override
+    def on_train_end(self) -> None:
+        if self._stale is not None:
+            self._stale.drain()
+        super().on_train_end()
 
     @contextmanager
     @override

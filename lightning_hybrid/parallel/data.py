@@ -81,9 +81,12 @@ def broadcast_dense_state(
     broadcast_tensors(tensors, process_group)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    # a DTensor's own shard (tensor parallelism keeps replicas of a shard on the dp axis)
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's own shard (tensor parallelism keeps replicas of a shard on the dp axis), or the tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+_local = local_tensor
 
 
 def average_gradients(params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None) -> None:

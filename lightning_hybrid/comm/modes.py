@@ -1,0 +1,113 @@
+"""Synchronous vs asynchronous data parallelism for the dense parameters.
+
+- ``sync``: gradients averaged every step (DDP or a compressor), the reference.
+- ``local_sgd`` (`LocalSGD`): each replica steps on its own gradients; every ``period`` steps the
+  parameters are averaged (Lin et al., "Don't use large mini-batches, use local SGD", with
+  post-local-SGD: ``warmup_steps`` synchronous steps first). Communication drops by ``period``x;
+  replicas drift apart between averages. With period 1 and plain SGD it equals ``sync``.
+- ``async`` (`StaleGradients`): bounded staleness ``s``. Step t's gradient all-reduce starts
+  right after its backward and is waited for ``s`` steps later, so it overlaps with the next ``s``
+  steps' compute; the optimizer applies the averaged gradient of step t - s. Every replica applies
+  the same averaged gradients, so the parameters stay identical; the first ``s`` steps apply none.
+
+Embedding tables sharded by torchrec stay synchronous in every mode: their updates happen inside
+torchrec's backward collectives.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from lightning_hybrid.comm.compress import ByteCounter
+
+DataParallelMode = Literal["sync", "local_sgd", "async"]
+MODES: tuple[str, ...] = ("sync", "local_sgd", "async")
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1).float() for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class LocalSGD:
+    """Average ``params`` over ``group`` every ``period`` optimizer steps (after ``warmup_steps``)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], group: dist.ProcessGroup | None, *, period: int, warmup_steps: int, counter: ByteCounter) -> None:
+        if period < 1:
+            raise ValueError(f"local_sgd_period={period} must be >= 1.")
+        self.params = list(params)
+        self.group = group
+        self.period = period
+        self.warmup_steps = warmup_steps
+        self.counter = counter
+        self.steps = 0
+
+    def syncs_gradients(self) -> bool:
+        """True while in the synchronous warm-up (post-local SGD)."""
+        return self.steps < self.warmup_steps
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.steps += 1
+        if self.steps <= self.warmup_steps or (self.steps - self.warmup_steps) % self.period != 0:
+            return
+        world = dist.get_world_size(self.group)
+        tensors = [_local(p.detach()) for p in self.params]
+        flat = _flat(tensors)
+        self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))
+        dist.all_reduce(flat, group=self.group)
+        _unflat(flat / world, tensors)
+
+
+class StaleGradients:
+    """Bounded-staleness gradient averaging: apply the average of the gradients of ``staleness`` steps ago."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], group: dist.ProcessGroup | None, *, staleness: int, counter: ByteCounter) -> None:
+        if staleness < 1:
+            raise ValueError(f"async_staleness={staleness} must be >= 1 (0 is data_parallel_mode='sync').")
+        self.params = list(params)
+        self.group = group
+        self.staleness = staleness
+        self.counter = counter
+        self.pending: deque[tuple[Any, torch.Tensor]] = deque()
+
+    @torch.no_grad()
+    def exchange(self) -> None:
+        """Called after backward: start this step's all-reduce, put the stale average into ``.grad``."""
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.params]
+        flat = _flat(grads)
+        world = dist.get_world_size(self.group)
+        self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.pending.append((work, flat))
+        if len(self.pending) > self.staleness:
+            old_work, old = self.pending.popleft()
+            old_work.wait()
+            _unflat(old / world, grads)
+        else:
+            for g in grads:  # nothing old enough yet: no update, on every replica alike
+                g.zero_()
+        for p, g in zip(self.params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g
+
+    def drain(self) -> None:
+        """Wait for the all-reduces still in flight (end of training: no collective left hanging)."""
+        while self.pending:
+            work, _ = self.pending.popleft()
+            work.wait()
