@@ -77,7 +77,7 @@ def test_compressed_exchange_through_the_strategy() -> None:
     # replicas stay identical: every rank decodes the same average
     for config_index in range(len(configs)):
         for key, value in results[0][config_index]["mlp"].items():
-            assert_close(results[1][config_index]["mlp"][key], value, msg=lambda m, k=key: f"{configs[config_index]} {k}: {m}")
+            assert_close(results[1][config_index]["mlp"][key], value, msg=lambda m, k=key, c=config_index: f"{configs[c]} {k}: {m}")
     # fp16 on the wire: the same training within fp16 rounding
     assert_close(torch.tensor(fp16["losses"]), torch.tensor(none["losses"]), rtol=1e-2, atol=1e-3)
 
