@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _smoke(script: str, out: Path) -> tuple[dict, str]:
+def _smoke(script: str, out: Path, *extra: str) -> tuple[dict, str]:
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=300,
@@ -61,3 +61,14 @@ def test_pipeline_bubble_smoke(tmp_path: Path) -> None:
         assert abs(row["bubble_theory_gpipe_formula"] - 1 / (row["microbatches"] + 1)) < 1e-12
     assert abs(rows["interleaved_1f1b/m=2"]["bubble_theory"] - 1 / (2 * 2 + 1)) < 1e-12  # (p-1)/(v m + p-1)
     assert "| gpipe | 1 | 2 |" in stdout
+
+
+def test_compression_benchmark_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("compression.py", tmp_path / "compression.json", "--variants", "topk-1%,async-s1")
+    rows = result["results"]
+    assert set(rows) == {"exact", "topk-1%", "async-s1"}
+    for row in rows.values():
+        assert row["steps"] > 0 and row["bytes_per_step"] > 0 and 0 <= row["hr10"] <= 1
+        assert abs(row["bytes_ratio"] - rows["exact"]["bytes_per_step"] / row["bytes_per_step"]) < 1e-9
+    assert (tmp_path / "compression.png").is_file()  # quality vs bytes
+    assert "| topk-1% |" in stdout

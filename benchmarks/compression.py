@@ -1,0 +1,157 @@
+"""Compressed and asynchronous data parallelism on the reference recommender, 2 CPU processes.
+
+One run, the variants side by side in fresh process pairs: exact all-reduce, fp16, PowerSGD rank 4,
+top-k 1%, 1-bit sign, local SGD (period 4) and async (staleness 1). For each: bytes sent per rank
+and step on the dp axis (mean over the steps from step 21 on, i.e. after start_iter and the
+warm-ups; ratio to exact), median step time (ratio
+to exact) and test HR@10 / NDCG@10 after the same budget of epochs.
+
+    python benchmarks/compression.py --data ../shared/data/ml-latest-small/ratings.csv
+    python benchmarks/compression.py --smoke         # synthetic data, seconds; what the test suite runs
+
+Writes benchmarks/results/compression.json and a plot (quality vs bytes) next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_hybrid.testing import run_distributed  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "fp16": {"gradient_compression": {"method": "fp16"}},
+    "powersgd-r4": {"gradient_compression": {"method": "powersgd", "rank": 4, "start_iter": 10}},
+    "topk-1%": {"gradient_compression": {"method": "topk", "density": 0.01, "start_iter": 10, "warmup_steps": 10}},
+    "sign-1bit": {"gradient_compression": {"method": "sign", "start_iter": 10}},
+    "local-sgd-H4": {"data_parallel_mode": "local_sgd", "local_sgd_period": 4, "local_sgd_warmup_steps": 10},
+    "async-s1": {"data_parallel_mode": "async", "async_staleness": 1},
+}
+STEADY_FROM = 21
+FULL = {"d_model": 256, "num_heads": 2, "num_blocks": 2, "max_len": 50, "batch_size": 64, "epochs": 15, "loss": "sampled"}
+SMOKE = {"d_model": 16, "num_heads": 2, "num_blocks": 1, "max_len": 8, "batch_size": 8, "epochs": 2, "loss": "sampled"}
+
+
+def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.comm import GradientCompression
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from lightning_hybrid.models.sasrec import SASRec
+
+    rank = int(os.environ["RANK"])
+    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
+    kwargs = dict(variant)
+    if "gradient_compression" in kwargs:
+        kwargs["gradient_compression"] = GradientCompression(**kwargs["gradient_compression"])
+    ends: list[float] = []
+    sent: list[int] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            ends.append(time.perf_counter())
+            sent.append(trainer.strategy.comm_bytes_last_step)
+
+    if data_path:
+        data = SequenceDataModule(path=data_path, format="movielens", max_len=cfg["max_len"], batch_size=cfg["batch_size"], eval_batch_size=256)
+    else:
+        data = SequenceDataModule(format="synthetic", max_len=cfg["max_len"], batch_size=cfg["batch_size"], synthetic_users=64, synthetic_items=50)
+    pl.seed_everything(0, verbose=False)
+    model = SASRec(
+        d_model=cfg["d_model"], num_heads=cfg["num_heads"], num_blocks=cfg["num_blocks"], max_len=cfg["max_len"], loss=cfg["loss"], dropout=0.2
+    )
+    trainer = pl.Trainer(
+        strategy=HybridStrategy(embedding_sharding={"item_id": "row_wise"}, **kwargs), accelerator="cpu", devices=2,
+        max_epochs=cfg["epochs"], limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Clock()],
+    )
+    trainer.fit(model, datamodule=data)
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    steps = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)][5:] or [0.0]
+    # steady state: mean over the steps after start_iter and every warm-up (10 + 10 steps; local
+    # SGD sends only every period-th step, so a mean, not a median)
+    late = sent[STEADY_FROM:] if len(sent) > STEADY_FROM else sent
+    dense = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("item_tables"))
+    return {
+        "step_ms": statistics.median(steps) * 1e3, "bytes_per_step": statistics.mean(late) if late else 0.0, "steps": len(ends),
+        "hr10": float(metrics["test_hr@10"]), "ndcg10": float(metrics["test_ndcg@10"]), "dense_params": dense,
+        "bytes_each_step": sent,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--data", default=None, help="MovieLens ratings.csv (default: synthetic)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression.json"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (exact is always run)")
+    args = parser.parse_args()
+    cfg = SMOKE if args.smoke else FULL
+    chosen = ["exact", *[v for v in args.variants.split(",") if v and v != "exact"]]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    results = {}
+    for name in chosen:
+        variant = VARIANTS[name]
+        results[name] = run_distributed(_worker, 2, cfg, variant, args.data, init_process_group=False, timeout_s=3600)[0]
+        print(name, results[name], flush=True)
+    base = results["exact"]
+    table = [
+        "| variant | bytes / step / rank | bytes vs exact | step (ms) | step vs exact | test HR@10 | test NDCG@10 | NDCG vs exact |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        r["bytes_ratio"] = base["bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("inf")
+        r["time_ratio"] = r["step_ms"] / base["step_ms"] if base["step_ms"] else 1.0
+        r["ndcg_relative"] = r["ndcg10"] / base["ndcg10"] if base["ndcg10"] else 1.0
+        table.append(
+            f"| {name} | {r['bytes_per_step'] / 1e6:.3f} MB | {r['bytes_ratio']:.1f}x less | {r['step_ms']:.0f} | {r['time_ratio']:.2f}x | "
+            f"{r['hr10']:.4f} | {r['ndcg10']:.4f} | {r['ndcg_relative']:.3f} |"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "compression", "config": cfg, "data": args.data, "results": results}, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in results.items():
+            ax.scatter(r["bytes_per_step"] / 1e6, r["ndcg10"])
+            ax.annotate(name, (r["bytes_per_step"] / 1e6, r["ndcg10"]), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("MB sent per step per rank (dp axis, log)")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title("quality vs bytes on the wire")
+        fig.tight_layout()
+        fig.savefig(out.with_suffix(".png"), dpi=120)
+        print(f"plot: {out.with_suffix('.png')}")
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+    print("\n".join(table))
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
