@@ -94,12 +94,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tp_vs_dp.json"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS} (dp2 always runs)")
     args = parser.parse_args()
+    variants = ["dp2", *[v for v in args.variants.split(",") if v and v != "dp2"]]
+    if set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
     sizes = SMOKE if args.smoke else SIZES
     steps, warmup = (3, 1) if args.smoke else (10, 3)
     results: dict[str, Any] = {}
     for name, cfg in sizes.items():
-        for variant in VARIANTS:  # fresh processes per variant: clean memory peaks
+        for variant in variants:  # fresh processes per variant: clean memory peaks
             ranks = run_distributed(_worker, 2, cfg, variant, steps, warmup, init_process_group=False, timeout_s=1200)
             results[f"{name}/{variant}"] = {
                 "step_ms": max(r["step_s"] for r in ranks) * 1e3,
@@ -111,7 +115,7 @@ def main() -> None:
     for name, cfg in sizes.items():
         dp = results[f"{name}/dp2"]
         summary[name] = {}
-        for variant in VARIANTS:
+        for variant in variants:
             r = results[f"{name}/{variant}"]
             time_ratio = r["step_ms"] / dp["step_ms"]
             memory_ratio = r["peak_mb_per_rank"] / max(dp["peak_mb_per_rank"], 1e-9)

@@ -25,9 +25,13 @@ def _step(synchronized: bool) -> tuple[float, float]:
     return float(param.detach().sum()), float(scaler.get_scale())
 
 
+def _both() -> tuple[tuple[float, float], tuple[float, float]]:
+    return _step(True), _step(False)
+
+
 def test_overflow_on_one_rank_skips_the_step_everywhere() -> None:
-    for value, scale in run_distributed(_step, 2, True, timeout_s=60):
+    ranks = run_distributed(_both, 2, timeout_s=60)
+    for (value, scale), _ in ranks:
         assert value == 3.0 and scale == 2.0  # step skipped, scale halved, on both ranks
-    unsynced = run_distributed(_step, 2, False, timeout_s=60)
-    assert unsynced[0][0] != 3.0  # what plain GradScaler does: rank 0 steps, rank 1 does not
-    assert unsynced[1][0] == 3.0
+    assert ranks[0][1][0] != 3.0  # what plain GradScaler does: rank 0 steps, rank 1 does not
+    assert ranks[1][1][0] == 3.0

@@ -131,13 +131,15 @@ def _bad(case: str) -> str:
     return "no error"
 
 
+def _bad_all(cases: list[str]) -> list[str]:
+    return [_bad(case) for case in cases]
+
+
 def test_plan_errors_are_clear_on_every_rank() -> None:
-    for message in run_distributed(_bad, 2, "pattern", timeout_s=60):
-        assert "pattern 'layers.*.fc1' matches no module of EncoderModel" in message
-    for message in run_distributed(_bad, 2, "sequence", timeout_s=60):
-        assert "needs the sequence length (7) to be divisible by 2" in message
-    for message in run_distributed(_bad, 2, "heads", timeout_s=60):
-        assert "number of heads of blocks.0 (3) to be divisible by 2" in message
+    for pattern, sequence, heads in run_distributed(_bad_all, 2, ["pattern", "sequence", "heads"], timeout_s=60):
+        assert "pattern 'layers.*.fc1' matches no module of EncoderModel" in pattern
+        assert "needs the sequence length (7) to be divisible by 2" in sequence
+        assert "number of heads of blocks.0 (3) to be divisible by 2" in heads
 
 
 # ---------------------------------------------------------------------------------------------
