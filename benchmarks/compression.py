@@ -49,7 +49,6 @@ def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None)
     logging.disable(logging.WARNING)
     os.environ.pop("PL_GLOBAL_SEED", None)
     import lightning.pytorch as pl
-    import torch
 
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.comm import GradientCompression
