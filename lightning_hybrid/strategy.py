@@ -107,6 +107,8 @@ class HybridStrategy(ParallelStrategy):
         local_sgd_period: steps between weight averages in ``local_sgd`` mode.
         local_sgd_warmup_steps: synchronous steps before ``local_sgd`` starts (post-local SGD).
         async_staleness: steps between a gradient and its application in ``async`` mode.
+        monitor: add a `lightning_hybrid.callbacks.HybridMonitor` (throughput, step-time breakdown,
+            utilization, charts) unless the Trainer has one already.
         shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
         embedding_sharding: table name -> forced sharding type (``"table_wise"``, ``"row_wise"``,
             ``"column_wise"``, ``"data_parallel"``, ``"table_row_wise"``, ``"table_column_wise"``).
@@ -152,6 +154,7 @@ class HybridStrategy(ParallelStrategy):
         local_sgd_period: int = 4,
         local_sgd_warmup_steps: int = 0,
         async_staleness: int = 1,
+        monitor: bool = True,
         shard_embeddings: bool = True,
         embedding_sharding: dict[str, str] | None = None,
         embedding_kernels: dict[str, KernelName] | None = None,
@@ -239,10 +242,12 @@ class HybridStrategy(ParallelStrategy):
         self._dp_mode = data_parallel_mode
         self._local_sgd_options = {"period": local_sgd_period, "warmup_steps": local_sgd_warmup_steps}
         self._async_staleness = async_staleness
+        self._monitor = monitor
         self._compressor: Compressor | None = None
         self._local_sgd: LocalSGD | None = None
         self._stale: StaleGradients | None = None
         self.comm_bytes_last_step = 0
+        self.comm_seconds_last_step = 0.0
         self._pipeline: pipeline.PipelineRunner | None = None
         self.pipeline_metrics: dict[str, float] = {}
         self._stashed_grads: dict[torch.nn.Parameter, Tensor] = {}
@@ -450,6 +455,12 @@ class HybridStrategy(ParallelStrategy):
             data_parallel.broadcast_dense_state(
                 self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=self.device_mesh["dp"].get_group()
             )
+
+        if fitting and self._monitor:
+            from lightning_hybrid.callbacks.monitor import HybridMonitor
+
+            if not any(isinstance(c, HybridMonitor) for c in trainer.callbacks):
+                trainer.callbacks.append(HybridMonitor())
 
         # 4. optimizers see the final parameters
         if fitting:
@@ -822,6 +833,7 @@ class HybridStrategy(ParallelStrategy):
             self._local_sgd.after_optimizer_step()
         if self._compressor is not None:
             self.comm_bytes_last_step = self._compressor.counter.take_step()
+            self.comm_seconds_last_step = self._compressor.counter.take_seconds()
         return out
 
     @override

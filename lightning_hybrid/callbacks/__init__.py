@@ -1,5 +1,6 @@
 """Lightning callbacks shipped with lightning_hybrid."""
 
+from lightning_hybrid.callbacks.monitor import HybridMonitor
 from lightning_hybrid.callbacks.predictions import MetricsSummary, RecommendationWriter
 
-__all__ = ["MetricsSummary", "RecommendationWriter"]
+__all__ = ["HybridMonitor", "MetricsSummary", "RecommendationWriter"]

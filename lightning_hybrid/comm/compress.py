@@ -29,6 +29,7 @@ of B bytes per rank sends (w-1) B.
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -89,6 +90,7 @@ class ByteCounter:
     def __init__(self) -> None:
         self.total = 0
         self.step = 0
+        self.seconds = 0.0  # time spent waiting in synchronous collectives since the last take_seconds
 
     def add(self, nbytes: float) -> None:
         self.total += int(nbytes)
@@ -96,6 +98,10 @@ class ByteCounter:
 
     def take_step(self) -> int:
         value, self.step = self.step, 0
+        return value
+
+    def take_seconds(self) -> float:
+        value, self.seconds = self.seconds, 0.0
         return value
 
     @staticmethod
@@ -130,7 +136,9 @@ class Compressor:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         self.counter.add(ByteCounter.all_reduce_bytes(_nbytes(tensor), self.world))
         if self.world > 1:
+            started = time.perf_counter()
             dist.all_reduce(tensor, group=self.group)
+            self.counter.seconds += time.perf_counter() - started
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -138,7 +146,9 @@ class Compressor:
         if self.world == 1:
             return [tensor]
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        started = time.perf_counter()
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        self.counter.seconds += time.perf_counter() - started
         return parts
 
     def _dense_mean(self, tensors: list[torch.Tensor]) -> None:

@@ -16,6 +16,7 @@ torchrec's backward collectives.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -70,7 +71,9 @@ class LocalSGD:
         tensors = [_local(p.detach()) for p in self.params]
         flat = _flat(tensors)
         self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))
+        started = time.perf_counter()
         dist.all_reduce(flat, group=self.group)
+        self.counter.seconds += time.perf_counter() - started
         _unflat(flat / world, tensors)
 
 
@@ -97,7 +100,9 @@ class StaleGradients:
         self.pending.append((work, flat))
         if len(self.pending) > self.staleness:
             old_work, old = self.pending.popleft()
+            started = time.perf_counter()
             old_work.wait()
+            self.counter.seconds += time.perf_counter() - started
             _unflat(old / world, grads)
         else:
             for g in grads:  # nothing old enough yet: no update, on every replica alike

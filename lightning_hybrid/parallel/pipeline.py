@@ -178,6 +178,7 @@ class _Stage(nn.Module):
         self.calls = 0
         self.inferring = False
         self.busy_s = 0.0
+        self.events: list[tuple[str, int, float, float]] = []  # (F/B/W, stage, start, end) of the last step
         model = runner.model
         spec = runner.spec
         # first/last modules are registered here too, so the stage owns (and syncs) their weights
@@ -223,21 +224,23 @@ def _inferring_stage_class() -> type:
             finally:
                 self.submod.inferring = False
 
-        def _timed(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def _timed(self, kind: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.submod.busy_s += time.perf_counter() - started
+                ended = time.perf_counter()
+                self.submod.busy_s += ended - started
+                self.submod.events.append((kind, self.stage_index, started, ended))
 
         def forward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            return self._timed(super().forward_one_chunk, *args, **kwargs)
+            return self._timed("F", super().forward_one_chunk, *args, **kwargs)
 
         def backward_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            return self._timed(super().backward_one_chunk, *args, **kwargs)
+            return self._timed("B", super().backward_one_chunk, *args, **kwargs)
 
         def backward_weight_one_chunk(self, *args: Any, **kwargs: Any) -> Any:
-            return self._timed(super().backward_weight_one_chunk, *args, **kwargs)
+            return self._timed("W", super().backward_weight_one_chunk, *args, **kwargs)
 
     return InferringStage
 
@@ -382,6 +385,7 @@ class PipelineRunner:
         for stage in self.stages:
             stage.calls = 0
             stage.busy_s = 0.0
+            stage.events = []
         lookups = None
         if self.spec.lookup is not None:
             with torch.set_grad_enabled(grad):
@@ -404,7 +408,7 @@ class PipelineRunner:
         schedule = self._schedule(batch_size, train=True)
         self.current_microbatches = schedule._n_microbatches
         self.training_step_running = True
-        schedule_started = time.perf_counter()
+        schedule_started = self.schedule_started = time.perf_counter()
         try:
             schedule.step(index, target=index, losses=losses, return_outputs=False)
         finally:
@@ -427,6 +431,12 @@ class PipelineRunner:
             "first_time": float(first_time),
         }
         return loss
+
+    def timeline(self) -> list[tuple[str, int, float, float]]:
+        """This rank's compute intervals of the last training step: (F/B/W, stage, start s, end s),
+        relative to the start of its schedule."""
+        t0 = getattr(self, "schedule_started", 0.0)
+        return sorted((k, s, a - t0, b - t0) for stage in self.stages for (k, s, a, b) in stage.events)
 
     def stage_metrics(self) -> dict[str, float]:
         """This step's pipeline measurements, the same on every rank of the pp group (a collective):

@@ -1,0 +1,295 @@
+"""Throughput, step-time breakdown, utilization and communication of every training step.
+
+`HybridMonitor` is added by `HybridStrategy` (``monitor=True``, the default) and logs through
+Lightning's logger API, so CSV, TensorBoard and wandb all get the same keys, grouped by prefix so a
+wandb workspace shows one panel section per group:
+
+- ``throughput/``: ``samples_per_s`` (all replicas), ``samples_per_s_rank``, ``tokens_per_s``
+  (non-zero entries of ``batch[token_key]``, when the batch has it);
+- ``time/``: ``step_s`` and its parts ``embedding_s`` (forward of the sharded embedding modules:
+  input all-to-all, lookup, output all-to-all), ``dp_exchange_s`` (waiting in synchronous
+  data-parallel collectives: compressed exchanges, local-SGD averages, stale-gradient waits;
+  DDP's overlapped all-reduce is not visible here), ``pipeline_idle_s`` (schedule time not spent
+  in this rank's stage compute), ``optimizer_s`` (from ``on_before_optimizer_step`` to the end of
+  the step: clipping and the step), and ``dense_compute_s``, the rest;
+- ``utilization/``: ``compute_fraction`` (dense compute / step: the share of the step this rank
+  computes rather than waits or communicates) and ``mfu`` (model FLOPs, 6 x dense parameters per
+  token or sample, per second over ``world x peak_flops``; only with a known peak);
+- ``comm/dp_bytes_per_step`` (logged by the strategy) and ``pipeline/*`` (logged by the pipeline);
+- ``embedding/params_rank{r}``: embedding parameters each rank holds (logged once, at the first step).
+
+At the start of fit the resolved plan (mesh, sharding plan, pipeline split, compression) goes to
+every logger's hyper-parameters and the embedding shard load per rank is logged; at the end of fit
+`charts_dir` receives ``shard_balance.png`` (embedding rows per rank, and pipeline busy time per
+stage when pipelined) and ``pipeline_timeline.png`` (each pp rank's forward/backward intervals of
+the last step), also sent to a ``WandbLogger`` as images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+# bf16 dense peak FLOP/s per device, for MFU when no peak is given
+_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def detect_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAKS.items() if key in name), None)
+
+
+class HybridMonitor(pl.Callback):
+    """Per-step throughput, time breakdown, utilization (see the module docstring for the keys).
+
+    Args:
+        token_key: batch entry whose non-zero elements count as tokens (``None``: no tokens/s).
+        peak_flops: per-device peak FLOP/s for MFU (default: detected on known GPUs, else no MFU).
+        flops_per_token: model FLOPs per token (or per sample without tokens); default 6 x the
+            dense parameter count (forward + backward of a dense network).
+        charts_dir: where the PNG charts go (default: ``<trainer.default_root_dir>/charts``).
+        prog_bar: show samples/s and compute fraction in the progress bar.
+    """
+
+    def __init__(
+        self,
+        *,
+        token_key: str | None = "input",
+        peak_flops: float | None = None,
+        flops_per_token: float | None = None,
+        charts_dir: str | None = None,
+        prog_bar: bool = True,
+    ) -> None:
+        self.token_key = token_key
+        self.peak_flops = peak_flops
+        self.flops_per_token = flops_per_token
+        self.charts_dir = charts_dir
+        self.prog_bar = prog_bar
+        self._embedding_s = 0.0
+        self._starts: dict[int, float] = {}
+        self._step_start = 0.0
+        self._opt_start: float | None = None
+        self._handles: list[Any] = []
+        self._logged_load = False
+        self.last: dict[str, float] = {}
+
+    # -- fit start: hooks, plan, shard load ---------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        for module in getattr(strategy, "_sharded_modules", {}).values():
+            self._handles.append(module.register_forward_pre_hook(self._embedding_start))
+            self._handles.append(module.register_forward_hook(self._embedding_end))
+        if self.peak_flops is None:
+            self.peak_flops = detect_peak_flops(strategy.root_device)
+        if self.flops_per_token is None:
+            dense = sum(_global_numel(p) for n, p in pl_module.named_parameters() if p.requires_grad and not _is_table(strategy, n))
+            if strategy.world_size > 1 and getattr(strategy, "_pipeline", None) is not None:
+                total = torch.tensor(float(dense), dtype=torch.float64, device=strategy.root_device)
+                dist.all_reduce(total, group=strategy.device_mesh["pp"].get_group())  # stages hold different layers
+                dense = int(total)
+            self.flops_per_token = 6.0 * dense
+        plan = describe_plan(strategy)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"lightning_hybrid": plan})
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        try:
+            paths = write_charts(trainer, Path(self.charts_dir or Path(trainer.default_root_dir) / "charts"))
+        except ImportError:
+            return  # (matplotlib missing: no charts)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    for name, path in paths.items():
+                        logger.log_image(key=f"charts/{name}", images=[str(path)])
+
+    def _embedding_start(self, module: Any, _args: Any) -> None:
+        self._starts[id(module)] = time.perf_counter()
+
+    def _embedding_end(self, module: Any, _args: Any, _out: Any) -> None:
+        started = self._starts.pop(id(module), None)
+        if started is not None:
+            self._embedding_s += time.perf_counter() - started
+
+    # -- per step -------------------------------------------------------------------------------
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+        self._embedding_s = 0.0
+        self._opt_start = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._opt_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        step_s = max(now - self._step_start, 1e-9)
+        strategy = trainer.strategy
+        samples = _batch_size(batch)
+        tokens = _tokens(batch, self.token_key)
+        replicas = getattr(getattr(strategy, "_plan", None), "data_parallel", 1) or 1
+        optimizer_s = now - self._opt_start if self._opt_start is not None else 0.0
+        dp_s = float(getattr(strategy, "comm_seconds_last_step", 0.0))
+        runner = getattr(strategy, "_pipeline", None)
+        idle_s = 0.0
+        if runner is not None and runner.last_step:
+            idle_s = max(0.0, runner.last_step["schedule_s"] - runner.last_step["busy_s"])
+        compute_s = max(0.0, step_s - self._embedding_s - dp_s - idle_s - optimizer_s)
+        metrics = {
+            "throughput/samples_per_s": samples * replicas / step_s,
+            "throughput/samples_per_s_rank": samples / step_s,
+            "time/step_s": step_s,
+            "time/embedding_s": self._embedding_s,
+            "time/dp_exchange_s": dp_s,
+            "time/pipeline_idle_s": idle_s,
+            "time/optimizer_s": optimizer_s,
+            "time/dense_compute_s": compute_s,
+            "utilization/compute_fraction": compute_s / step_s,
+        }
+        work = tokens if tokens is not None else samples
+        if tokens is not None:
+            metrics["throughput/tokens_per_s"] = tokens * replicas / step_s
+        if self.peak_flops and self.flops_per_token:
+            metrics["utilization/mfu"] = self.flops_per_token * work * replicas / step_s / (strategy.world_size * self.peak_flops)
+        if not self._logged_load:
+            self._logged_load = True
+            for rank, held in enumerate(embedding_rows_per_rank(strategy)):
+                metrics[f"embedding/params_rank{rank}"] = float(held)
+        self.last = metrics
+        shown = {"throughput/samples_per_s", "utilization/compute_fraction"} if self.prog_bar else set()
+        for key, value in metrics.items():  # (every rank logs its own; loggers write rank 0's)
+            pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=key in shown, batch_size=max(samples, 1))
+
+
+# -- plan description and charts ----------------------------------------------------------------
+
+
+def describe_plan(strategy: Any) -> dict[str, Any]:
+    """The resolved layout as plain values (for logger hyper-parameters)."""
+    out: dict[str, Any] = {"world_size": strategy.world_size}
+    plan = getattr(strategy, "_plan", None)
+    if plan is not None:
+        out["plan"] = dataclasses.asdict(plan)
+    sharding = getattr(strategy, "_sharding_plan", None)
+    if sharding is not None:
+        from lightning_hybrid.parallel.embedding import plan_summary
+
+        out["embedding_sharding"] = {t: {"type": s["sharding_type"], "kernel": s["compute_kernel"], "ranks": list(s["ranks"])} for t, s in plan_summary(sharding).items()}
+    runner = getattr(strategy, "_pipeline", None)
+    if runner is not None:
+        out["pipeline"] = {"schedule": runner.schedule_name, "stages": runner.num_stages, "microbatches": runner.microbatches, "blocks_per_stage": list(runner.blocks_per_stage)}
+    compression = getattr(strategy, "_compression", None)
+    out["gradient_compression"] = dataclasses.asdict(compression) if compression is not None else {"method": "none"}
+    out["data_parallel_mode"] = getattr(strategy, "_dp_mode", "sync")
+    out["dense_parallel"] = getattr(strategy, "_dense_parallel", "ddp")
+    return out
+
+
+def embedding_rows_per_rank(strategy: Any) -> list[int]:
+    """Embedding parameters (rows x columns of its shards) each rank holds: the shard load."""
+    held = [0] * strategy.world_size
+    sharding = getattr(strategy, "_sharding_plan", None)
+    if sharding is None:
+        return held
+    for module_plan in sharding.plan.values():
+        for param in module_plan.values():  # type: ignore[union-attr]
+            spec = param.sharding_spec
+            for shard in getattr(spec, "shards", None) or []:
+                held[shard.placement.rank()] += int(shard.shard_sizes[0]) * int(shard.shard_sizes[1])
+    return held
+
+
+def write_charts(trainer: pl.Trainer, directory: Path) -> dict[str, Path]:
+    """Collectively gather what the charts need; rank 0 draws them. Returns name -> path (rank 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategy = trainer.strategy
+    runner = getattr(strategy, "_pipeline", None)
+    timelines: list[Any] = [runner.timeline() if runner is not None else []]
+    busy: list[float] = [runner.last_step.get("busy_s", 0.0) if runner is not None and runner.last_step else 0.0]
+    if runner is not None and dist.is_initialized():
+        gathered: list[Any] = [None] * runner.pp
+        dist.all_gather_object(gathered, (timelines[0], busy[0]), group=runner.group)
+        timelines = [g[0] for g in gathered]
+        busy = [g[1] for g in gathered]
+    if not trainer.is_global_zero:
+        return {}
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    rows = embedding_rows_per_rank(strategy)
+    panels = 2 if runner is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.2), squeeze=False)
+    axes[0][0].bar(range(len(rows)), rows, color="tab:blue")
+    axes[0][0].set_xlabel("rank")
+    axes[0][0].set_ylabel("embedding parameters held")
+    axes[0][0].set_title("embedding shard load")
+    if runner is not None:
+        axes[0][1].bar(range(len(busy)), busy, color="tab:orange")
+        axes[0][1].set_xlabel("pipeline rank")
+        axes[0][1].set_ylabel("busy s (last step)")
+        axes[0][1].set_title("pipeline stage balance")
+    fig.tight_layout()
+    paths["shard_balance"] = directory / "shard_balance.png"
+    fig.savefig(paths["shard_balance"], dpi=110)
+    plt.close(fig)
+    if runner is not None:
+        colors = {"F": "tab:green", "B": "tab:red", "W": "tab:purple"}
+        fig, ax = plt.subplots(figsize=(8, 0.6 + 0.6 * len(timelines)))
+        for rank, events in enumerate(timelines):
+            for kind, stage, start, end in events:
+                ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (rank - 0.4, 0.8), color=colors.get(kind, "gray"))
+                ax.text((start + end) / 2 * 1e3, rank, f"{kind}{stage}", ha="center", va="center", fontsize=6)
+        ax.set_yticks(range(len(timelines)), [f"pp rank {r}" for r in range(len(timelines))])
+        ax.set_xlabel("ms since the schedule started (last step); F forward, B backward, W weight grad")
+        ax.set_title("pipeline timeline")
+        fig.tight_layout()
+        paths["pipeline_timeline"] = directory / "pipeline_timeline.png"
+        fig.savefig(paths["pipeline_timeline"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def _global_numel(p: torch.Tensor) -> int:
+    return int(p.numel())  # a DTensor's numel is its global size
+
+
+def _is_table(strategy: Any, name: str) -> bool:
+    return any(name == f or name.startswith(f"{f}.") for f in getattr(strategy, "_sharded_modules", {}))
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, dict):
+        for value in batch.values():
+            size = _batch_size(value)
+            if size > 0:
+                return size
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    stride = getattr(batch, "stride", None)
+    return int(stride()) if callable(stride) else 0
+
+
+def _tokens(batch: Any, key: str | None) -> int | None:
+    if key is None or not isinstance(batch, dict):
+        return None
+    value = batch.get(key)
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return None
+    return int((value != 0).sum())
