@@ -117,13 +117,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hybrid_vs_single.json"))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset (at least one single-mode and one hybrid)")
     args = parser.parse_args()
+    chosen = [n for n in args.layouts.split(",") if n]
+    if set(chosen) - set(LAYOUTS) or not set(chosen) & set(SINGLE) or not any(n.startswith("hybrid") for n in chosen):
+        parser.error(f"--layouts {chosen}: choose from {list(LAYOUTS)}, with at least one of {SINGLE} and one hybrid")
     cfg = SMOKE if args.smoke else FULL
     results: dict[str, Any] = {}
     lines = ["| P | layout | dp x tp x pp | samples/s | step (ms) | utilization | dp MB / step |", "|---|---|---|---|---|---|---|"]
     summary = {}
     for processes in cfg["processes"]:
         for name, layout in LAYOUTS.items():
+            if name not in chosen:
+                continue
             if name in ("hybrid_tp", "hybrid_pp") and processes < 4:
                 continue
             ranks = run_distributed(_worker, processes, cfg, layout, processes, init_process_group=False, timeout_s=1800)
@@ -138,7 +144,7 @@ def main() -> None:
             )
             print(name, processes, row, flush=True)
         here = {k.split("/")[1]: v for k, v in results.items() if k.startswith(f"P{processes}/")}
-        best_single = max(SINGLE, key=lambda n: here[n]["samples_per_s"])
+        best_single = max((n for n in SINGLE if n in here), key=lambda n: here[n]["samples_per_s"])
         best_hybrid = max((n for n in here if n.startswith("hybrid")), key=lambda n: here[n]["samples_per_s"])
         summary[f"P{processes}"] = {
             "best_single": best_single, "best_hybrid": best_hybrid,
