@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.testing import run_distributed  # noqa: E402
+from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "exact": {},
@@ -56,8 +56,7 @@ def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None)
     from lightning_hybrid.models.sasrec import SASRec
 
     rank = int(os.environ["RANK"])
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
+    pin_to_core(rank)
     kwargs = dict(variant)
     if "gradient_compression" in kwargs:
         kwargs["gradient_compression"] = GradientCompression(**kwargs["gradient_compression"])

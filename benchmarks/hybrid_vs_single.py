@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.testing import run_distributed  # noqa: E402
+from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
 
 POWERSGD = {"method": "powersgd", "rank": 4, "start_iter": 2}
 LAYOUTS: dict[str, dict[str, Any]] = {
@@ -68,8 +68,7 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int) -> dict
     from lightning_hybrid.models.sasrec import SASRec
 
     rank = int(os.environ["RANK"])
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
+    pin_to_core(rank)
     torch.set_num_threads(1)
     kwargs = {k: (processes if v == "P" else v) for k, v in layout.items()}
     if "gradient_compression" in kwargs:

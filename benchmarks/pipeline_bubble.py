@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import warnings
@@ -23,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.testing import run_distributed  # noqa: E402
+from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
 
 SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2}  # name -> stages per rank
 FULL = {"d": 256, "hidden": 1024, "blocks": 8, "batch": 512, "microbatches": [2, 4, 8], "steps": 8, "warmup": 2}
@@ -39,8 +38,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from lightning_hybrid.testing.toy_pipeline import ToyPipelineModel, toy_batch
 
     rank = dist.get_rank()
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
+    pin_to_core(rank)
     torch.set_num_threads(1)
     batch = toy_batch(cfg["batch"], cfg["d"])
     out: dict[str, Any] = {}

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.testing import run_distributed  # noqa: E402
+from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
 
 SIZES = {
     "small": {"d_model": 64, "num_blocks": 2, "num_heads": 2, "mlp_ratio": 4, "max_len": 50, "items": 2000, "global_batch": 64},
@@ -55,8 +55,7 @@ def _worker(cfg: dict[str, Any], variant: str, steps: int, warmup: int) -> dict[
     from lightning_hybrid.models.sasrec import SASRec
 
     rank = int(os.environ["RANK"])
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
+    pin_to_core(rank)
     tp = 2 if variant.startswith("tp2") else 1
     options = {"sequence_parallel": True, "tensor_parallel_output": "vocab_parallel"} if variant == "tp2_sp_vocab" else {}
     per_rank_batch = cfg["global_batch"] // (2 // tp)

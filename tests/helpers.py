@@ -173,3 +173,34 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def sgd_sasrec_class() -> type:
+    """The reference SASRec with SGD everywhere and a reference-side clipping that skips the
+    tables, for parity tests against HybridStrategy.
+
+    SGD, not Adam: the key bias has an exactly-zero gradient (softmax is shift-invariant), and
+    Adam (or Adagrad's first step, lr * sign(grad)) would turn its rounding noise into full-size
+    steps that differ run to run. Clipping: HybridStrategy's fused tables update inside backward,
+    unclipped, so the single-process reference clips the same set of gradients.
+    """
+    from lightning_hybrid.models.sasrec import SASRec
+    from lightning_hybrid.optim import GroupedOptimizer
+
+    class SGDSASRec(SASRec):
+        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+            if not gradient_clip_val:
+                return
+            if self.trainer.world_size == 1:
+                tables = {id(p) for p in self.item_tables.parameters()}
+                torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in tables], gradient_clip_val)
+            else:
+                self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+        def configure_optimizers(self) -> Any:
+            tables = list(self.item_tables.parameters())
+            ids = {id(p) for p in tables}
+            dense = [p for p in self.parameters() if id(p) not in ids]
+            return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.SGD(tables, lr=0.1)])
+
+    return SGDSASRec

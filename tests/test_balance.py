@@ -7,7 +7,6 @@ the mean (max/mean busy time <= 1.10) where the naive equal-block split does not
 
 from __future__ import annotations
 
-import os
 import statistics
 import warnings
 from typing import Any
@@ -50,11 +49,11 @@ def _measure(split_kind: str) -> dict[str, Any]:
 
     from lightning_hybrid.balance import partition_blocks, profile_blocks
     from lightning_hybrid.parallel.pipeline import PipelineRunner
+    from lightning_hybrid.testing import pin_to_core
     from lightning_hybrid.testing.toy_pipeline import ToyPipelineModel, toy_batch
 
     rank = dist.get_rank()
-    if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[rank % 2]})
+    pin_to_core(rank)
     torch.set_num_threads(1)
     model = ToyPipelineModel(D, WIDTHS)
     spec = model.pipeline_spec()

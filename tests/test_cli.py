@@ -91,9 +91,9 @@ def test_sequential_recommender_fit_then_predict_through_the_cli(tmp_path: Path)
     assert all(1 <= int(r[2]) <= 40 for r in rows)
 
 
-def test_two_dimensional_fit_through_the_cli(tmp_path: Path) -> None:
-    """recipes/tp_dp.yaml, shrunk: dp=2 x tp=2 on 4 processes with a sharded item table."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tp_dp.yaml"
+def _fit_shrunk_recipe(name: str, tmp_path: Path, batch_size: int) -> None:
+    """A multi-process recipe through the CLI, shrunk to seconds; it must leave one DCP checkpoint."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / name
     main(
         [
             "fit",
@@ -106,34 +106,20 @@ def test_two_dimensional_fit_through_the_cli(tmp_path: Path) -> None:
             "--trainer.callbacks=[]",
             "--data.init_args.synthetic_users=64",
             "--data.init_args.synthetic_items=40",
-            "--data.init_args.batch_size=16",
+            f"--data.init_args.batch_size={batch_size}",
             "--data.init_args.eval_batch_size=16",
             "--model.init_args.d_model=16",
         ]
     )
     checkpoints = list((tmp_path / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and (checkpoints[0] / "meta.pt").is_file()
+
+
+def test_two_dimensional_fit_through_the_cli(tmp_path: Path) -> None:
+    """recipes/tp_dp.yaml, shrunk: dp=2 x tp=2 on 4 processes with a sharded item table."""
+    _fit_shrunk_recipe("tp_dp.yaml", tmp_path, batch_size=16)
 
 
 def test_pipeline_fit_through_the_cli(tmp_path: Path) -> None:
     """recipes/pipeline.yaml, shrunk: pp=2 x dp=2 on 4 processes, balanced split, sharded item table."""
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pipeline.yaml"
-    main(
-        [
-            "fit",
-            "-c",
-            str(recipe),
-            "--trainer.max_epochs=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.callbacks=[]",
-            "--data.init_args.synthetic_users=64",
-            "--data.init_args.synthetic_items=40",
-            "--data.init_args.batch_size=8",
-            "--data.init_args.eval_batch_size=16",
-            "--model.init_args.d_model=16",
-        ]
-    )
-    checkpoints = list((tmp_path / "checkpoints").iterdir())
-    assert len(checkpoints) == 1 and (checkpoints[0] / "meta.pt").is_file()
+    _fit_shrunk_recipe("pipeline.yaml", tmp_path, batch_size=8)

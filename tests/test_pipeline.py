@@ -23,28 +23,9 @@ DATA = dict(format="synthetic", max_len=8, batch_size=64, synthetic_users=24, sy
 
 
 def _model_class() -> type:
-    from lightning_hybrid.models.sasrec import SASRec
-    from lightning_hybrid.optim import GroupedOptimizer
+    from tests.helpers import sgd_sasrec_class
 
-    class SGDSASRec(SASRec):
-        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
-            if not gradient_clip_val:
-                return
-            if self.trainer.world_size == 1:
-                # the reference: HybridStrategy's fused tables update inside backward, unclipped
-                tables = {id(p) for p in self.item_tables.parameters()}
-                torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in tables], gradient_clip_val)
-            else:
-                self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
-
-        def configure_optimizers(self) -> Any:
-            # SGD (see test_tensor_parallel: Adam/Adagrad amplify rounding noise of exactly-zero grads)
-            tables = list(self.item_tables.parameters())
-            ids = {id(p) for p in tables}
-            dense = [p for p in self.parameters() if id(p) not in ids]
-            return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.SGD(tables, lr=0.1)])
-
-    return SGDSASRec
+    return sgd_sasrec_class()
 
 
 def _fit(devices: int, strategy_kwargs: dict[str, Any] | None, clip: float = 0.0, epochs: int = 3, accumulate: int = 1) -> dict[str, Any]:

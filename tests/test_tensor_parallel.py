@@ -162,28 +162,10 @@ def _recording_classes() -> tuple[type, type]:
             self.__dict__.setdefault("recorded", []).append(float(loss.detach()))
             return loss
 
-    class SGDRecordingSASRec(RecordingSASRec):
-        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
-            if not gradient_clip_val:
-                return
-            if self.trainer.world_size == 1:
-                # the reference: HybridStrategy's fused tables update inside backward, unclipped;
-                # clip the same set of gradients here
-                tables = {id(p) for p in self.item_tables.parameters()}
-                torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in tables], gradient_clip_val)
-            else:
-                self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+    from tests.helpers import sgd_sasrec_class
 
-        def configure_optimizers(self) -> Any:
-            # SGD, not Adam: the key bias has an exactly-zero gradient (softmax is shift-invariant),
-            # and Adam would turn its rounding noise into full-size steps that differ run to run
-            from lightning_hybrid.optim import GroupedOptimizer
-
-            tables = list(self.item_tables.parameters())
-            ids = {id(p) for p in tables}
-            dense = [p for p in self.parameters() if id(p) not in ids]
-            # (fused SGD for the table too: Adagrad's first step is lr * sign(grad), as noise-sensitive)
-            return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.SGD(tables, lr=0.1)])
+    class SGDRecordingSASRec(sgd_sasrec_class(), RecordingSASRec):  # type: ignore[misc]
+        """SGD everywhere (see tests.helpers.sgd_sasrec_class), recording every training loss."""
 
     return RecordingSASRec, SGDRecordingSASRec
 

@@ -7,6 +7,11 @@ stopped at once and `DistributedTestError` carries that rank's traceback; a rank
 dies without a word fails the call after ``timeout_s`` instead of blocking the test run.
 """
 
-from lightning_hybrid.testing.harness import DistributedTestError, find_free_port, run_distributed
+from lightning_hybrid.testing.harness import (
+    DistributedTestError,
+    find_free_port,
+    pin_to_core,
+    run_distributed,
+)
 
-__all__ = ["DistributedTestError", "find_free_port", "run_distributed"]
+__all__ = ["DistributedTestError", "find_free_port", "pin_to_core", "run_distributed"]
