@@ -8,6 +8,7 @@ torchrec across all ranks.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -67,22 +68,35 @@ def _check(reference: dict[str, Any], ranks: list[dict[str, Any]], replicas: lis
         assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize(
-    "schedule",
-    [
-        {"pipeline_schedule": "gpipe"},
-        {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
-        {"pipeline_schedule": "interleaved_1f1b", "pipeline_virtual_stages": 2},
-        {"pipeline_schedule": "zero_bubble", "pipeline_virtual_stages": 2},
-    ],
-    ids=["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"],
-)
-def test_pp2_matches_single_process(schedule: dict[str, Any]) -> None:
-    reference = _fit(1, None)
-    kwargs = {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, **schedule}
-    ranks = run_distributed(_fit, 2, 2, kwargs, init_process_group=False, timeout_s=240)
+SCHEDULES = {
+    "gpipe": {"pipeline_schedule": "gpipe"},
+    "1f1b": {"pipeline_schedule": "1f1b", "pipeline_microbatches": 4},
+    "interleaved_1f1b": {"pipeline_schedule": "interleaved_1f1b", "pipeline_virtual_stages": 2},
+    "zero_bubble": {"pipeline_schedule": "zero_bubble", "pipeline_virtual_stages": 2},
+}
+
+
+def _fit_schedules() -> dict[str, Any]:
+    base = {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}}
+    return {name: _fit(2, {**base, **schedule}) for name, schedule in SCHEDULES.items()}
+
+
+@functools.cache
+def _schedule_results() -> list[dict[str, Any]]:
+    # one 2-process job for every schedule: process start-up dominates these tiny fits
+    return run_distributed(_fit_schedules, 2, init_process_group=False, timeout_s=300)
+
+
+@functools.cache
+def _single_process_reference() -> dict[str, Any]:
+    return _fit(1, None)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_pp2_matches_single_process(schedule: str) -> None:
+    ranks = [r[schedule] for r in _schedule_results()]
     assert ranks[0]["losses"] == ranks[1]["losses"]
-    _check(reference, ranks, replicas=[0])
+    _check(_single_process_reference(), ranks, replicas=[0])
 
 
 @pytest.mark.parametrize(
@@ -201,18 +215,24 @@ def _bad(case: str) -> str:
     return "no error"
 
 
-@pytest.mark.parametrize(
-    ("case", "message"),
-    [
-        ("stages", "2 stages but the model has only 1 blocks"),
-        ("virtual", "4 stages (interleaved and zero-bubble schedules run several stages per rank) but the model has only 3 blocks"),
-        ("batch", "the training batch size of 7 samples does not split into pipeline_microbatches=2"),
-        ("spec", "needs TinyRec.pipeline_spec()"),
-    ],
-)
-def test_bad_pipeline_layouts_fail_on_every_rank(case: str, message: str) -> None:
-    for result in run_distributed(_bad, 2, case, init_process_group=False, timeout_s=120):
-        assert message in result, result
+BAD = {
+    "stages": "2 stages but the model has only 1 blocks",
+    "virtual": "4 stages (interleaved and zero-bubble schedules run several stages per rank) but the model has only 3 blocks",
+    "batch": "the training batch size of 7 samples does not split into pipeline_microbatches=2",
+    "spec": "needs TinyRec.pipeline_spec()",
+}
+
+
+def _bad_all() -> dict[str, str]:
+    return {case: _bad(case) for case in BAD}
+
+
+def test_bad_pipeline_layouts_fail_on_every_rank() -> None:
+    """Each bad layout fails with its message on every rank (and the processes stay usable for
+    the next case: nothing hangs)."""
+    for result in run_distributed(_bad_all, 2, init_process_group=False, timeout_s=180):
+        for case, message in BAD.items():
+            assert message in result[case], (case, result[case])
 
 
 def test_pipeline_option_errors() -> None:
