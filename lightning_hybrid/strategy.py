@@ -430,7 +430,7 @@ class HybridStrategy(ParallelStrategy):
                 p for n, p in self.lightning_module.named_parameters() if p.requires_grad and n not in sharded
             ]
             dp_group = self.device_mesh["dp"].get_group()
-            self._compressor = build_compressor(self._compression, dp_group)
+            self._compressor = self._build_compressor()
             if self._dp_mode != "sync" and self.plan.tensor_parallel == 1:
                 # (DDP would have made the replicas equal; without it, start them equal here)
                 data_parallel.broadcast_dense_state(self.lightning_module, ignored_modules=list(self._sharded_modules), process_group=dp_group)
@@ -446,7 +446,7 @@ class HybridStrategy(ParallelStrategy):
                 device=self.root_device,
                 **self._ddp_kwargs,
             )
-            self._compressor = build_compressor(self._compression, self.device_mesh["dp"].get_group())
+            self._compressor = self._build_compressor()
             if isinstance(self.model, DistributedDataParallel):
                 from lightning_hybrid.comm.hooks import register_compressor
 
@@ -532,6 +532,28 @@ class HybridStrategy(ParallelStrategy):
         apply_tensor_parallel(model, self.device_mesh["tp"], plan)
         self._tp_applied = True
         self._loss_parallel = uses_loss_parallel(plan)
+
+    def _build_compressor(self) -> Compressor:
+        """The dp-axis compressor; with ``hierarchical=True`` and dp ranks on several nodes, exact
+        within each node and compressed across nodes."""
+        dp_group = self.device_mesh["dp"].get_group()
+        config = self._compression
+        local = self.num_processes or 1
+        if config is None or not config.hierarchical or self.world_size <= local:
+            return build_compressor(config, dp_group)
+        from lightning_hybrid.comm.compress import HierarchicalCompressor, node_groups
+
+        mesh = self.device_mesh.mesh  # [pp, dp, tp]
+        mine: tuple[Any, Any] = (None, None)
+        for p in range(mesh.shape[0]):  # every rank creates every dp group's subgroups, in order
+            for t in range(mesh.shape[2]):
+                ranks = [int(r) for r in mesh[p, :, t]]
+                groups = node_groups(ranks, local)
+                if self.global_rank in ranks:
+                    mine = groups
+        intra, inter = mine
+        assert intra is not None and inter is not None
+        return HierarchicalCompressor(intra, build_compressor(config, inter))
 
     def _replica_group(self) -> dist.ProcessGroup:
         """The ranks of this rank's data-parallel replica (its pp x tp block of the mesh)."""

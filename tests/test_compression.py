@@ -146,3 +146,36 @@ def test_compression_config_errors() -> None:
         GradientCompression(method="gzip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"rank=0\) must be an integer >= 1"):
         GradientCompression(method="powersgd", rank=0)
+
+
+def _hierarchical() -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from lightning_hybrid.comm.compress import HierarchicalCompressor, node_groups
+
+    intra, inter = node_groups([0, 1, 2, 3], local_world_size=2)  # "nodes" {0, 1} and {2, 3}
+    out = {}
+    for method in ("none", "topk"):
+        config = GradientCompression(method=method, density=0.05, start_iter=0, min_numel=64)  # type: ignore[arg-type]
+        compressor = HierarchicalCompressor(intra, build_compressor(config, inter))
+        grads = _grads(dist.get_rank(), 0)
+        compressor.reduce(grads)
+        out[method] = {"grads": grads, "total": compressor.counter.total, "intra": compressor.intra_counter.total, "inter": compressor.inter.counter.total}
+    return out
+
+
+def test_hierarchical_reduction_within_then_across_nodes() -> None:
+    """4 processes as 2 nodes x 2: exact within a node, then across nodes (exact or top-k)."""
+    ranks = run_distributed(_hierarchical, 4, timeout_s=60)
+    expected = [sum(_grads(r, 0)[i] for r in range(4)) / 4 for i in range(len(SHAPES))]
+    n = sum(torch.Size(s).numel() for s in SHAPES)
+    for result in ranks:
+        for got, want in zip(result["none"]["grads"], expected, strict=True):
+            assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # each hop is a 2-rank ring all-reduce of n fp32: 4n bytes each
+        assert (result["none"]["intra"], result["none"]["inter"], result["none"]["total"]) == (4 * n, 4 * n, 8 * n)
+        # compression only on the inter-node hop
+        topk = result["topk"]
+        assert topk["intra"] == 4 * n and topk["inter"] < n and topk["total"] == topk["intra"] + topk["inter"]
+        for got, other in zip(topk["grads"], ranks[0]["topk"]["grads"], strict=True):
+            assert_close(got, other)  # every rank decodes the same average

@@ -21,6 +21,9 @@ Tensors with fewer than ``min_numel`` entries are sent uncompressed in one fused
 indices or factors would cost more than they save). State (residuals, Q) is kept per ``key`` and
 tensor position and reset when a shape changes (DDP rebuilds its buckets after the first step).
 
+`HierarchicalCompressor` (``hierarchical=True``) averages within each node exactly first and
+only then across nodes with the chosen method: compression where the links are slow.
+
 Byte accounting (`ByteCounter`) counts what this rank sends for each collective with the ring
 algorithms gloo and NCCL use: all-reduce of B bytes over w ranks sends 2 (w-1)/w B, all-gather
 of B bytes per rank sends (w-1) B.
@@ -57,6 +60,9 @@ class GradientCompression:
             an optimizer without momentum (the correction is the momentum).
         min_numel: tensors with fewer entries are sent uncompressed.
         error_feedback: keep what compression dropped and add it to the next step's gradient.
+        hierarchical: average within each node first (exactly), then across nodes with the chosen
+            method, so compression only applies to the inter-node hop (nodes from the launcher's
+            local world size). No effect when the data-parallel ranks share one node.
     """
 
     method: MethodName = "none"
@@ -67,6 +73,7 @@ class GradientCompression:
     momentum: float = 0.0
     min_numel: int = 1024
     error_feedback: bool = True
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -386,3 +393,69 @@ def build_compressor(config: GradientCompression | None, group: dist.ProcessGrou
     if config.method == "topk":
         return TopKCompressor(config, group)
     return SignCompressor(config, group)
+
+
+def node_groups(ranks: list[int], local_world_size: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """Create, collectively, the within-node and across-node subgroups of the process group made
+    of ``ranks`` (global ranks; a node holds ``local_world_size`` consecutive ranks). Returns this
+    rank's (intra-node, inter-node) groups, None where this rank is not in ``ranks``.
+
+    Every rank of the job must call this with the same arguments in the same order.
+    """
+    by_node: dict[int, list[int]] = {}
+    for r in sorted(ranks):
+        by_node.setdefault(r // local_world_size, []).append(r)
+    me = dist.get_rank()
+    intra = inter = None
+    for members in by_node.values():
+        group = dist.new_group(members)
+        if me in members:
+            intra = group
+    positions = max(len(m) for m in by_node.values())
+    for position in range(positions):
+        members = [m[position] for m in by_node.values() if position < len(m)]
+        group = dist.new_group(members)
+        if me in members:
+            inter = group
+    return intra, inter
+
+
+class HierarchicalCompressor(Compressor):
+    """Average within each node exactly (fast links), then across nodes with ``inter``, which may
+    compress: compression applied only where it pays, on the slow links.
+
+    ``counter`` counts both hops; ``intra_counter`` and ``inter.counter`` each hop.
+    """
+
+    def __init__(self, intra: dist.ProcessGroup, inter: Compressor) -> None:
+        super().__init__(inter.config, inter.group)
+        self.intra = intra
+        self.inter = inter
+        self.intra_counter = ByteCounter()
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.intra) * self.inter.world
+
+    def reduce(self, grads: list[torch.Tensor], key: str = "grads") -> None:
+        grads = [g for g in grads if g is not None]
+        if not grads:
+            return
+        before = self.inter.counter.total
+        local = dist.get_world_size(self.intra)
+        if local > 1:
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            nbytes = ByteCounter.all_reduce_bytes(_nbytes(flat), local)
+            self.intra_counter.add(nbytes)
+            self.counter.add(nbytes)
+            started = time.perf_counter()
+            dist.all_reduce(flat, group=self.intra)
+            self.counter.seconds += time.perf_counter() - started
+            flat /= local
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self.inter.reduce(grads, key)
+        self.counter.add(self.inter.counter.total - before)
+        self.counter.seconds += self.inter.counter.take_seconds()
