@@ -90,7 +90,7 @@ def test_breakdown_recovers_known_timings_and_wandb_gets_the_keys(tmp_path: Path
     assert (tmp_path / "charts" / "shard_balance.png").stat().st_size > 1000
 
 
-def _fit_pipelined_charts(tmp: str) -> list[str]:
+def _fit_pipelined_charts(tmp: str) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     os.environ.pop("PL_GLOBAL_SEED", None)
     from lightning_hybrid import HybridStrategy
@@ -101,10 +101,14 @@ def _fit_pipelined_charts(tmp: str) -> list[str]:
     data = SequenceDataModule(format="synthetic", max_len=8, batch_size=8, synthetic_users=32, synthetic_items=30, drop_last=True)
     trainer = quiet_trainer(strategy=HybridStrategy(pipeline_parallel=2, pipeline_microbatches=4), devices=2, max_epochs=1, limit_val_batches=0, default_root_dir=tmp)
     trainer.fit(SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2), datamodule=data)
-    return sorted(os.listdir(os.path.join(tmp, "charts"))) if os.environ["RANK"] == "0" else []  # rank 0 draws
+    charts = sorted(os.listdir(os.path.join(tmp, "charts"))) if os.environ["RANK"] == "0" else []  # rank 0 draws
+    return {"charts": charts, "pp_bytes": float(trainer.callback_metrics["comm/pp_bytes_per_step"])}
 
 
 def test_pipeline_charts_are_written(tmp_path: Path) -> None:
     ranks = run_distributed(_fit_pipelined_charts, 2, str(tmp_path), init_process_group=False, timeout_s=180)
-    assert ranks[0] == ["pipeline_timeline.png", "shard_balance.png"]
+    assert ranks[0]["charts"] == ["pipeline_timeline.png", "shard_balance.png"]
+    # stage 0 sends each microbatch's activations [2, 8, 16] fp32 forward, stage 1 their gradients back
+    for result in ranks:
+        assert result["pp_bytes"] == 4 * (2 * 8 * 16 * 4)
     assert (tmp_path / "charts" / "pipeline_timeline.png").stat().st_size > 1000

@@ -199,6 +199,8 @@ class _Stage(nn.Module):
             x = runner.spec.first(mb, runner.lookups_for(index))
         else:
             (x,) = inputs
+            if runner.training_step_running and not self.inferring:
+                runner.sent_bytes += x.numel() * x.element_size()  # its gradient goes back in backward
         for block in self.blocks:
             x = runner.spec.block_forward(block, x, mb)
         if self.is_last and runner.training_step_running:
@@ -206,6 +208,8 @@ class _Stage(nn.Module):
             # used there (final norm, output layer) would otherwise be outside the stage, and the
             # zero-bubble schedules free the stage output that such a loss_fn saves for backward
             x = runner.spec.last(x, mb) * (runner.loss_scale / runner.current_microbatches)
+        elif not self.inferring:
+            runner.sent_bytes += x.numel() * x.element_size()  # the activation goes to the next stage
         return x
 
 
@@ -305,6 +309,7 @@ class PipelineRunner:
         self._batch: Any = None
         self._batch_size = 0
         self.current_microbatches = 1
+        self.sent_bytes = 0  # point-to-point bytes this rank sent in the last step (activations, gradients)
         self.loss_scale = 1.0
         self.training_step_running = False
         self._lookups: torch.Tensor | None = None
@@ -400,6 +405,7 @@ class PipelineRunner:
         not the one returned.
         """
         self.loss_scale = loss_scale
+        self.sent_bytes = 0
         step_started = time.perf_counter()
         lookups = self._prepare(batch, batch_size, grad=True)
         index = torch.arange(batch_size, device=self.device)
@@ -429,6 +435,7 @@ class PipelineRunner:
             "busy_s": busy,
             "bubble_fraction": max(0.0, 1.0 - busy / schedule_s) if schedule_s > 0 else 0.0,
             "first_time": float(first_time),
+            "sent_bytes": float(self.sent_bytes),
         }
         return loss
 
@@ -450,6 +457,7 @@ class PipelineRunner:
         metrics = {f"pipeline/busy_s_rank{r}": b for r, b in enumerate(busy)}
         metrics["pipeline/bubble_fraction"] = sum(max(0.0, 1 - b / s) if s > 0 else 0.0 for b, s in zip(busy, spans, strict=True)) / len(busy)
         metrics["pipeline/imbalance"] = max(busy) / mean_busy if mean_busy > 0 else 1.0
+        metrics["comm/pp_bytes_per_step"] = self.last_step.get("sent_bytes", 0.0)
         metrics["pipeline/theoretical_bubble"] = (self.pp - 1) / (self.current_microbatches * (self.num_stages // self.pp) + self.pp - 1)
         return metrics
 
