@@ -282,6 +282,8 @@ class HybridStrategy(ParallelStrategy):
         self._fused_by_table: dict[str, Any] | None = None
         self._shard_templates: dict[str, Any] | None = None
         self._tp_applied = False
+        self._tp_bytes: Any = None
+        self.tp_bytes_last_step = 0
         self._loss_parallel = False
 
     # ------------------------------------------------------------------------------------------
@@ -512,7 +514,11 @@ class HybridStrategy(ParallelStrategy):
         plugin.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
 
     def _apply_tensor_parallel(self, trainer: Any) -> None:
-        from lightning_hybrid.parallel.tensor import apply_tensor_parallel, uses_loss_parallel
+        from lightning_hybrid.parallel.tensor import (
+            apply_tensor_parallel,
+            count_tensor_parallel_bytes,
+            uses_loss_parallel,
+        )
 
         model = self.lightning_module
         plan = self._tensor_parallel_plan
@@ -532,6 +538,7 @@ class HybridStrategy(ParallelStrategy):
         apply_tensor_parallel(model, self.device_mesh["tp"], plan)
         self._tp_applied = True
         self._loss_parallel = uses_loss_parallel(plan)
+        self._tp_bytes = count_tensor_parallel_bytes(model, plan, self.plan.tensor_parallel)
 
     def _build_compressor(self) -> Compressor:
         """The dp-axis compressor; with ``hierarchical=True`` and dp ranks on several nodes, exact
@@ -756,6 +763,8 @@ class HybridStrategy(ParallelStrategy):
             # bytes this rank sent on the dp axis for the previous optimizer step (logging is
             # allowed here, not in optimizer_step)
             self.lightning_module.log("comm/dp_bytes_per_step", float(self.comm_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
+        if self._tp_bytes is not None and self.lightning_module.trainer.global_step > 0:
+            self.lightning_module.log("comm/tp_bytes_per_step", float(self.tp_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
         if self._pipeline is not None:
             return self._pipeline_training_step(*args, **kwargs)
         with self._loss_parallel_context():
@@ -853,6 +862,8 @@ class HybridStrategy(ParallelStrategy):
         out = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self._local_sgd is not None:
             self._local_sgd.after_optimizer_step()
+        if self._tp_bytes is not None:
+            self.tp_bytes_last_step = self._tp_bytes.take_step()
         if self._compressor is not None:
             self.comm_bytes_last_step = self._compressor.counter.take_step()
             self.comm_seconds_last_step = self._compressor.counter.take_seconds()

@@ -196,7 +196,7 @@ def _fit_sasrec(
         trainer = quiet_trainer(devices=1, max_epochs=3, limit_val_batches=0, gradient_clip_val=clip or None)
     trainer.fit(model, datamodule=SequenceDataModule(**TP_DATA))
     state = full_state_dict(model) if (devices or tensor_parallel) > 1 else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"losses": model.recorded, "state": state, "step": trainer.global_step}
+    return {"losses": model.recorded, "state": state, "step": trainer.global_step, "tp_bytes": getattr(trainer.strategy, "tp_bytes_last_step", 0)}
 
 
 SP_VOCAB = {"sequence_parallel": True, "tensor_parallel_output": "vocab_parallel"}
@@ -231,6 +231,9 @@ def test_trainer_tensor_parallel_with_sharded_table_matches_single_process(name:
     devices, tp, clip, _dense, _options = TP_CASES[name]
     reference = _fit_sasrec(1, clip=clip)
     ranks = _tp_results(devices)[name]
+    if name == "tp2":  # per block: q, k, v, up all-reduce their input gradient, out and down their output,
+        # each [24 users, 8 positions, 16] fp32 over 2 ranks (2 * 1/2 * bytes); 2 blocks
+        assert all(r["tp_bytes"] == 2 * 6 * 24 * 8 * 16 * 4 for r in ranks)
     assert reference["step"] == 3 and len(reference["losses"]) == 3
     # the ranks of one tp group hold the replicated loss of their replica's batch; ranks 0, tp, ...
     # are the dp replicas, and the mean of their losses is the global loss

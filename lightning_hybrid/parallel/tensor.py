@@ -214,3 +214,64 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan) ->
         if width is not None and width % tp_mesh.size() != 0:
             raise ValueError(f"Tensor parallelism: {name} has {width} output features, not divisible by tp={tp_mesh.size()}.")
     return parallelize_module(module, tp_mesh, resolved)
+
+
+class TPByteCounter:
+    """Bytes this rank sends in the tensor-parallel collectives of the layers it split, counted
+    from the tensors that cross each layer boundary with the ring formulas (all-reduce of B bytes
+    over t ranks: 2 (t-1)/t B; all-gather / reduce-scatter of a B-byte whole: (t-1)/t B):
+
+    - ``colwise``: backward all-reduce of the input gradient; ``rowwise``: forward all-reduce of
+      the output;
+    - ``colwise_sp``: forward all-gather of the input, backward reduce-scatter of its gradient;
+      ``rowwise_sp``: forward reduce-scatter of the output, backward all-gather of its gradient;
+    - ``colwise_gathered``: forward all-gather of the output, plus the ``colwise`` backward.
+
+    ``vocab_parallel`` (only small statistics of the loss) and user-given ParallelStyle objects
+    are not counted.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def take_step(self) -> int:
+        value, self.step = self.step, 0
+        return value
+
+
+def count_tensor_parallel_bytes(module: nn.Module, plan: Any, tp_size: int) -> TPByteCounter:
+    """Hook the layers of a (name-pattern) ``plan`` to count their tp collectives (see TPByteCounter)."""
+    counter = TPByteCounter()
+    if not isinstance(plan, Mapping) or tp_size < 2:
+        return counter
+    all_reduce = 2 * (tp_size - 1) / tp_size
+    gather = (tp_size - 1) / tp_size
+
+    def nbytes(t: Any) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    names = [name for name, _ in module.named_modules() if name]
+    for pattern, style in plan.items():
+        if not isinstance(style, str):
+            continue
+        for name in (n for n in names if fnmatch.fnmatchcase(n, pattern)):
+            sub = module.get_submodule(name)
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], out: Any, style: str = style) -> None:
+                x = args[0] if args else None
+                if style == "colwise":
+                    counter.step += int(all_reduce * nbytes(x) * (1 if torch.is_grad_enabled() else 0))
+                elif style == "rowwise":
+                    counter.step += int(all_reduce * nbytes(out))
+                elif style == "colwise_sp":
+                    full = nbytes(x) * tp_size  # the input arrives as a sequence shard
+                    counter.step += int(gather * full * (2 if torch.is_grad_enabled() else 1))
+                elif style == "rowwise_sp":
+                    full = nbytes(out) * tp_size
+                    counter.step += int(gather * full * (2 if torch.is_grad_enabled() else 1))
+                elif style == "colwise_gathered":
+                    counter.step += int(gather * nbytes(out) + all_reduce * nbytes(x) * (1 if torch.is_grad_enabled() else 0))
+
+            sub.register_forward_hook(hook)
+    return counter
