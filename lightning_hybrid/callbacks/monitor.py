@@ -235,11 +235,13 @@ def write_charts(trainer: pl.Trainer, directory: Path) -> dict[str, Path]:
     panels = 2 if runner is not None else 1
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.2), squeeze=False)
     axes[0][0].bar(range(len(rows)), rows, color="tab:blue")
+    axes[0][0].set_xticks(range(len(rows)))
     axes[0][0].set_xlabel("rank")
     axes[0][0].set_ylabel("embedding parameters held")
     axes[0][0].set_title("embedding shard load")
     if runner is not None:
         axes[0][1].bar(range(len(busy)), busy, color="tab:orange")
+        axes[0][1].set_xticks(range(len(busy)))
         axes[0][1].set_xlabel("pipeline rank")
         axes[0][1].set_ylabel("busy s (last step)")
         axes[0][1].set_title("pipeline stage balance")
