@@ -796,7 +796,7 @@ class HybridStrategy(ParallelStrategy):
 
     def _pipeline_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> Tensor:
         assert self._pipeline is not None
-        size = _batch_size(batch)
+        size = pipeline.batch_size_of(batch)
         params = list(self.lightning_module.parameters())
         # Lightning zeroes gradients after training_step (or not at all while accumulating): keep
         # what was there before, hand this step's gradients over in backward()
@@ -1066,26 +1066,6 @@ class HybridStrategy(ParallelStrategy):
             cls,
             description="lightning_hybrid: torchrec-sharded embeddings + data-parallel dense layers",
         )
-
-
-def _batch_size(batch: Any) -> int:
-    """The first dimension of the first tensor in ``batch`` (dicts, lists, tuples, KJTs)."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        for value in batch.values():
-            size = _batch_size(value)
-            if size >= 0:
-                return size
-    if isinstance(batch, (list, tuple)):
-        for value in batch:
-            size = _batch_size(value)
-            if size >= 0:
-                return size
-    stride = getattr(batch, "stride", None)
-    if callable(stride):
-        return int(stride())
-    return -1
 
 
 def _has_dtensor_parameters(module: torch.nn.Module) -> bool:

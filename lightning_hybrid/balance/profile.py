@@ -86,11 +86,13 @@ def profile_blocks(spec: Any, microbatch: Any, lookups: torch.Tensor | None, *, 
 
 def balanced_split_for(model: Any, spec: Any, trainer: Any, strategy: Any) -> list[int]:
     """Profile on every rank, agree on the costs, and return blocks per stage (see module doc)."""
-    from lightning_hybrid.parallel.pipeline import slice_microbatch
+    from lightning_hybrid.parallel.pipeline import batch_size_of, slice_microbatch
 
     loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.fit_loop._data_source.dataloader()
     batch = strategy.batch_to_device(next(iter(loader)))
-    size = _first_dim(batch)
+    size = batch_size_of(batch)
+    if size < 1:
+        raise TypeError(f"balanced pipeline split: cannot find the batch size of a {type(batch).__name__}.")
     opts = strategy._pipeline_options
     stages = strategy.plan.pipeline_parallel * opts["virtual_stages"]
     micro = max(1, size // (opts["microbatches"] or stages))
@@ -114,13 +116,3 @@ def balanced_split_for(model: Any, spec: Any, trainer: Any, strategy: Any) -> li
     plan = partition_blocks(costs[:-2], stages, first_cost=costs[-2], last_cost=costs[-1], speeds=speeds)
     strategy._balance_report = {"block_s": costs[:-2], "first_s": costs[-2], "last_s": costs[-1], "speeds": speeds, "plan": plan}
     return plan.blocks_per_stage
-
-
-def _first_dim(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        return _first_dim(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return _first_dim(batch[0])
-    raise TypeError(f"balanced pipeline split: cannot find the batch size of a {type(batch).__name__}.")

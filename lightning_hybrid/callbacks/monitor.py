@@ -36,6 +36,8 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from lightning_hybrid.parallel.pipeline import batch_size_of
+
 # bf16 dense peak FLOP/s per device, for MFU when no peak is given
 _PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -137,7 +139,7 @@ class HybridMonitor(pl.Callback):
         now = time.perf_counter()
         step_s = max(now - self._step_start, 1e-9)
         strategy = trainer.strategy
-        samples = _batch_size(batch)
+        samples = max(batch_size_of(batch), 0)
         tokens = _tokens(batch, self.token_key)
         replicas = getattr(getattr(strategy, "_plan", None), "data_parallel", 1) or 1
         optimizer_s = now - self._opt_start if self._opt_start is not None else 0.0
@@ -272,20 +274,6 @@ def _global_numel(p: torch.Tensor) -> int:
 
 def _is_table(strategy: Any, name: str) -> bool:
     return any(name == f or name.startswith(f"{f}.") for f in getattr(strategy, "_sharded_modules", {}))
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, dict):
-        for value in batch.values():
-            size = _batch_size(value)
-            if size > 0:
-                return size
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    stride = getattr(batch, "stride", None)
-    return int(stride()) if callable(stride) else 0
 
 
 def _tokens(batch: Any, key: str | None) -> int | None:

@@ -184,7 +184,8 @@ class Compressor:
         if iteration < self.config.start_iter or not big:
             self._dense_mean(grads)
             return
-        small = [g for i, g in enumerate(grads) if i not in set(big)]
+        chosen = set(big)
+        small = [g for i, g in enumerate(grads) if i not in chosen]
         self._dense_mean(small)
         self._compress_mean([grads[i] for i in big], [(key, i) for i in big], iteration)
 

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_hybrid.comm.compress import ByteCounter
+from lightning_hybrid.parallel.data import local_tensor
 
 DataParallelMode = Literal["sync", "local_sgd", "async"]
 MODES: tuple[str, ...] = ("sync", "local_sgd", "async")
@@ -39,10 +40,6 @@ def _unflat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class LocalSGD:
@@ -68,7 +65,7 @@ class LocalSGD:
         if self.steps <= self.warmup_steps or (self.steps - self.warmup_steps) % self.period != 0:
             return
         world = dist.get_world_size(self.group)
-        tensors = [_local(p.detach()) for p in self.params]
+        tensors = [local_tensor(p.detach()) for p in self.params]
         flat = _flat(tensors)
         self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))
         started = time.perf_counter()
@@ -92,7 +89,7 @@ class StaleGradients:
     @torch.no_grad()
     def exchange(self) -> None:
         """Called after backward: start this step's all-reduce, put the stale average into ``.grad``."""
-        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in self.params]
+        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in self.params]
         flat = _flat(grads)
         world = dist.get_world_size(self.group)
         self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from lightning_hybrid.parallel.data import local_tensor
+
 
 def clip_grad_norm_across_shards(
     parameters: Iterable[torch.Tensor],
@@ -38,14 +40,14 @@ def clip_grad_norm_across_shards(
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    device = _local(params[0].grad).device
+    device = local_tensor(params[0].grad).device
     replicated_sq = torch.zeros((), device=device, dtype=torch.float64)
     table_sq = torch.zeros((), device=device, dtype=torch.float64)
     # (mesh, sharded mesh dims) -> sum of squares of the local shards placed that way
     split_sq: dict[tuple[int, tuple[int, ...]], tuple[DeviceMesh, torch.Tensor]] = {}
     for p in params:
         grad = p.grad
-        sq = _local(grad).detach().double().pow(2).sum()
+        sq = local_tensor(grad).detach().double().pow(2).sum()
         dims = _shard_dims(grad)
         if id(p) in sharded_ids:
             table_sq += sq
@@ -70,12 +72,8 @@ def clip_grad_norm_across_shards(
     coef = max_norm / (float(total) + eps)
     if coef < 1.0:
         for p in params:
-            _local(p.grad).detach().mul_(coef)
+            local_tensor(p.grad).detach().mul_(coef)
     return total.float()
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _shard_dims(tensor: torch.Tensor) -> tuple[int, ...]:

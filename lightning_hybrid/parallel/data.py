@@ -76,7 +76,7 @@ def broadcast_dense_state(
 ) -> None:
     """Make dense parameters and buffers equal to rank 0's (what DDP's constructor does when fitting)."""
     ignored = set(names_under(module, ignored_modules))
-    tensors = [_local(p.detach()) for n, p in module.named_parameters() if n not in ignored]
+    tensors = [local_tensor(p.detach()) for n, p in module.named_parameters() if n not in ignored]
     tensors += [b for n, b in module.named_buffers() if n not in ignored]
     broadcast_tensors(tensors, process_group)
 
@@ -84,25 +84,6 @@ def broadcast_dense_state(
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's own shard (tensor parallelism keeps replicas of a shard on the dp axis), or the tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-_local = local_tensor
-
-
-def average_gradients(params: Sequence[torch.Tensor], process_group: dist.ProcessGroup | None) -> None:
-    """All-reduce the gradients of ``params`` to their mean over the group (one fused collective)."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    if not grads or not dist.is_initialized():
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    # gloo has no AVG reduction: sum, then divide
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
-    flat /= dist.get_world_size(process_group)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
 
 
 def shard_dense_fully(

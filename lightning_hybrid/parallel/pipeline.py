@@ -147,6 +147,21 @@ def stage_ranges(blocks_per_stage: Sequence[int]) -> list[range]:
     return ranges
 
 
+def batch_size_of(batch: Any) -> int:
+    """The first dimension of the first tensor in ``batch`` (dicts, lists, tuples, KJTs); -1 if none."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else -1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else None
+    if values is not None:
+        for value in values:
+            size = batch_size_of(value)
+            if size >= 0:
+                return size
+        return -1
+    stride = getattr(batch, "stride", None)
+    return int(stride()) if callable(stride) else -1
+
+
 def slice_microbatch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
     """The rows ``index`` of every tensor in ``batch`` whose first dimension is the batch."""
     if isinstance(batch, torch.Tensor):

@@ -241,6 +241,8 @@ class TPByteCounter:
 
 def count_tensor_parallel_bytes(module: nn.Module, plan: Any, tp_size: int) -> TPByteCounter:
     """Hook the layers of a (name-pattern) ``plan`` to count their tp collectives (see TPByteCounter)."""
+    from lightning_hybrid.parallel.data import local_tensor
+
     counter = TPByteCounter()
     if not isinstance(plan, Mapping) or tp_size < 2:
         return counter
@@ -248,7 +250,7 @@ def count_tensor_parallel_bytes(module: nn.Module, plan: Any, tp_size: int) -> T
     gather = (tp_size - 1) / tp_size
 
     def nbytes(t: Any) -> int:
-        t = t.to_local() if hasattr(t, "to_local") else t
+        t = local_tensor(t) if isinstance(t, torch.Tensor) else t
         return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
     names = [name for name, _ in module.named_modules() if name]
