@@ -62,7 +62,7 @@ def _measure(split_kind: str) -> dict[str, Any]:
     predicted = None
     if split_kind == "balanced":
         mb = {k: v[: BATCH // MICRO] for k, v in batch.items()}
-        profile = profile_blocks(spec, mb, None, repeats=5)
+        profile = profile_blocks(spec, mb, None, repeats=7)
         costs = torch.tensor([*profile.block_s, profile.first_s, profile.last_s], dtype=torch.float64)
         dist.all_reduce(costs)  # every rank must cut at the same place: agree on the mean costs
         costs = (costs / dist.get_world_size()).tolist()
