@@ -13,6 +13,7 @@ metadata so DCP stores it shard-aware instead of keeping one rank's copy.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import uuid
@@ -186,6 +187,65 @@ def load_optimizer_state_dict(module: nn.Module, optimizer: Optimizer, loaded: M
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-rank state, RNG streams, loader positions
+# ----------------------------------------------------------------------------------------------
+
+
+def pack(obj: Any) -> bytes:
+    """An opaque DCP value (DCP would otherwise flatten nested dicts and dedupe equal keys)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def unpack(data: Any) -> Any:
+    if isinstance(data, io.BytesIO):
+        data.seek(0)
+        data = data.read()
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random streams (Lightning's checkpoints do not hold them; dropout and
+    shuffling after a resume depend on them)."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def set_loader_positions(checkpoint: dict[str, Any]) -> None:
+    """Write the number of batches the fit loop finished into the saved state of resumable
+    training loaders (`lightning_hybrid.data.resumable`): the loaders themselves count one batch
+    more, the one Lightning fetched ahead."""
+    try:
+        fit_loop = checkpoint["loops"]["fit_loop"]
+        loaders = fit_loop["state_dict"]["combined_loader"]
+        done = fit_loop["epoch_loop.batch_progress"]["current"]["processed"]
+    except (KeyError, TypeError):
+        return
+    for entry in loaders:
+        if isinstance(entry, dict) and "batches_done" in entry:
+            entry["batches_done"] = int(done)
+
+
+# ----------------------------------------------------------------------------------------------
 # Saving and loading directories
 # ----------------------------------------------------------------------------------------------
 
@@ -233,7 +293,18 @@ def saved_keys(path: str | os.PathLike[str]) -> set[str]:
 
 def load(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Collectively load ``path`` into ``state`` in place (tensors and ShardedTensors are filled)."""
-    dcp.load(_drop_empty(state), checkpoint_id=str(path))
+    pruned = _drop_empty(state)
+    dcp.load(pruned, checkpoint_id=str(path))
+    _copy_back(state, pruned)
+
+
+def _copy_back(target: dict[str, Any], loaded: dict[str, Any]) -> None:
+    """DCP replaces non-tensor values (bytes, ints) in the dict it was given, a pruned copy."""
+    for key, value in loaded.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _copy_back(target[key], value)
+        else:
+            target[key] = value
 
 
 def _drop_empty(state: dict[str, Any]) -> dict[str, Any]:

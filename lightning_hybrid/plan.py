@@ -51,6 +51,9 @@ class ParallelPlan:
         """Sizes in the order of `AXIS_NAMES`."""
         return (self.pipeline_parallel, self.data_parallel, self.tensor_parallel)
 
+    def describe(self) -> str:
+        return f"dp={self.data_parallel} x tp={self.tensor_parallel} x pp={self.pipeline_parallel}"
+
     def validate_world_size(self, world_size: int) -> None:
         """Raise if the plan does not use exactly ``world_size`` ranks."""
         if self.world_size != world_size:

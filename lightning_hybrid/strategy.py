@@ -246,6 +246,7 @@ class HybridStrategy(ParallelStrategy):
         self._compressor: Compressor | None = None
         self._local_sgd: LocalSGD | None = None
         self._stale: StaleGradients | None = None
+        self._names_by_id: dict[int, str] | None = None
         self.comm_bytes_last_step = 0
         self.comm_seconds_last_step = 0.0
         self._pipeline: pipeline.PipelineRunner | None = None
@@ -401,6 +402,7 @@ class HybridStrategy(ParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
+        self._names_by_id = None
 
         # 1. tensor parallelism first: it replaces block weights by DTensors, and nothing else
         #    (embedding sharding, data parallelism) should see the unsplit weights
@@ -854,8 +856,19 @@ class HybridStrategy(ParallelStrategy):
         if self._stale is not None:
             self._stale.exchange()
         elif self._local_sgd is None or self._local_sgd.syncs_gradients():
-            grads = [data_parallel.local_tensor(p.grad) for p in self._manual_dense_sync if p.grad is not None]
-            self._compressor.reduce(grads, key="dense")
+            params = [p for p in self._manual_dense_sync if p.grad is not None]
+            names = self._param_names()
+            self._compressor.reduce(
+                [data_parallel.local_tensor(p.grad) for p in params],
+                key="dense",
+                names=[names[id(p)] for p in params],
+                iteration=self._compressor.optimizer_steps,
+            )
+
+    def _param_names(self) -> dict[int, str]:
+        if self._names_by_id is None:
+            self._names_by_id = {id(p): n for n, p in self.lightning_module.named_parameters()}
+        return self._names_by_id
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
@@ -865,6 +878,7 @@ class HybridStrategy(ParallelStrategy):
         if self._tp_bytes is not None:
             self.tp_bytes_last_step = self._tp_bytes.take_step()
         if self._compressor is not None:
+            self._compressor.optimizer_steps += 1
             self.comm_bytes_last_step = self._compressor.counter.take_step()
             self.comm_seconds_last_step = self._compressor.counter.take_seconds()
         return out
@@ -969,12 +983,56 @@ class HybridStrategy(ParallelStrategy):
             "optimizers": {str(i): {"state": s["state"]} for i, s in enumerate(optimizer_states)},
             "fused": {name: sd for name, sd in self._fused_states().items() if sd["state"]},
         }
+        # this rank's own state (RNG streams, compression residuals, async gradients in flight):
+        # one opaque entry per rank, restored only into the same layout
+        state["per_rank"] = {str(self.global_rank): ckpt.pack(self._per_rank_state())}
+        ckpt.set_loader_positions(checkpoint)
         checkpoint["lightning_hybrid"] = {
             "world_size": self.world_size,
             "plan": self._plan,
             "optimizer_param_groups": [s["param_groups"] for s in optimizer_states],
         }
         ckpt.save(state, checkpoint, path)
+
+    def _per_rank_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rng": ckpt.rng_state()}
+        if self._compressor is not None:
+            state["compressor"] = self._compressor.state_dict()
+        if self._local_sgd is not None:
+            # replicas drift apart between averages: the shared checkpoint holds rank 0's dense
+            # weights, so each rank keeps its own weights and their optimizer state here too
+            state["local_sgd"] = self._local_sgd.state_dict()
+            names = self._param_names()
+            state["replica"] = {
+                "params": {names[id(p)]: data_parallel.local_tensor(p.detach()).clone() for p in self._local_sgd.params},
+                "optimizers": [
+                    {names[id(p)]: {k: v.clone() if isinstance(v, Tensor) else v for k, v in opt.state[p].items()}
+                     for p in self._local_sgd.params if p in opt.state}
+                    for opt in self._unwrapped_optimizers()
+                ],
+            }
+        if self._stale is not None:
+            state["async"] = self._stale.state_dict()
+        return state
+
+    def _load_per_rank_state(self, state: dict[str, Any]) -> None:
+        ckpt.set_rng_state(state["rng"])
+        for name, target in (("compressor", self._compressor), ("local_sgd", self._local_sgd), ("async", self._stale)):
+            if target is not None and name in state:
+                target.load_state_dict(state[name])
+        if self._local_sgd is not None and "replica" in state:
+            by_name = dict(self.lightning_module.named_parameters())
+            with torch.no_grad():
+                for name, value in state["replica"]["params"].items():
+                    data_parallel.local_tensor(by_name[name]).copy_(value)
+            for opt, saved in zip(self._unwrapped_optimizers(), state["replica"]["optimizers"], strict=True):
+                for name, entry in saved.items():
+                    target = opt.state[by_name[name]]
+                    for key, value in entry.items():
+                        if isinstance(value, Tensor) and isinstance(target.get(key), Tensor):
+                            data_parallel.local_tensor(target[key]).copy_(value)
+                        else:
+                            target[key] = value
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -1006,7 +1064,21 @@ class HybridStrategy(ParallelStrategy):
             fused = {name: sd for name, sd in self._fused_states().items() if any(k.startswith(f"fused.{name}.") for k in keys)}
         state["optimizers"] = optimizer_states
         state["fused"] = fused
+        saved = meta.get("lightning_hybrid", {})
+        own_key = f"per_rank.{self.global_rank}"
+        same_layout = saved.get("world_size") == self.world_size and saved.get("plan") == self._plan
+        if own_key in keys and same_layout:
+            state["per_rank"] = {str(self.global_rank): b""}
+        elif own_key in keys or any(k.startswith("per_rank.") for k in keys):
+            rank_zero_warn(
+                f"Resuming into another layout ({self._plan.describe()}, world size {self.world_size}; the checkpoint "
+                f"was written by {saved.get('plan').describe() if saved.get('plan') else '?'} on world size "
+                f"{saved.get('world_size')}): weights and optimizer states are resharded exactly, but per-rank state "
+                "starts afresh: RNG streams, gradient-compression residuals and async gradients in flight."
+            )
         ckpt.load(state, path)
+        if "per_rank" in state:
+            self._load_per_rank_state(ckpt.unpack(state["per_rank"][str(self.global_rank)]))
         saved_groups = meta.get("lightning_hybrid", {}).get("optimizer_param_groups", [])
         for index, optimizer in enumerate(self._unwrapped_optimizers()):
             if str(index) in optimizer_states:

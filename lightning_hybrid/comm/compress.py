@@ -133,6 +133,8 @@ class Compressor:
         self.counter = ByteCounter()
         self.state: dict[Any, dict[str, Any]] = {}
         self.calls: dict[str, int] = {}
+        #: optimizer steps taken (advanced by whoever steps the optimizer; the DDP hook's iteration)
+        self.optimizer_steps = 0
 
     @property
     def world(self) -> int:
@@ -172,12 +174,25 @@ class Compressor:
 
     # -- the interface ------------------------------------------------------------------------
 
-    def reduce(self, grads: list[torch.Tensor], key: str = "grads") -> None:
+    def reduce(
+        self, grads: list[torch.Tensor], key: str = "grads", *, names: list[str] | None = None, iteration: int | None = None
+    ) -> None:
         """Replace every tensor of ``grads`` by its average over the group (approximately, for
-        the lossy methods)."""
-        iteration = self.calls.get(key, 0)
-        self.calls[key] = iteration + 1
-        grads = [g for g in grads if g is not None]
+        the lossy methods).
+
+        ``names`` (one per tensor) key the per-tensor state (residuals, Q, momentum); without them
+        it is keyed by ``key`` and position, which only holds while the same tensors come in the
+        same order (DDP rebuilds its buckets after the first step, so the hook passes names).
+        ``iteration`` (the optimizer step, for ``start_iter`` and the warm-up) defaults to the
+        number of earlier calls with this ``key``.
+        """
+        if iteration is None:
+            iteration = self.calls.get(key, 0)
+            self.calls[key] = iteration + 1
+        if names is None:
+            names = [(key, i) for i in range(len(grads))]  # type: ignore[misc]
+        kept = [(g, n) for g, n in zip(grads, names, strict=True) if g is not None]
+        grads = [g for g, _ in kept]
         if self.world == 1 or not grads:
             return
         big = [i for i, g in enumerate(grads) if self._compressible(g)]
@@ -187,7 +202,7 @@ class Compressor:
         chosen = set(big)
         small = [g for i, g in enumerate(grads) if i not in chosen]
         self._dense_mean(small)
-        self._compress_mean([grads[i] for i in big], [(key, i) for i in big], iteration)
+        self._compress_mean([grads[i] for i in big], [kept[i][1] for i in big], iteration)
 
     def _compressible(self, grad: torch.Tensor) -> bool:
         return grad.numel() >= self.config.min_numel
@@ -202,6 +217,21 @@ class Compressor:
             self.state[key] = slot
         return slot
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: error-feedback residuals, PowerSGD's warm-start Q, top-k momentum
+        (this rank's own; residuals differ per rank) and the per-key call counts that drive
+        ``start_iter`` and the density warm-up."""
+        return {
+            "optimizer_steps": self.optimizer_steps,
+            "calls": dict(self.calls),
+            "state": {key: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in slot.items()} for key, slot in self.state.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = dict(state["calls"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.state = {key: dict(slot) for key, slot in state["state"].items()}
+
     def residual_norm(self) -> float:
         """Sum of squares of the error-feedback residuals on this rank (what is still owed)."""
         return float(sum(float(s["residual"].double().pow(2).sum()) for s in self.state.values() if "residual" in s))
@@ -213,7 +243,9 @@ class NoCompression(Compressor):
     def __init__(self, config: GradientCompression | None = None, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(GradientCompression(method="none", start_iter=0), group)
 
-    def reduce(self, grads: list[torch.Tensor], key: str = "grads") -> None:
+    def reduce(
+        self, grads: list[torch.Tensor], key: str = "grads", *, names: list[str] | None = None, iteration: int | None = None
+    ) -> None:
         grads = [g for g in grads if g is not None]
         if self.world > 1 and grads:
             self._dense_mean(grads)
@@ -226,7 +258,9 @@ class CastCompressor(Compressor):
         super().__init__(config, group)
         self.dtype = torch.float16 if config.method == "fp16" else torch.bfloat16
 
-    def reduce(self, grads: list[torch.Tensor], key: str = "grads") -> None:
+    def reduce(
+        self, grads: list[torch.Tensor], key: str = "grads", *, names: list[str] | None = None, iteration: int | None = None
+    ) -> None:
         grads = [g for g in grads if g is not None]
         if self.world == 1 or not grads:
             return
@@ -438,7 +472,26 @@ class HierarchicalCompressor(Compressor):
     def world(self) -> int:
         return dist.get_world_size(self.intra) * self.inter.world
 
-    def reduce(self, grads: list[torch.Tensor], key: str = "grads") -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return self.inter.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inter.load_state_dict(state)
+
+    @property
+    def optimizer_steps(self) -> int:  # type: ignore[override]
+        return self.inter.optimizer_steps
+
+    @optimizer_steps.setter
+    def optimizer_steps(self, value: int) -> None:
+        if hasattr(self, "inter"):
+            self.inter.optimizer_steps = value
+
+    def reduce(
+        self, grads: list[torch.Tensor], key: str = "grads", *, names: list[str] | None = None, iteration: int | None = None
+    ) -> None:
+        if names is not None:
+            names = [n for g, n in zip(grads, names, strict=True) if g is not None]
         grads = [g for g in grads if g is not None]
         if not grads:
             return
@@ -457,6 +510,6 @@ class HierarchicalCompressor(Compressor):
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
-        self.inter.reduce(grads, key)
+        self.inter.reduce(grads, key, names=names, iteration=iteration)
         self.counter.add(self.inter.counter.total - before)
         self.counter.seconds += self.inter.counter.take_seconds()

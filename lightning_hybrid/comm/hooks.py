@@ -30,7 +30,14 @@ def _bucket_views(bucket: Any) -> list[torch.Tensor]:
 
 
 def register_compressor(ddp: DistributedDataParallel, compressor: Compressor) -> None:
-    """Average ``ddp``'s gradient buckets with ``compressor`` (its group must be DDP's)."""
+    """Average ``ddp``'s gradient buckets with ``compressor`` (its group must be DDP's).
+
+    The compressor's per-tensor state is keyed by parameter name (DDP regroups its buckets after
+    the first step and after every restart), and its schedule (``start_iter``, warm-up) follows
+    ``compressor.optimizer_steps``, which the caller advances after each optimizer step
+    (HybridStrategy does).
+    """
+    names = {id(p): n for n, p in ddp.module.named_parameters()}
 
     # (no annotations: DDP checks them against dist.GradBucket / Future, and this module's are strings)
     def hook(_state, bucket):  # noqa: ANN001, ANN202
@@ -40,7 +47,12 @@ def register_compressor(ddp: DistributedDataParallel, compressor: Compressor) ->
             compressor.counter.add(ByteCounter.all_reduce_bytes(buffer.numel() * buffer.element_size(), world))
             work = dist.all_reduce(buffer, group=compressor.group, async_op=True)
             return work.get_future().then(lambda fut: fut.value()[0].div_(world))
-        compressor.reduce(_bucket_views(bucket), key=f"bucket{bucket.index()}")
+        compressor.reduce(
+            _bucket_views(bucket),
+            key=f"bucket{bucket.index()}",
+            names=[names[id(p)] for p in bucket.parameters()],
+            iteration=compressor.optimizer_steps,
+        )
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(buffer)
         return done

@@ -59,6 +59,12 @@ class LocalSGD:
         """True while in the synchronous warm-up (post-local SGD)."""
         return self.steps < self.warmup_steps
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         self.steps += 1
@@ -98,7 +104,8 @@ class StaleGradients:
         if len(self.pending) > self.staleness:
             old_work, old = self.pending.popleft()
             started = time.perf_counter()
-            old_work.wait()
+            if old_work is not None:  # None: restored from a checkpoint, already complete
+                old_work.wait()
             self.counter.seconds += time.perf_counter() - started
             _unflat(old / world, grads)
         else:
@@ -108,8 +115,20 @@ class StaleGradients:
             if p.grad is None:
                 p.grad = g
 
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged gradients still owed to later steps (in flight now: waited for here, so a
+        resume applies exactly what the uninterrupted run would have applied)."""
+        for work, _ in self.pending:
+            if work is not None:
+                work.wait()
+        return {"pending": [flat.clone() for _, flat in self.pending]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = deque((None, flat) for flat in state["pending"])
+
     def drain(self) -> None:
         """Wait for the all-reduces still in flight (end of training: no collective left hanging)."""
         while self.pending:
             work, _ = self.pending.popleft()
-            work.wait()
+            if work is not None:
+                work.wait()

@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_hybrid.data.resumable import ResumableDataLoader
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -115,7 +117,8 @@ class ClickDataModule(pl.LightningDataModule):
         self.val_set = ClickDataset(num_samples=hp.num_val_samples, seed=hp.seed, sample_seed=hp.seed + 1, **common)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+        # resumable: a checkpoint written mid-epoch continues with the next batch, not the first
+        return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
                           collate_fn=collate_clicks(self.feature_names), drop_last=True)
 
     def train_dataloader(self) -> DataLoader:

@@ -32,6 +32,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_hybrid.data.resumable import ResumableDataLoader
+
 FormatName = Literal["auto", "sasrec", "movielens", "synthetic"]
 
 
@@ -538,7 +540,8 @@ class SequenceDataModule(pl.LightningDataModule):
         return int(kwargs.get("rank", trainer.global_rank)), int(kwargs.get("num_replicas", trainer.world_size))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, num_workers=self.num_workers)
+        # resumable: a checkpoint written mid-epoch continues with the next batch, not the first
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, num_workers=self.num_workers)
 
     def _eval_loader(self, dataset: EvalSequences) -> DataLoader:
         rank, size = self._dp()
