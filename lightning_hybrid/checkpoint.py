@@ -58,7 +58,7 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
             if rank == dst:
                 full[key] = out  # type: ignore[assignment]
         elif isinstance(value, DTensor):
-            mine[key] = value.full_tensor().detach().cpu()
+            mine[key] = value.full_tensor().detach().cpu().clone()  # a Replicate full_tensor() is the live local tensor
         elif isinstance(value, torch.Tensor):
             mine[key] = value.detach().cpu().clone()
     if rank == dst:

@@ -985,7 +985,7 @@ class HybridStrategy(ParallelStrategy):
         }
         # this rank's own state (RNG streams, compression residuals, async gradients in flight):
         # one opaque entry per rank, restored only into the same layout
-        state["per_rank"] = {str(self.global_rank): ckpt.pack(self._per_rank_state())}
+        state[f"per_rank_{self.global_rank}"] = ckpt.pack(self._per_rank_state())
         ckpt.set_loader_positions(checkpoint)
         checkpoint["lightning_hybrid"] = {
             "world_size": self.world_size,
@@ -1065,11 +1065,11 @@ class HybridStrategy(ParallelStrategy):
         state["optimizers"] = optimizer_states
         state["fused"] = fused
         saved = meta.get("lightning_hybrid", {})
-        own_key = f"per_rank.{self.global_rank}"
+        own_key = f"per_rank_{self.global_rank}"
         same_layout = saved.get("world_size") == self.world_size and saved.get("plan") == self._plan
         if own_key in keys and same_layout:
-            state["per_rank"] = {str(self.global_rank): b""}
-        elif own_key in keys or any(k.startswith("per_rank.") for k in keys):
+            state[own_key] = b""
+        elif any(k.startswith("per_rank_") for k in keys):
             rank_zero_warn(
                 f"Resuming into another layout ({self._plan.describe()}, world size {self.world_size}; the checkpoint "
                 f"was written by {saved.get('plan').describe() if saved.get('plan') else '?'} on world size "
@@ -1077,8 +1077,8 @@ class HybridStrategy(ParallelStrategy):
                 "starts afresh: RNG streams, gradient-compression residuals and async gradients in flight."
             )
         ckpt.load(state, path)
-        if "per_rank" in state:
-            self._load_per_rank_state(ckpt.unpack(state["per_rank"][str(self.global_rank)]))
+        if own_key in state:
+            self._load_per_rank_state(ckpt.unpack(state[own_key]))
         saved_groups = meta.get("lightning_hybrid", {}).get("optimizer_param_groups", [])
         for index, optimizer in enumerate(self._unwrapped_optimizers()):
             if str(index) in optimizer_states:

@@ -96,3 +96,206 @@ def test_mid_epoch_resume_is_exact(module_tmp: Path, case: str) -> None:
         assert len(result["uninterrupted"]) == 6
         assert len(result["resumed"]) == 3
         assert_close(torch.tensor(result["resumed"]), torch.tensor(result["uninterrupted"][3:]), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resharding: save under one layout, continue under another
+# ----------------------------------------------------------------------------------------------
+
+TP_PLAN = {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"}
+STEPS_SAVED = 2  # the checkpoint is written after this many steps; one more step follows it
+
+
+def _encoder_recommender() -> Any:
+    """EBC user/item/category features -> 2 TransformerEncoderLayers -> click logit; SGD with
+    momentum, so the tables (dense kernel) and the blocks both have optimizer state to reshard."""
+    import lightning.pytorch as pl
+    from torch import nn
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+    class EncoderRec(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(name="users", embedding_dim=16, num_embeddings=24, feature_names=["user"]),
+                    EmbeddingBagConfig(name="movies", embedding_dim=16, num_embeddings=40, feature_names=["item"]),
+                    EmbeddingBagConfig(name="cats", embedding_dim=16, num_embeddings=16, feature_names=["category"]),
+                ]
+            )
+            self.dense_in = nn.Linear(5, 16)
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2)
+            )
+            self.head = nn.Linear(16, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            pooled = self.ebc(batch["sparse"]).to_dict()
+            tokens = torch.stack([self.dense_in(batch["dense"]), pooled["user"], pooled["item"], pooled["category"]], dim=1)
+            for layer in self.layers:
+                tokens = layer(tokens)
+            logits = self.head(tokens.mean(1)).squeeze(-1)
+            return nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+    return EncoderRec()
+
+
+def _sasrec() -> Any:
+    from tests.helpers import sgd_sasrec_class
+
+    return sgd_sasrec_class()(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
+
+
+PP_DATA = dict(format="synthetic", max_len=8, batch_size=64, synthetic_users=24, synthetic_items=30, synthetic_min_len=10, synthetic_max_len=10, seed=2)
+
+
+def _train(model_name: str, world: int, layout: dict[str, Any], steps: int, *, save_to: str | None = None, resume: str | None = None) -> dict[str, Any]:
+    """Fit ``steps`` steps under ``layout`` (HybridStrategy kwargs), from scratch or from ``resume``.
+
+    Returns the losses of the steps (this rank's replica), the whole parameters right after the
+    checkpoint was loaded (on_train_start) and after the last step.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import TinyClicks, collate, quiet_trainer
+
+    record: dict[str, Any] = {"losses": []}
+
+    class Record(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            record["loaded"] = full_state_dict(module)
+
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            record["losses"].append(float(outputs["loss"]))
+
+    torch.manual_seed(0 if resume is None else 99)  # a resumed model starts from other weights
+    model = _encoder_recommender() if model_name == "encoder" else _sasrec()
+    callbacks: list[Any] = [Record()]
+    if save_to is not None:
+        callbacks.append(ModelCheckpoint(dirpath=save_to, save_top_k=-1, every_n_train_steps=STEPS_SAVED, filename="{step}"))
+    trainer = quiet_trainer(
+        strategy=HybridStrategy(**layout), devices=world, max_steps=steps, limit_val_batches=0,
+        callbacks=callbacks, enable_checkpointing=save_to is not None,
+    )
+    if model_name == "encoder":
+        # a global batch of 16 samples per step, split over the dp replicas in rank order
+        tp, pp = layout.get("tensor_parallel", 1), layout.get("pipeline_parallel", 1)
+        dp = world // (tp * pp)
+        data = TinyClicks(32)
+        sampler = DistributedSampler(data, num_replicas=dp, rank=int(os.environ.get("RANK", "0")) // tp, shuffle=False)
+        trainer.fit(model, train_dataloaders=DataLoader(data, batch_size=16 // dp, sampler=sampler, collate_fn=collate), ckpt_path=resume)
+    else:
+        trainer.fit(model, datamodule=SequenceDataModule(**PP_DATA), ckpt_path=resume)
+    record["final"] = full_state_dict(model)
+    return record
+
+
+TABLE_WISE = {"users": "table_wise", "movies": "table_wise", "cats": "table_wise"}
+ROW_WISE = {"users": "row_wise", "movies": "row_wise", "cats": "row_wise"}
+MIXED = {"users": "row_wise", "movies": "table_wise", "cats": "column_wise"}
+SASREC_TABLE = {"item_id": "row_wise"}
+
+
+def _two_process_layouts(tmp: str) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    dp2, pp2 = os.path.join(tmp, "dp2"), os.path.join(tmp, "pp2")
+    ckpt = f"step={STEPS_SAVED}.ckpt"
+    steps = STEPS_SAVED + 1
+    return {
+        "dp2_saved": _train("encoder", 2, {"embedding_sharding": TABLE_WISE}, STEPS_SAVED, save_to=dp2),
+        "dp2_table_wise": _train("encoder", 2, {"embedding_sharding": TABLE_WISE}, steps, resume=os.path.join(dp2, ckpt)),
+        "dp2_row_wise": _train("encoder", 2, {"embedding_sharding": ROW_WISE}, steps, resume=os.path.join(dp2, ckpt)),
+        "pp2_saved": _train("sasrec", 2, {"pipeline_parallel": 2, "embedding_sharding": SASREC_TABLE}, STEPS_SAVED, save_to=pp2),
+        "pp2_pp2": _train("sasrec", 2, {"pipeline_parallel": 2, "embedding_sharding": SASREC_TABLE}, steps, resume=os.path.join(pp2, ckpt)),
+        "pp2_dp2": _train("sasrec", 2, {"embedding_sharding": SASREC_TABLE}, steps, resume=os.path.join(pp2, ckpt)),
+    }
+
+
+def _one_process_layouts(tmp: str) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    ckpt = f"step={STEPS_SAVED}.ckpt"
+    steps = STEPS_SAVED + 1
+    return {
+        "dp1_from_dp2": _train("encoder", 1, {"embedding_sharding": MIXED}, steps, resume=os.path.join(tmp, "dp2", ckpt)),
+        "dp1_from_pp2": _train("sasrec", 1, {"embedding_sharding": SASREC_TABLE}, steps, resume=os.path.join(tmp, "pp2", ckpt)),
+        "dp1_from_dp2xtp2": _train("encoder", 1, {"embedding_sharding": MIXED}, steps, resume=os.path.join(tmp, "tp", ckpt)),
+    }
+
+
+def _four_process_layouts(tmp: str) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    tp = {"tensor_parallel": 2, "tensor_parallel_plan": TP_PLAN, "embedding_sharding": MIXED}
+    folder = os.path.join(tmp, "tp")
+    steps = STEPS_SAVED + 1
+    return {
+        "tp_saved": _train("encoder", 4, tp, STEPS_SAVED, save_to=folder),
+        "tp_tp": _train("encoder", 4, tp, steps, resume=os.path.join(folder, f"step={STEPS_SAVED}.ckpt")),
+        "tp_dp4": _train("encoder", 4, {"embedding_sharding": ROW_WISE}, steps, resume=os.path.join(folder, f"step={STEPS_SAVED}.ckpt")),
+    }
+
+
+@functools.cache
+def _reshard_results(tmp: str) -> dict[str, Any]:
+    two = run_distributed(_two_process_layouts, 2, tmp, init_process_group=False, timeout_s=300)
+    four = run_distributed(_four_process_layouts, 4, tmp, init_process_group=False, timeout_s=300)
+    one = run_distributed(_one_process_layouts, 1, tmp, init_process_group=False, timeout_s=300)
+    return {"two": two, "four": four, "one": one[0]}
+
+
+def _next_step_loss(ranks: list[dict[str, Any]], replicas: list[int]) -> float:
+    """The global loss of the step after the checkpoint: the mean over the dp replicas' losses."""
+    return sum(ranks[r]["losses"][-1] for r in replicas) / len(replicas)
+
+
+def _assert_states(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], exact: bool) -> None:
+    assert set(actual) == set(expected)
+    for key, value in expected.items():
+        if exact:
+            assert torch.equal(actual[key], value), key
+        else:
+            assert_close(actual[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+RESHARDS = {
+    # name: (where the reference runs, its key, its replicas, where the target runs, its key, its replicas, saved key)
+    "dp2->dp1": ("two", "dp2_table_wise", [0, 1], "one", "dp1_from_dp2", [0], "dp2_saved"),
+    "table_wise->row_wise": ("two", "dp2_table_wise", [0, 1], "two", "dp2_row_wise", [0, 1], "dp2_saved"),
+    "dp2xtp2->dp4": ("four", "tp_tp", [0, 2], "four", "tp_dp4", [0, 1, 2, 3], "tp_saved"),
+    "dp2xtp2->dp1": ("four", "tp_tp", [0, 2], "one", "dp1_from_dp2xtp2", [0], "tp_saved"),
+    "pp2->pp1(dp2)": ("two", "pp2_pp2", [0], "two", "pp2_dp2", [0, 1], "pp2_saved"),
+    "pp2->pp1(dp1)": ("two", "pp2_pp2", [0], "one", "dp1_from_pp2", [0], "pp2_saved"),
+}
+
+
+def _ranks(results: dict[str, Any], where: str, key: str) -> list[dict[str, Any]]:
+    if where == "one":
+        return [results["one"][key]]
+    return [rank[key] for rank in results[where]]
+
+
+@pytest.mark.parametrize("name", list(RESHARDS))
+def test_checkpoint_loads_into_another_layout(module_tmp: Path, name: str) -> None:
+    """Identical parameters after loading; the next step's loss and parameters equal those of
+    continuing in the layout that saved the checkpoint (up to float summation order)."""
+    ref_where, ref_key, ref_replicas, where, key, replicas, saved_key = RESHARDS[name]
+    results = _reshard_results(str(module_tmp))
+    saved_where = ref_where
+    saved = _ranks(results, saved_where, saved_key)[0]["final"]
+    reference = _ranks(results, ref_where, ref_key)
+    target = _ranks(results, where, key)
+    _assert_states(target[0]["loaded"], saved, exact=True)
+    _assert_states(reference[0]["loaded"], saved, exact=True)
+    assert len(target[0]["losses"]) == 1  # one step after the checkpoint
+    assert _next_step_loss(target, replicas) == pytest.approx(_next_step_loss(reference, ref_replicas), rel=1e-5, abs=1e-6)
+    _assert_states(target[0]["final"], reference[0]["final"], exact=False)
