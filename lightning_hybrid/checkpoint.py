@@ -322,3 +322,86 @@ def _drop_empty(state: dict[str, Any]) -> dict[str, Any]:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion: sharded directory <-> one file
+# ----------------------------------------------------------------------------------------------
+
+#: where a single-file checkpoint keeps what is not part of Lightning's own format
+EXTRA_KEY = "lightning_hybrid_state"
+
+
+def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> dict[str, Any]:
+    """Turn a sharded checkpoint directory into one ``torch.save`` file, in one process.
+
+    The file is an ordinary Lightning checkpoint: ``state_dict`` holds every weight whole (tables
+    gathered from their shards), so ``MyModel.load_from_checkpoint(dst)`` serves it without
+    torchrec sharding or a process group; Lightning's loop and hyper-parameter entries are kept.
+    The optimizer states (by parameter name), fused-table optimizer states and per-rank entries
+    ride along under ``lightning_hybrid_state``, so `to_sharded` can turn it back into a
+    resumable directory.
+    """
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    meta = load_meta(src)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(src)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    checkpoint = dict(meta)
+    checkpoint["state_dict"] = state.pop("model", {})
+    checkpoint.setdefault("optimizer_states", [])
+    checkpoint[EXTRA_KEY] = state
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial-{uuid.uuid4().hex[:12]}")
+    torch.save(checkpoint, tmp)
+    tmp.replace(dst)  # atomic: never a half-written file under the real name
+    return checkpoint
+
+
+def to_sharded(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Turn a single-file checkpoint (from `to_single_file`, or any Lightning checkpoint whose
+    ``state_dict`` matches the model) into a directory HybridStrategy resumes or loads from, in
+    any layout: the tensors are stored whole and resharded when loaded."""
+    checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{src} is not a Lightning checkpoint file (no 'state_dict' entry); nothing to convert.")
+    extra = checkpoint.pop(EXTRA_KEY, {}) or {}
+    state = {"model": checkpoint.pop("state_dict"), **extra}
+    checkpoint.pop("optimizer_states", None)  # Lightning's by-index format: not resumable across layouts
+    dst = Path(dst)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    dcp.save(_drop_empty(state), checkpoint_id=str(tmp), no_dist=True)
+    torch.save(checkpoint, tmp / META_FILENAME)
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+
+
+def convert_main(argv: list[str]) -> None:
+    """``lightning-hybrid convert SRC DST``: a sharded directory becomes one file, a file a
+    sharded directory (the direction follows SRC)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-hybrid convert",
+        description="Convert a HybridStrategy checkpoint directory into one file for serving, or a "
+        "single-file checkpoint back into a sharded directory that any layout can resume from.",
+    )
+    parser.add_argument("src", help="checkpoint directory (sharded) or file")
+    parser.add_argument("dst", help="where to write the other form")
+    args = parser.parse_args(argv)
+    if is_distributed_checkpoint(args.src):
+        result = to_single_file(args.src, args.dst)
+        n = sum(v.numel() for v in result["state_dict"].values() if isinstance(v, torch.Tensor))
+        print(f"wrote {args.dst}: {len(result['state_dict'])} tensors, {n:,} values, step {result.get('global_step', '?')}")
+    elif Path(args.src).is_file():
+        to_sharded(args.src, args.dst)
+        print(f"wrote sharded checkpoint directory {args.dst}")
+    else:
+        raise SystemExit(
+            f"lightning-hybrid convert: {args.src} is neither a checkpoint directory (with meta.pt and .metadata) "
+            "nor a checkpoint file."
+        )

@@ -2,6 +2,7 @@
 
     lightning-hybrid fit -c recipes/dlrm_quickstart.yaml
     lightning-hybrid fit -c recipes/dlrm_quickstart.yaml --print_config   # every option, resolved
+    lightning-hybrid convert runs/x/last.ckpt model.ckpt     # sharded directory -> one file (and back)
 
 Models and data modules are given by ``class_path`` (any LightningModule / LightningDataModule),
 the strategy as ``trainer.strategy: hybrid`` or with ``class_path: lightning_hybrid.HybridStrategy``
@@ -30,6 +31,12 @@ class HybridCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "convert":
+        from lightning_hybrid.checkpoint import convert_main
+
+        convert_main(argv[1:])
+        return
     HybridCLI(
         pl.LightningModule,
         pl.LightningDataModule,

@@ -16,6 +16,7 @@ in which they are applied in `setup` is fixed and matters:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Generator
@@ -989,7 +990,7 @@ class HybridStrategy(ParallelStrategy):
         ckpt.set_loader_positions(checkpoint)
         checkpoint["lightning_hybrid"] = {
             "world_size": self.world_size,
-            "plan": self._plan,
+            "plan": dataclasses.asdict(self._plan),  # plain values: weights_only loading accepts them
             "optimizer_param_groups": [s["param_groups"] for s in optimizer_states],
         }
         ckpt.save(state, checkpoint, path)
@@ -1066,13 +1067,13 @@ class HybridStrategy(ParallelStrategy):
         state["fused"] = fused
         saved = meta.get("lightning_hybrid", {})
         own_key = f"per_rank_{self.global_rank}"
-        same_layout = saved.get("world_size") == self.world_size and saved.get("plan") == self._plan
+        same_layout = saved.get("world_size") == self.world_size and saved.get("plan") == dataclasses.asdict(self._plan)
         if own_key in keys and same_layout:
             state[own_key] = b""
         elif any(k.startswith("per_rank_") for k in keys):
             rank_zero_warn(
                 f"Resuming into another layout ({self._plan.describe()}, world size {self.world_size}; the checkpoint "
-                f"was written by {saved.get('plan').describe() if saved.get('plan') else '?'} on world size "
+                f"was written by {ParallelPlan(**saved['plan']).describe() if saved.get('plan') else '?'} on world size "
                 f"{saved.get('world_size')}): weights and optimizer states are resharded exactly, but per-rank state "
                 "starts afresh: RNG streams, gradient-compression residuals and async gradients in flight."
             )

@@ -229,6 +229,7 @@ def _one_process_layouts(tmp: str) -> dict[str, Any]:
         "dp1_from_dp2": _train("encoder", 1, {"embedding_sharding": MIXED}, steps, resume=os.path.join(tmp, "dp2", ckpt)),
         "dp1_from_pp2": _train("sasrec", 1, {"embedding_sharding": SASREC_TABLE}, steps, resume=os.path.join(tmp, "pp2", ckpt)),
         "dp1_from_dp2xtp2": _train("encoder", 1, {"embedding_sharding": MIXED}, steps, resume=os.path.join(tmp, "tp", ckpt)),
+        "dp1_from_roundtrip": _train("encoder", 1, {"embedding_sharding": MIXED}, steps, resume=os.path.join(tmp, "roundtrip.ckpt")),
     }
 
 
@@ -249,6 +250,13 @@ def _four_process_layouts(tmp: str) -> dict[str, Any]:
 def _reshard_results(tmp: str) -> dict[str, Any]:
     two = run_distributed(_two_process_layouts, 2, tmp, init_process_group=False, timeout_s=300)
     four = run_distributed(_four_process_layouts, 4, tmp, init_process_group=False, timeout_s=300)
+    # the conversion command, both ways: sharded dp2 directory -> one file -> sharded directory
+    from lightning_hybrid.cli import main
+
+    ckpt = f"step={STEPS_SAVED}.ckpt"
+    main(["convert", os.path.join(tmp, "dp2", ckpt), os.path.join(tmp, "dp2.pt")])
+    main(["convert", os.path.join(tmp, "dp2.pt"), os.path.join(tmp, "roundtrip.ckpt")])
+    main(["convert", os.path.join(tmp, "pp2", ckpt), os.path.join(tmp, "pp2.pt")])
     one = run_distributed(_one_process_layouts, 1, tmp, init_process_group=False, timeout_s=300)
     return {"two": two, "four": four, "one": one[0]}
 
@@ -299,3 +307,20 @@ def test_checkpoint_loads_into_another_layout(module_tmp: Path, name: str) -> No
     assert len(target[0]["losses"]) == 1  # one step after the checkpoint
     assert _next_step_loss(target, replicas) == pytest.approx(_next_step_loss(reference, ref_replicas), rel=1e-5, abs=1e-6)
     _assert_states(target[0]["final"], reference[0]["final"], exact=False)
+
+
+def test_convert_to_one_file_for_serving_and_back(module_tmp: Path) -> None:
+    """`lightning-hybrid convert`: the single file holds every weight whole (tables gathered from
+    their shards) and loads with the model's own ``load_from_checkpoint``, no strategy needed;
+    converted back, it resumes training exactly like the original sharded directory."""
+    from lightning_hybrid.models.sasrec import SASRec
+
+    results = _reshard_results(str(module_tmp))
+    single = torch.load(module_tmp / "dp2.pt", weights_only=False)
+    _assert_states(single["state_dict"], results["two"][0]["dp2_saved"]["final"], exact=True)
+    assert single["global_step"] == STEPS_SAVED
+    served = SASRec.load_from_checkpoint(module_tmp / "pp2.pt", map_location="cpu")  # pipeline stages joined
+    _assert_states({k: v for k, v in served.state_dict().items()}, results["two"][0]["pp2_saved"]["final"], exact=True)
+    roundtrip, original = results["one"]["dp1_from_roundtrip"], results["one"]["dp1_from_dp2"]
+    assert roundtrip["losses"] == original["losses"]
+    _assert_states(roundtrip["final"], original["final"], exact=True)
