@@ -63,6 +63,7 @@ from lightning_hybrid.plan import AxisSize, ParallelPlan
 log = logging.getLogger(__name__)
 
 KernelName = Literal["fused", "dense"]
+NonFinitePolicy = Literal["stop", "skip", "warn", "off"]
 DenseParallelName = Literal["ddp", "fsdp"]
 PipelineSplitName = Literal["even", "balanced"]
 
@@ -122,7 +123,14 @@ class HybridStrategy(ParallelStrategy):
         embedding_memory_per_rank: bytes of device memory the planner may fill with tables per
             rank (default: torchrec's device default).
         validate_inputs: check every id against its table's size before the lookup (cheap; an
-            out-of-range id otherwise reads garbage or crashes inside the kernel).
+            out-of-range id otherwise reads garbage or crashes inside the kernel), and that the
+            ranks of one tensor/pipeline-parallel replica got the same batch (first step of each
+            epoch).
+        nonfinite_loss: what a NaN/inf training loss on any rank does, decided alike on every
+            rank (one small all-reduce per step): ``"stop"`` (raise FloatingPointError on every
+            rank, naming the ranks and the step), ``"skip"`` (no backward and no update for that
+            batch, anywhere; the count is logged as ``train/skipped_steps``), ``"warn"`` (carry on),
+            or ``"off"`` (no check, no collective).
         launcher: ``"auto"``, ``"subprocess"`` (re-run the script, like ``strategy="ddp"``) or
             ``"spawn"``; ignored when torchrun/SLURM started the processes.
         find_unused_parameters: passed to DDP for the dense parameters.
@@ -162,6 +170,7 @@ class HybridStrategy(ParallelStrategy):
         embedding_constraints: dict[str, Any] | None = None,
         embedding_memory_per_rank: int | None = None,
         validate_inputs: bool = True,
+        nonfinite_loss: NonFinitePolicy = "stop",
         launcher: LauncherName = "auto",
         find_unused_parameters: bool = False,
         static_graph: bool = False,
@@ -248,6 +257,8 @@ class HybridStrategy(ParallelStrategy):
         self._local_sgd: LocalSGD | None = None
         self._stale: StaleGradients | None = None
         self._names_by_id: dict[int, str] | None = None
+        self._replica_pg: dist.ProcessGroup | None = None
+        self._replica_checked_epoch = -1
         self.comm_bytes_last_step = 0
         self.comm_seconds_last_step = 0.0
         self._pipeline: pipeline.PipelineRunner | None = None
@@ -262,6 +273,11 @@ class HybridStrategy(ParallelStrategy):
             memory_per_rank_bytes=embedding_memory_per_rank,
         )
         self._validate_inputs = validate_inputs
+        if nonfinite_loss not in ("stop", "skip", "warn", "off"):
+            raise ValueError(f"HybridStrategy(nonfinite_loss={nonfinite_loss!r}): use 'stop', 'skip', 'warn' or 'off'.")
+        self._nonfinite = nonfinite_loss
+        self._skip_backward = False
+        self.skipped_steps = 0
         self._launcher_name = launcher
         self._ddp_kwargs = {
             "find_unused_parameters": find_unused_parameters,
@@ -404,6 +420,9 @@ class HybridStrategy(ParallelStrategy):
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
         self._names_by_id = None
+        self._replica_checked_epoch = -1
+        if self.plan.tensor_parallel * self.plan.pipeline_parallel > 1:
+            self._replica_group()  # collective: every rank builds the groups now, in the same order
 
         # 1. tensor parallelism first: it replaces block weights by DTensors, and nothing else
         #    (embedding sharding, data parallelism) should see the unsplit weights
@@ -566,7 +585,13 @@ class HybridStrategy(ParallelStrategy):
         return HierarchicalCompressor(intra, build_compressor(config, inter))
 
     def _replica_group(self) -> dist.ProcessGroup:
-        """The ranks of this rank's data-parallel replica (its pp x tp block of the mesh)."""
+        """The ranks of this rank's data-parallel replica (its pp x tp block of the mesh); built
+        once (collectively, in setup)."""
+        if self._replica_pg is None:
+            self._replica_pg = self._new_replica_group()
+        return self._replica_pg
+
+    def _new_replica_group(self) -> dist.ProcessGroup:
         if self.plan.tensor_parallel == 1:
             return self.device_mesh["pp"].get_group()
         mine = None
@@ -768,12 +793,76 @@ class HybridStrategy(ParallelStrategy):
             self.lightning_module.log("comm/dp_bytes_per_step", float(self.comm_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
         if self._tp_bytes is not None and self.lightning_module.trainer.global_step > 0:
             self.lightning_module.log("comm/tp_bytes_per_step", float(self.tp_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
+        self._skip_backward = False
+        epoch = self.lightning_module.trainer.current_epoch
+        if self._validate_inputs and self._replica_pg is not None and self._replica_checked_epoch != epoch:
+            self._replica_checked_epoch = epoch
+            self._check_replica_batch(args[0] if args else next(iter(kwargs.values())))
         if self._pipeline is not None:
             return self._pipeline_training_step(*args, **kwargs)
         with self._loss_parallel_context():
             if self._is_fsdp():
-                return self._through_fsdp_root("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
-            return super().training_step(*args, **kwargs)
+                output = self._through_fsdp_root("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
+            else:
+                output = super().training_step(*args, **kwargs)
+        loss = output.get("loss") if isinstance(output, dict) else output
+        if isinstance(loss, Tensor):
+            self._check_loss(loss)
+        return output
+
+    def _check_replica_batch(self, batch: Any) -> None:
+        """The tensor/pipeline-parallel ranks of one replica must train on the same batch (each
+        computes part of one model on it); a sampler that splits over all ranks instead of the dp
+        axis would silently train on mixed-up halves. Checked on the first batch of each epoch."""
+        assert self._replica_pg is not None
+        total = torch.zeros((), dtype=torch.float64)
+        for tensor in _tensors_in(batch):
+            total += tensor.detach().double().sum().cpu()
+        mine = torch.tensor([float(pipeline.batch_size_of(batch)), float(total)], dtype=torch.float64, device=self.root_device)
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._replica_pg))]
+        dist.all_gather(parts, mine, group=self._replica_pg)
+        if any(not torch.equal(p, parts[0]) for p in parts):
+            members = dist.get_process_group_ranks(self._replica_pg)
+            sizes = {r: int(p[0]) for r, p in zip(members, parts, strict=True)}
+            raise ValueError(
+                f"HybridStrategy: the ranks {members} of one tensor/pipeline-parallel replica got different training "
+                f"batches (batch sizes by rank {sizes}; the contents differ too if the sizes agree). They must see the "
+                "same batch: sample over the data-parallel axis only, with num_replicas and rank from "
+                "trainer.strategy.distributed_sampler_kwargs (Lightning does this when it adds the sampler)."
+            )
+
+    def _check_loss(self, loss: Tensor) -> bool:
+        """Apply the ``nonfinite_loss`` policy; True (also kept in ``_skip_backward``) when this
+        step's backward and update must be skipped. Collective when the policy is on: every rank
+        reaches the same verdict, so no rank waits in a backward collective the others skipped."""
+        self._skip_backward = self._nonfinite_verdict(loss)
+        return self._skip_backward
+
+    def _nonfinite_verdict(self, loss: Tensor) -> bool:
+        if self._nonfinite == "off":
+            return False
+        bad = torch.zeros(self.world_size, device=loss.device)
+        bad[self.global_rank] = 0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        ranks = [r for r, flag in enumerate(bad.tolist()) if flag]
+        if not ranks:
+            return False
+        step = self.lightning_module.trainer.global_step
+        where = f"the training loss is not finite ({float(loss.detach().float().mean())} here) on rank(s) {ranks} at global step {step}"
+        if self._nonfinite == "stop":
+            raise FloatingPointError(
+                f"HybridStrategy: {where}. nonfinite_loss='stop' ends the run on every rank. Lower the learning "
+                "rate, clip gradients (gradient_clip_val), check the batch, or set nonfinite_loss='skip' to drop "
+                "such steps."
+            )
+        if self._nonfinite == "warn":
+            rank_zero_warn(f"HybridStrategy: {where}; training continues (nonfinite_loss='warn').")
+            return False
+        self.skipped_steps += 1
+        rank_zero_warn(f"HybridStrategy: {where}; the step is skipped on every rank (nonfinite_loss='skip').")
+        self.lightning_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
+        return True
 
     def _loss_parallel_context(self) -> Any:
         # vocab-parallel logits: torch's cross-entropy on DTensor shards, in forward and backward
@@ -794,6 +883,8 @@ class HybridStrategy(ParallelStrategy):
             closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
             self.post_backward(closure_loss)
             return closure_loss
+        if self._skip_backward:
+            return closure_loss  # nonfinite_loss="skip": no gradients, so the optimizer changes nothing
         with self._loss_parallel_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
@@ -809,8 +900,11 @@ class HybridStrategy(ParallelStrategy):
         with self.precision_plugin.train_step_context():
             # Lightning divides the returned loss by the accumulated batches before backward; the
             # schedule backpropagates itself, so it applies the same factor
-            loss = self._pipeline.train_step(batch, size, loss_scale=1.0 / self.lightning_module.trainer.accumulate_grad_batches)
-        self._stashed_grads = {p: p.grad for p in params if p.grad is not None}
+            loss = self._pipeline.train_step(
+                batch, size, loss_scale=1.0 / self.lightning_module.trainer.accumulate_grad_batches, skip_lookup_backward=self._check_loss
+            )
+        # nonfinite_loss="skip": this batch's gradients are dropped here (and kept out of the tables)
+        self._stashed_grads = {} if self._skip_backward else {p: p.grad for p in params if p.grad is not None}
         for param in params:
             param.grad = before.get(param)
         module = self.lightning_module
@@ -1139,6 +1233,20 @@ class HybridStrategy(ParallelStrategy):
             cls,
             description="lightning_hybrid: torchrec-sharded embeddings + data-parallel dense layers",
         )
+
+
+def _tensors_in(batch: Any) -> Generator[Tensor, None, None]:
+    """Every tensor of a batch (dicts, lists, tuples, KeyedJaggedTensors' values)."""
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors_in(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from _tensors_in(value)
+    elif callable(getattr(batch, "values", None)) and isinstance(batch.values(), Tensor):
+        yield batch.values()
 
 
 def _has_dtensor_parameters(module: torch.nn.Module) -> bool:

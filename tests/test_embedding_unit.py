@@ -66,6 +66,12 @@ def test_id_check_names_feature_id_and_table() -> None:
     unknown = KeyedJaggedTensor.from_lengths_sync(["genre"], torch.tensor([1]), torch.tensor([1]))
     with pytest.raises(ValueError, match=r"features \['genre'\] that no embedding table reads"):
         emb.check_ids(unknown, limits)
+    floats = KeyedJaggedTensor(["user", "item"], torch.tensor([0.0, 1.0, 2.0]), lengths=torch.tensor([2, 1]))
+    with pytest.raises(TypeError, match=r"Feature ids must be int32 or int64, got torch.float32"):
+        emb.check_ids(floats, limits)
+    short = KeyedJaggedTensor(["user", "item"], torch.tensor([0, 1, 2]), lengths=torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"lengths add up to 4 ids but it holds 3 values"):
+        emb.check_ids(short, limits)
 
 
 def test_optimizer_translation() -> None:

@@ -62,6 +62,8 @@ def _fit_and_capture(case: str) -> dict[str, Any]:
         strategy_kwargs["tensor_parallel_plan"] = {"mlp.9": "colwise"}
     elif case == "tp_too_big":
         strategy_kwargs["tensor_parallel"] = 4
+    elif case == "tp_mixed_batches":  # the sampler splits over all ranks, not over the dp axis
+        strategy_kwargs.update(tensor_parallel=2, tensor_parallel_plan={"mlp.0": "colwise", "mlp.2": "rowwise"})
     elif case == "bad_id":
         data = loader(8, n=32, ranks=2, bad_id_at=3)  # sample 3 is rank 1's second sample
     start = time.monotonic()
@@ -82,6 +84,7 @@ def _fit_and_capture(case: str) -> dict[str, Any]:
         ("tp_no_plan", r"tensor_parallel=2\) needs a plan.*TinyRec.tensor_parallel_plan"),
         ("tp_bad_pattern", r"pattern 'mlp.9' matches no module of TinyRec"),
         ("tp_too_big", r"world size 2 is not divisible by tensor_parallel=4"),
+        ("tp_mixed_batches", r"ranks \[0, 1\] of one tensor/pipeline-parallel replica got different training batches"),
     ],
 )
 def test_setup_errors_reach_every_rank(case: str, pattern: str) -> None:
@@ -101,4 +104,76 @@ def test_out_of_range_id_fails_every_rank_quickly() -> None:
     other = ranks[0]
     assert other["type"] is not None
     assert "rank 1 failed first with: ValueError: Feature 'item' has id 47" in other["message"]
+    assert max(r["seconds"] for r in ranks) < 30
+
+
+class NaNOnRank1(TinyRec):
+    """The loss of rank 1 turns NaN at global step 2 (bad batch / exploding update)."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == 2 and self.trainer.global_rank == 1:
+            loss = loss * float("nan")
+        return loss
+
+
+class BugOnRank1(TinyRec):
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if self.trainer.global_step == 1 and self.trainer.global_rank == 1:
+            raise KeyError("user bug in training_step: no column 'clicks'")
+        return super().training_step(batch, batch_idx)
+
+
+def _nonfinite(policy: str) -> dict[str, Any]:
+    """4 steps, NaN loss on rank 1 at step 2: what each rank saw, and which steps changed the weights."""
+    import lightning.pytorch as pl
+
+    warnings.simplefilter("ignore")
+    changed: list[bool] = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, module: Any, *args: Any) -> None:
+            self.before = [p.detach().clone() for p in module.mlp.parameters()]
+
+        def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+            changed.append(any(not torch.equal(a, p) for a, p in zip(self.before, module.mlp.parameters(), strict=True)))
+
+    torch.manual_seed(0)
+    model = BugOnRank1() if policy == "user_error" else NaNOnRank1()
+    kwargs = {} if policy == "user_error" else {"nonfinite_loss": policy}
+    strategy = HybridStrategy(failure_grace_s=5.0, embedding_sharding={"t_user": "row_wise", "t_item": "table_wise"}, **kwargs)
+    start = time.monotonic()
+    try:
+        quiet_trainer(strategy=strategy, devices=2, max_steps=4, callbacks=[Watch()]).fit(model, train_dataloaders=loader(8, n=64, ranks=2))
+    except BaseException as err:  # noqa: BLE001
+        return {"type": type(err).__name__, "message": str(err), "seconds": time.monotonic() - start, "changed": changed}
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return {"type": None, "changed": changed, "finite": finite, "skipped": strategy.skipped_steps, "seconds": time.monotonic() - start}
+
+
+def test_nonfinite_loss_stop_ends_every_rank_naming_the_rank_and_step() -> None:
+    for result in run_distributed(_nonfinite, 2, "stop", init_process_group=False, timeout_s=120):
+        assert result["type"] == "FloatingPointError", result
+        assert "not finite" in result["message"] and "on rank(s) [1] at global step 2" in result["message"]
+        assert result["changed"] == [True, True]  # stopped before the NaN reached any weight
+        assert result["seconds"] < 30
+
+
+def test_nonfinite_loss_skip_drops_the_step_on_every_rank() -> None:
+    for result in run_distributed(_nonfinite, 2, "skip", init_process_group=False, timeout_s=120):
+        assert result["type"] is None, result
+        assert result["changed"] == [True, True, False, True]  # step 2 left the weights as they were
+        assert result["finite"] and result["skipped"] == 1
+
+
+def test_nonfinite_loss_warn_carries_on() -> None:
+    for result in run_distributed(_nonfinite, 2, "warn", init_process_group=False, timeout_s=120):
+        assert result["type"] is None, result
+        assert not result["finite"]  # the NaN reached the weights, as asked
+
+
+def test_user_error_on_one_rank_ends_every_rank_with_that_error() -> None:
+    ranks = run_distributed(_nonfinite, 2, "user_error", init_process_group=False, timeout_s=120)
+    assert ranks[1]["type"] == "KeyError" and "user bug in training_step" in ranks[1]["message"]
+    assert ranks[0]["type"] is not None and "rank 1 failed first with: KeyError" in ranks[0]["message"], ranks[0]
     assert max(r["seconds"] for r in ranks) < 30

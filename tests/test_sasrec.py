@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 from torch.testing import assert_close
@@ -114,3 +115,14 @@ def test_block_without_mask_is_plain_causal_attention() -> None:
     x = torch.randn(2, 6, 16)
     no_padding = torch.ones(2, 6, dtype=torch.long)
     assert_close(block(x), block(x, causal_padding_mask(no_padding)))
+
+
+def test_bad_sequences_are_clear_errors() -> None:
+    model = _model()
+    with pytest.raises(ValueError, match=r"sequences of length 9 exceed max_len=8"):
+        model(torch.ones(1, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"integer tensor, got torch.float32"):
+        model(torch.ones(1, 8))
+    empty = {"input": torch.zeros(2, 8, dtype=torch.long), "target": torch.zeros(2, 8, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"training batch 0 has no target positions"):
+        model.training_step(empty, 0)

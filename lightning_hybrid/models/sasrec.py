@@ -284,6 +284,11 @@ class SASRec(pl.LightningModule):
 
     def _embed(self, items: torch.Tensor, user: torch.Tensor | None = None, time: torch.Tensor | None = None) -> torch.Tensor:
         """The embedding lookups of a batch, summed per position: [B, L, D]."""
+        if items.dim() != 2 or items.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"SASRec: the item sequences must be a [batch, length] integer tensor, got {items.dtype} of shape "
+                f"{tuple(items.shape)}. Give item ids as torch.long (0 = padding)."
+            )
         batch, length = items.shape
         if length > self.max_len:
             raise ValueError(f"SASRec: sequences of length {length} exceed max_len={self.max_len}; set data.max_len <= model max_len.")
@@ -399,6 +404,11 @@ class SASRec(pl.LightningModule):
             self.sampling_probs.copy_(counts / counts.sum())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not bool((batch["target"] != 0).any()):
+            raise ValueError(
+                f"SASRec: training batch {batch_idx} has no target positions (every sequence is empty or all "
+                "padding), so its loss is undefined. Drop users with fewer than 2 interactions from the data."
+            )
         hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))
         loss = self._loss(hidden, batch["target"])
         self.log("train_loss", loss, prog_bar=True, batch_size=int((batch["target"] != 0).sum()))

@@ -474,6 +474,19 @@ def check_ids(features: KeyedJaggedTensor, limits: Mapping[str, tuple[int, str]]
             f"Add them to a table's feature_names or drop them from the KeyedJaggedTensor."
         )
     values = features.values()
+    if values.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"Feature ids must be int32 or int64, got {values.dtype} for features {keys}. Build the "
+            f"KeyedJaggedTensor from integer ids (e.g. values=torch.tensor(ids, dtype=torch.long))."
+        )
+    raw_lengths = features.lengths()
+    if raw_lengths.numel() and int(raw_lengths.min()) < 0:
+        raise ValueError(f"KeyedJaggedTensor of features {keys} has a negative length ({int(raw_lengths.min())}).")
+    if int(raw_lengths.sum()) != values.numel():
+        raise ValueError(
+            f"KeyedJaggedTensor of features {keys}: its lengths add up to {int(raw_lengths.sum())} ids but it holds "
+            f"{values.numel()} values. Build it with KeyedJaggedTensor.from_lengths_sync(keys, values, lengths)."
+        )
     if values.numel() == 0:
         return
     lengths = features.length_per_key()

@@ -413,11 +413,15 @@ class PipelineRunner:
             self._lookups = lookups.detach().requires_grad_(grad and lookups.requires_grad)
         return lookups
 
-    def train_step(self, batch: Any, batch_size: int, *, loss_scale: float = 1.0) -> torch.Tensor:
+    def train_step(
+        self, batch: Any, batch_size: int, *, loss_scale: float = 1.0, skip_lookup_backward: Callable[[torch.Tensor], bool] | None = None
+    ) -> torch.Tensor:
         """Forward and backward of one batch; returns the mean microbatch loss on every pp rank.
 
         ``loss_scale`` multiplies the loss that is backpropagated (e.g. 1 / accumulated batches),
-        not the one returned.
+        not the one returned. ``skip_lookup_backward(loss)``, called on every rank once the loss
+        is known, may return True to keep the loss's gradients out of the embedding tables (whose
+        fused optimizers would apply them at once): the NaN-loss policy uses it.
         """
         self.loss_scale = loss_scale
         self.sent_bytes = 0
@@ -435,12 +439,13 @@ class PipelineRunner:
         finally:
             self.training_step_running = False
         schedule_s = time.perf_counter() - schedule_started
-        if lookups is not None and lookups.requires_grad:
+        loss = torch.stack([x.detach() for x in losses]).sum() / loss_scale if losses else torch.zeros((), device=self.device)
+        dist.broadcast(loss, src=self.last_rank_global, group=self.group)
+        skip = skip_lookup_backward is not None and skip_lookup_backward(loss)
+        if lookups is not None and lookups.requires_grad and not skip:
             assert self._lookups is not None
             grad = self._lookups.grad if self._lookups.grad is not None else torch.zeros_like(lookups)
             lookups.backward(grad)  # together on every rank: the gradient reaches each slice, then torchrec
-        loss = torch.stack([x.detach() for x in losses]).sum() / loss_scale if losses else torch.zeros((), device=self.device)
-        dist.broadcast(loss, src=self.last_rank_global, group=self.group)
         self._lookups = None
         self._batch = None
         busy = sum(stage.busy_s for stage in self.stages)
