@@ -19,18 +19,24 @@ import traceback
 
 import torch.distributed as dist
 
-_FAILED_KEY = "lightning_hybrid/failed_rank"
+
+def _failed_key(namespace: str) -> str:
+    return f"lightning_hybrid/{namespace}/failed_rank"
 
 
-def _error_key(rank: int) -> str:
-    return f"lightning_hybrid/error/{rank}"
+def _error_key(namespace: str, rank: int) -> str:
+    return f"lightning_hybrid/{namespace}/error/{rank}"
 
 
 class FailFast:
     """Cross-rank error propagation through the default process group's store."""
 
-    def __init__(self, *, rank: int, grace_s: float = 10.0, poll_s: float = 0.25) -> None:
+    def __init__(self, *, rank: int, namespace: str = "", grace_s: float = 10.0, poll_s: float = 0.25) -> None:
+        """``namespace``: the same string on every rank of one job and new for every start. The
+        store may outlive a job attempt (torchrun's agent keeps it across elastic restarts), and
+        the next attempt must not read the previous one's failure."""
         self.rank = rank
+        self.namespace = namespace
         self.grace_s = grace_s
         self.poll_s = poll_s
         self._store = dist.distributed_c10d._get_default_store()
@@ -50,20 +56,20 @@ class FailFast:
         self._failed_locally = True
         text = "".join(traceback.format_exception_only(type(exception), exception)).strip()
         try:
-            self._store.set(_error_key(self.rank), text)
-            self._store.compare_set(_FAILED_KEY, "", str(self.rank))
+            self._store.set(_error_key(self.namespace, self.rank), text)
+            self._store.compare_set(_failed_key(self.namespace), "", str(self.rank))
         except Exception:  # noqa: BLE001 - the store may already be gone (rank 0 exited)
             pass
 
     def remote_error(self) -> tuple[int, str] | None:
         """(rank, message) of the first rank that failed, if another rank did."""
         try:
-            if not self._store.check([_FAILED_KEY]):
+            if not self._store.check([_failed_key(self.namespace)]):
                 return None
-            rank = int(self._store.get(_FAILED_KEY).decode())
+            rank = int(self._store.get(_failed_key(self.namespace)).decode())
             if rank == self.rank:
                 return None
-            return rank, self._store.get(_error_key(rank)).decode()
+            return rank, self._store.get(_error_key(self.namespace, rank)).decode()
         except Exception:  # noqa: BLE001
             return None
 

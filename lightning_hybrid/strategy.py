@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 from collections.abc import Generator
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -398,7 +399,9 @@ class HybridStrategy(ParallelStrategy):
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._mesh
         if self._failfast is None and self.world_size > 1:
-            self._failfast = FailFast(rank=self.global_rank, grace_s=self._failure_grace_s)
+            # a fresh namespace per start, agreed by broadcast (an elastic restart reuses the store)
+            namespace = self.broadcast(uuid.uuid4().hex)
+            self._failfast = FailFast(rank=self.global_rank, namespace=namespace, grace_s=self._failure_grace_s)
             self._failfast.start()
 
     def _set_world_ranks(self) -> None:
