@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kill", default=None, metavar="RANK:STEP", help="kill this rank after this step in every job (default: random)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=None, help="where jobs write (default: a temporary folder)")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "fault_injection.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "fault_injection.json", help="where the summary goes")
     args = parser.parse_args(argv)
     world = args.nodes * args.nproc_per_node
     base = args.out or Path(tempfile.mkdtemp(prefix="fault_injection_"))

@@ -272,6 +272,10 @@ def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[st
         tmp.rename(path)
         if old.exists():
             shutil.rmtree(old) if old.is_dir() else old.unlink()
+        # leftovers of saves that crashed half-way (never mistaken for checkpoints: hidden names,
+        # no meta.pt or no swap) go once a save of the same name has succeeded
+        for stale in path.parent.glob(f".{path.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
 
 

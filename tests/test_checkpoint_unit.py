@@ -1,0 +1,65 @@
+"""Tier 1: the checkpoint directory format without processes: atomic saves, conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_hybrid import checkpoint as ckpt
+
+
+def _state(value: float) -> dict:
+    return {"model": {"w": torch.full((4, 3), value), "b": torch.full((3,), value)}}
+
+
+def test_a_save_that_crashes_half_way_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.ckpt"
+    ckpt.save(_state(1.0), {"global_step": 10}, path)
+
+    real_save = torch.save
+
+    def disk_full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if str(f).endswith(ckpt.META_FILENAME):  # the tensor shards are written, then the disk fills up
+            raise OSError("No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.save(_state(2.0), {"global_step": 20}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+
+    # the previous checkpoint is intact and still the one under the real name
+    assert ckpt.is_distributed_checkpoint(path)
+    assert ckpt.load_meta(path)["global_step"] == 10
+    state = {"model": {"w": torch.zeros(4, 3), "b": torch.zeros(3)}}
+    ckpt.load(state, path)
+    assert torch.equal(state["model"]["w"], torch.full((4, 3), 1.0))
+    # the half-written one is hidden and does not look like a checkpoint
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".last.ckpt.partial-")]
+    assert len(partial) == 1 and not ckpt.is_distributed_checkpoint(partial[0])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["last.ckpt"]
+
+    # the next good save replaces the checkpoint and clears the leftover
+    ckpt.save(_state(3.0), {"global_step": 30}, path)
+    assert ckpt.load_meta(path)["global_step"] == 30
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_convert_round_trip_keeps_every_tensor_and_meta(tmp_path: Path) -> None:
+    from lightning_hybrid.cli import main
+
+    ckpt.save({**_state(1.5), "optimizers": {"0": {"state": {"w": {"exp_avg": torch.ones(4, 3)}}}}}, {"global_step": 7, "epoch": 1}, tmp_path / "a.ckpt")
+    main(["convert", str(tmp_path / "a.ckpt"), str(tmp_path / "a.pt")])
+    single = torch.load(tmp_path / "a.pt", weights_only=True)  # a plain Lightning checkpoint file
+    assert single["global_step"] == 7 and single["epoch"] == 1
+    assert torch.equal(single["state_dict"]["w"], torch.full((4, 3), 1.5))
+    main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "b.ckpt")])
+    assert ckpt.is_distributed_checkpoint(tmp_path / "b.ckpt")
+    state = {"model": {"w": torch.zeros(4, 3), "b": torch.zeros(3)}, "optimizers": {"0": {"state": {"w": {"exp_avg": torch.zeros(4, 3)}}}}}
+    ckpt.load(state, tmp_path / "b.ckpt")
+    assert torch.equal(state["model"]["b"], torch.full((3,), 1.5))
+    assert torch.equal(state["optimizers"]["0"]["state"]["w"]["exp_avg"], torch.ones(4, 3))
+    with pytest.raises(SystemExit, match="neither a checkpoint directory"):
+        main(["convert", str(tmp_path / "missing"), str(tmp_path / "c.pt")])
