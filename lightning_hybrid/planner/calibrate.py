@@ -1,0 +1,70 @@
+"""Calibration: fit the cost model's multipliers to step times measured on the actual machine.
+
+A first-principles estimate gets the shape right (what grows with what) but not a given machine's
+constants: kernel efficiency at these sizes, gloo's CPU cost per byte, processes sharing cores,
+the framework's fixed cost per step. `calibrate` keeps the model's features (compute, memory-bound
+work, communication, a constant) and fits one multiplier each by least squares on *relative*
+error over short profiling runs (a few layouts), so every layout counts alike whatever its speed.
+Multipliers that come out negative are dropped and the rest refitted (non-negative least squares
+by elimination).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_hybrid.planner.cluster import Cluster
+from lightning_hybrid.planner.cost import FEATURES, CostModel, Layout, ModelSpec
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One profiling run: the layout, the model and batch it trained, its median step time, and
+    the cluster it ran on when that differs from the cost model's (e.g. 2 and 4 processes)."""
+
+    model: ModelSpec
+    layout: Layout
+    step_s: float
+    cluster: Cluster | None = None
+
+
+def _on(cost: CostModel, m: Measurement) -> CostModel:
+    return cost if m.cluster is None else dataclasses.replace(cost, cluster=m.cluster)
+
+
+def calibrate(cost: CostModel, measurements: Sequence[Measurement]) -> CostModel:
+    """A copy of ``cost`` whose multipliers fit ``measurements`` (at least as many as `FEATURES`)."""
+    if len(measurements) < len(FEATURES):
+        raise ValueError(
+            f"calibrate: {len(measurements)} measurements cannot fit {len(FEATURES)} multipliers {list(FEATURES)}; "
+            f"profile at least {len(FEATURES)} layouts."
+        )
+    unit = cost.with_scale(dict.fromkeys(FEATURES, 1.0))
+    rows = []
+    for m in measurements:
+        if m.step_s <= 0:
+            raise ValueError(f"calibrate: measured step time {m.step_s} of {m.layout.describe()} must be > 0.")
+        features = _on(unit, m).estimate(m.model, m.layout).features
+        rows.append([features[name] / m.step_s for name in FEATURES])
+    a = np.array(rows)
+    b = np.ones(len(measurements))
+    active = list(range(len(FEATURES)))
+    while True:
+        solution, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
+        negative = [active[i] for i, value in enumerate(solution) if value < 0]
+        if not negative:
+            break
+        active.remove(negative[0])
+    scale = dict.fromkeys(FEATURES, 0.0)
+    for index, value in zip(active, solution, strict=True):
+        scale[FEATURES[index]] = float(value)
+    return cost.with_scale(scale)
+
+
+def relative_errors(cost: CostModel, measurements: Sequence[Measurement]) -> list[float]:
+    """|predicted - measured| / measured for each measurement."""
+    return [abs(_on(cost, m).estimate(m.model, m.layout).step_s - m.step_s) / m.step_s for m in measurements]

@@ -1,0 +1,401 @@
+"""Cost model of one training step of an LLM-style sequential recommender under a hybrid layout.
+
+The model (`ModelSpec`) is the reference recommender's shape: an item table (torchrec), causal
+transformer blocks, an output (scoring) layer with sampled or full softmax. A `Layout` says how it
+is parallelised: dp x tp x pp, microbatches and schedule, the table replicated or row-wise
+sharded, and the gradient compression on the dp axis. `CostModel.estimate` prices a step on a
+`Cluster` as the sum of what the slowest rank does:
+
+- compute: FLOPs of its blocks (split by tp and pp) and of the output layer (last stage), x3 for
+  forward + backward, plus PowerSGD's own matmuls, at the device's peak x efficiency; plus the
+  pipeline bubble, ``(pp - 1) / (microbatches x virtual stages)`` of the stage's compute;
+- memory-bound work: embedding gathers and scatters, optimizer updates (Adam on dense weights,
+  Adagrad on the table: the whole table when replicated, only the touched rows when sharded);
+- communication (alpha-beta model on the slowest link the group crosses): the dp gradient
+  all-reduce (or its compressed form), tp all-reduces of block activations (2 forward and 2
+  backward per block), pp sends of activations and their gradients, the embedding all-to-all;
+- host-side dispatch of tensor-parallel (DTensor) blocks and a fixed per-step overhead
+  (framework, Python), both zero unless calibrated.
+
+`calibrate` fits six multipliers (compute, memory, bandwidth, latency, DTensor dispatch of
+tensor-parallel blocks, overhead) to measured step
+times by least squares on relative error, which absorbs what a first-principles model gets wrong
+on a given machine (kernel efficiency, gloo's CPU cost, cores shared by processes).
+Memory per device: weights, gradients and optimizer states of its share, its table shard, and
+the activations of the microbatches in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lightning_hybrid.planner.cluster import Cluster, Link
+
+TableLayout = Literal["replicated", "row_wise"]
+CompressionName = Literal["none", "fp16", "powersgd", "topk"]
+ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b"]
+FEATURES = ("compute", "memory", "bandwidth", "latency", "tp_dispatch", "overhead")
+
+
+# ----------------------------------------------------------------------------------------------
+# Collectives (ring algorithms, alpha-beta model); bytes are per rank
+# ----------------------------------------------------------------------------------------------
+
+
+def all_reduce_time(nbytes: float, ranks: int, link: Link) -> float:
+    """Ring all-reduce: 2 (n-1)/n of the data over the link, 2 (n-1) latencies."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / link.bandwidth + 2 * (ranks - 1) * link.latency
+
+
+def all_gather_time(nbytes_per_rank: float, ranks: int, link: Link) -> float:
+    """Ring all-gather (and reduce-scatter): (n-1) pieces of ``nbytes_per_rank`` in, n-1 latencies."""
+    if ranks <= 1 or nbytes_per_rank <= 0:
+        return 0.0
+    return (ranks - 1) * nbytes_per_rank / link.bandwidth + (ranks - 1) * link.latency
+
+
+def all_to_all_time(nbytes: float, ranks: int, link: Link) -> float:
+    """Each rank sends (n-1)/n of ``nbytes`` to the others."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return (ranks - 1) / ranks * nbytes / link.bandwidth + (ranks - 1) * link.latency
+
+
+def send_time(nbytes: float, link: Link) -> float:
+    return nbytes / link.bandwidth + link.latency if nbytes > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# What is trained, and how it is laid out
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The reference recommender's shape and the global batch of a step.
+
+    Attributes:
+        num_items: rows of the item table (and of the output layer).
+        d_model: embedding and hidden width.
+        num_blocks: transformer blocks.
+        num_heads: attention heads (tp must divide it).
+        seq_len: positions per sequence.
+        global_batch: sequences per optimizer step, over all replicas.
+        mlp_ratio: MLP hidden width / d_model.
+        negatives: sampled-softmax negatives per position; ``None`` for the full softmax.
+        bytes_per_value: 4 (fp32) or 2 (bf16/fp16 training).
+        tied_output: score against the item table itself (no separate output layer; the sampled
+            negatives are looked up in the table), as large catalogues require.
+    """
+
+    num_items: int
+    d_model: int
+    num_blocks: int
+    num_heads: int
+    seq_len: int
+    global_batch: int
+    mlp_ratio: int = 1
+    negatives: int | None = 256
+    bytes_per_value: int = 4
+    tied_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_items", "d_model", "num_blocks", "num_heads", "seq_len", "global_batch", "mlp_ratio", "bytes_per_value"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelSpec: {name}={value!r} must be a positive integer.")
+        if self.negatives is not None and (isinstance(self.negatives, bool) or self.negatives < 1):
+            raise ValueError(f"ModelSpec: negatives={self.negatives!r} must be a positive integer or None (full softmax).")
+        if self.tied_output and self.negatives is None:
+            raise ValueError("ModelSpec: tied_output=True scores sampled negatives from the table; give negatives.")
+
+    @property
+    def block_params(self) -> int:
+        d, r = self.d_model, self.mlp_ratio
+        per_block = 4 * d * d + 4 * d + 2 * r * d * d + r * d + d + 4 * d  # attention, MLP, two norms
+        return self.num_blocks * per_block
+
+    @property
+    def output_params(self) -> int:
+        return 0 if self.tied_output else self.num_items * self.d_model
+
+    @property
+    def table_params(self) -> int:
+        return (self.num_items + 1) * self.d_model
+
+    @property
+    def dense_params(self) -> int:
+        return self.block_params + self.output_params
+
+    def block_forward_flops(self, sequences: float) -> float:
+        """Forward FLOPs of all blocks on ``sequences`` sequences (matmuls + attention scores)."""
+        tokens = sequences * self.seq_len
+        matmul = 2 * tokens * (4 + 2 * self.mlp_ratio) * self.d_model**2 * self.num_blocks
+        attention = 4 * sequences * self.seq_len**2 * self.d_model * self.num_blocks
+        return matmul + attention
+
+    def output_forward_flops(self, sequences: float) -> float:
+        candidates = self.num_items if self.negatives is None else self.negatives + 1
+        return 2 * sequences * self.seq_len * self.d_model * candidates
+
+    @classmethod
+    def from_sasrec(cls, model: Any, global_batch: int) -> ModelSpec:
+        """The spec of a `lightning_hybrid.models.sasrec.SASRec` (its hyper-parameters)."""
+        hp = model.hparams
+        return cls(
+            num_items=int(model.num_items), d_model=int(hp.d_model), num_blocks=int(hp.num_blocks), num_heads=int(hp.num_heads),
+            seq_len=int(hp.max_len), global_batch=global_batch, mlp_ratio=int(hp.get("mlp_ratio", 1)),
+            negatives=int(hp.num_negatives) if hp.get("loss", "full") == "sampled" else None,
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A hybrid layout. ``kind`` names the single-mode layouts (dp, mp, tp, pp); others are hybrids."""
+
+    dp: int
+    tp: int = 1
+    pp: int = 1
+    microbatches: int = 1
+    schedule: ScheduleName = "1f1b"
+    virtual_stages: int = 1
+    table: TableLayout = "row_wise"
+    compression: CompressionName = "none"
+    powersgd_rank: int = 4
+    topk_density: float = 0.01
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def kind(self) -> str:
+        if self.compression == "none" and self.table == "replicated" and self.tp == 1 and self.pp == 1:
+            return "dp"
+        if self.dp == 1 and self.pp == 1 and self.compression == "none":
+            return "mp" if self.table == "row_wise" else "tp"
+        if self.dp == 1 and self.tp == 1 and self.table == "replicated" and self.compression == "none":
+            return "pp"
+        return "hybrid"
+
+    def describe(self) -> str:
+        parts = [f"dp{self.dp} x tp{self.tp} x pp{self.pp}", f"table {self.table}"]
+        if self.pp > 1:
+            parts.append(f"{self.schedule} x{self.microbatches}" + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+        if self.compression != "none":
+            parts.append(self.compression + (f" r{self.powersgd_rank}" if self.compression == "powersgd" else ""))
+        return ", ".join(parts)
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The HybridStrategy options of this layout."""
+        out: dict[str, Any] = {"data_parallel": self.dp, "tensor_parallel": self.tp, "pipeline_parallel": self.pp}
+        if self.pp > 1:
+            out.update(pipeline_schedule=self.schedule, pipeline_microbatches=self.microbatches, pipeline_virtual_stages=self.virtual_stages)
+        if self.table == "replicated":
+            out["shard_embeddings"] = False
+        if self.compression == "powersgd":
+            out["gradient_compression"] = {"method": "powersgd", "rank": self.powersgd_rank}
+        elif self.compression == "topk":
+            out["gradient_compression"] = {"method": "topk", "density": self.topk_density}
+        elif self.compression == "fp16":
+            out["gradient_compression"] = {"method": "fp16"}
+        return out
+
+
+@dataclass
+class Estimate:
+    """Predicted seconds per step (by part), memory per device, and derived figures."""
+
+    layout: Layout
+    parts: dict[str, float]
+    features: dict[str, float]
+    step_s: float
+    memory_bytes: float
+    fits: bool
+    samples_per_s: float = 0.0
+    utilization: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout.describe(), "kind": self.layout.kind, "step_ms": self.step_s * 1e3,
+            "samples_per_s": self.samples_per_s, "utilization": self.utilization, "memory_gb": self.memory_bytes / 1e9, "fits": self.fits,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prices layouts on a cluster; ``scale`` holds the calibrated multipliers of `FEATURES`."""
+
+    cluster: Cluster
+    scale: dict[str, float] = field(
+        default_factory=lambda: {"compute": 1.0, "memory": 1.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 0.0, "overhead": 0.0}
+    )
+    memory_headroom: float = 0.9  # plan at most this fraction of device memory
+
+    def validate(self, model: ModelSpec, layout: Layout) -> str | None:
+        """Why ``layout`` cannot run ``model`` on this cluster (None when it can)."""
+        c = self.cluster
+        if layout.world_size != c.world_size:
+            return f"dp x tp x pp = {layout.world_size} but the cluster has {c.world_size} devices"
+        if model.num_heads % layout.tp or model.d_model % layout.tp:
+            return f"tp={layout.tp} does not divide num_heads={model.num_heads} / d_model={model.d_model}"
+        if layout.pp * layout.virtual_stages > model.num_blocks:
+            return f"pp={layout.pp} x virtual_stages={layout.virtual_stages} exceeds num_blocks={model.num_blocks}"
+        per_replica = model.global_batch / layout.dp
+        if per_replica != int(per_replica) or per_replica < 1:
+            return f"global_batch={model.global_batch} does not split over dp={layout.dp}"
+        if layout.pp > 1 and (int(per_replica) % layout.microbatches or layout.microbatches < layout.pp):
+            return f"microbatches={layout.microbatches} must divide the replica batch {int(per_replica)} and be >= pp={layout.pp}"
+        if layout.compression != "none" and layout.dp == 1:
+            return "gradient compression needs dp > 1"
+        return None
+
+    def estimate(self, model: ModelSpec, layout: Layout) -> Estimate:
+        problem = self.validate(model, layout)
+        if problem is not None:
+            raise ValueError(f"Layout {layout.describe()}: {problem}.")
+        c, dev = self.cluster, self.cluster.device
+        dp, tp, pp, m = layout.dp, layout.tp, layout.pp, max(1, layout.microbatches)
+        bpv = model.bytes_per_value
+        replica = model.global_batch / dp
+        tokens = replica * model.seq_len
+        flops_per_s = dev.peak_flops * dev.efficiency * c.compute_share
+        mem_per_s = dev.memory_bandwidth * c.compute_share
+        parts: dict[str, float] = {}
+
+        # compute and memory-bound work of the slowest stage: the first stage holds the table's
+        # lookups and updates, the last the output layer (with pp = 1 one rank holds both)
+        block_flops = 3 * model.block_forward_flops(replica) / (tp * pp)
+        output_flops = 3 * model.output_forward_flops(replica)
+        looked_up = tokens + (replica * model.negatives if model.tied_output and model.negatives else 0)
+        lookup_bytes = 3 * looked_up * model.d_model * bpv  # gather, scatter-add of gradients, update
+        if layout.table == "replicated":
+            table_bytes = 16 * model.table_params  # the whole table's dense gradient: zero, Adagrad read/write
+        else:
+            table_bytes = 16 * looked_up * dp * model.d_model / c.world_size
+        block_update = 32 * model.block_params / (tp * pp)  # Adam: read/write weight, grad, two moments
+        output_update = 32 * model.output_params
+        first = (block_flops / flops_per_s, (lookup_bytes + table_bytes + block_update) / mem_per_s)
+        last = ((block_flops + output_flops) / flops_per_s, (block_update + output_update) / mem_per_s)
+        if pp == 1:
+            compute_s, memory_s = last[0], first[1] + output_update / mem_per_s
+        else:
+            compute_s, memory_s = max((first, last), key=lambda stage: stage[0] + stage[1])
+        parts["compute"] = compute_s
+        parts["bubble"] = compute_s * (pp - 1) / (m * layout.virtual_stages) if pp > 1 else 0.0
+        parts["memory"] = memory_s
+        # dense gradients of the slowest rank on the dp axis: its blocks and the output layer (the
+        # table's, when replicated, sits on the first stage: with pp > 1 another rank)
+        dense_local = model.block_params / (tp * pp) + model.output_params
+
+        # communication: bandwidth and latency terms kept apart (calibrated separately); CPU
+        # processes sharing cores also share the cores gloo moves bytes with
+        comm = {"bandwidth": 0.0, "latency": 0.0}
+
+        def collective(kind: str, nbytes: float, ranks: int, link: Link, times: float = 1.0) -> float:
+            if ranks <= 1 or nbytes <= 0:
+                return 0.0
+            if kind == "all_reduce":
+                volume, steps = 2 * (ranks - 1) / ranks * nbytes, 2 * (ranks - 1)
+            elif kind == "all_gather":
+                volume, steps = (ranks - 1) * nbytes, ranks - 1
+            elif kind == "all_to_all":
+                volume, steps = (ranks - 1) / ranks * nbytes, ranks - 1
+            else:  # send
+                volume, steps = nbytes, 1
+            bandwidth_s = times * volume / link.bandwidth / c.compute_share
+            latency_s = times * steps * link.latency / c.compute_share
+            comm["bandwidth"] += bandwidth_s
+            comm["latency"] += latency_s
+            return bandwidth_s + latency_s
+
+        dp_link = c.link_for(dp, stride=tp)
+        grad_bytes = dense_local * bpv + (model.table_params * bpv if layout.table == "replicated" and pp == 1 else 0)
+        compress_flops = compress_bytes = 0.0
+        if dp == 1:
+            parts["dp_comm"] = 0.0
+        elif layout.compression == "none":
+            parts["dp_comm"] = collective("all_reduce", grad_bytes, dp, dp_link)
+        elif layout.compression == "fp16":
+            # NCCL sums fp16 in place; gloo cannot, so on CPU the halves are all-gathered and summed locally
+            kind = "all_gather" if c.cores_per_node is not None else "all_reduce"
+            parts["dp_comm"] = collective(kind, grad_bytes / 2, dp, dp_link)
+        elif layout.compression == "powersgd":
+            r = layout.powersgd_rank
+            big = [(model.num_items, model.d_model)] + ([(model.num_items + 1, model.d_model)] if layout.table == "replicated" and pp == 1 else [])
+            small_bytes = grad_bytes - sum(n * k for n, k in big) * bpv
+            parts["dp_comm"] = (
+                collective("all_reduce", small_bytes, dp, dp_link)
+                + collective("all_reduce", sum(r * n for n, _ in big) * 4, dp, dp_link)  # P
+                + collective("all_reduce", sum(r * k for _, k in big) * 4, dp, dp_link)  # Q
+            )
+            compress_flops = sum(4 * n * k * r for n, k in big)
+            compress_bytes = sum(6 * n * k * 4 for n, k in big)  # error feedback: add, approximate, subtract
+        else:  # top-k: values and int32 indices all-gathered
+            kept = layout.topk_density * grad_bytes / bpv
+            parts["dp_comm"] = collective("all_gather", kept * 8, dp, dp_link)
+            compress_bytes = 4 * grad_bytes  # residual update and selection passes
+        parts["compute"] += compress_flops / flops_per_s
+        parts["memory"] += compress_bytes / mem_per_s
+        tp_link = c.link_for(tp)
+        activation = tokens * model.d_model * bpv
+        parts["tp_comm"] = collective("all_reduce", activation, tp, tp_link, times=4 * model.num_blocks / pp)
+        pp_link = c.link_for(pp, stride=dp * tp)
+        parts["pp_comm"] = collective("send", activation / (m * tp), 2, pp_link, times=2 * m) if pp > 1 else 0.0
+        if layout.table == "row_wise" and c.world_size > 1:
+            lookup_volume = looked_up * (model.d_model * bpv + 8)  # embeddings and int64 ids
+            parts["emb_comm"] = collective("all_to_all", lookup_volume, c.world_size, c.link_for(c.world_size), times=2)
+        else:
+            parts["emb_comm"] = 0.0
+
+        features = {
+            "compute": parts["compute"] + parts["bubble"],
+            "memory": parts["memory"],
+            "bandwidth": comm["bandwidth"],
+            "latency": comm["latency"],
+            # tensor-parallel blocks run as DTensor ops: a fixed host-side cost per block and pass
+            # (1 ms units; zero unless calibrated: hidden behind GPU kernels, not on CPU)
+            "tp_dispatch": 3e-3 * model.num_blocks / pp / c.compute_share if tp > 1 else 0.0,
+            "overhead": 1.0,
+        }
+        step = sum(self.scale.get(name, 0.0) * value for name, value in features.items())
+        memory = self.memory_per_device(model, layout)
+        est = Estimate(layout=layout, parts=parts, features=features, step_s=step, memory_bytes=memory,
+                       fits=memory <= self.memory_headroom * dev.memory_bytes)
+        est.samples_per_s = model.global_batch / step if step > 0 else math.inf
+        busy = self.scale.get("compute", 1.0) * parts["compute"]
+        est.utilization = min(1.0, busy / step) if step > 0 else 0.0
+        return est
+
+    def memory_per_device(self, model: ModelSpec, layout: Layout) -> float:
+        """Weights + gradients + Adam states of the dense share, the table (shard), activations."""
+        dp, tp, pp = layout.dp, layout.tp, layout.pp
+        bpv = model.bytes_per_value
+        dense = (model.block_params / (tp * pp) + model.output_params) * (bpv + bpv + 8)
+        if layout.table == "replicated":
+            table = model.table_params * (bpv + bpv + 4)  # weights, dense gradient, Adagrad state
+        else:
+            table = model.table_params / self.cluster.world_size * (bpv + 4)  # fused: no gradient kept
+        replica = model.global_batch / dp
+        in_flight = min(layout.microbatches, pp) if pp > 1 else 1
+        micro = replica / max(1, layout.microbatches) if pp > 1 else replica
+        s, h, a = model.seq_len, model.d_model, model.num_heads
+        per_layer = micro * s * h * (34 + 5 * a * s / h) * (bpv / 2) / tp  # Megatron's activation estimate
+        activations = per_layer * (model.num_blocks / pp) * in_flight
+        candidates = model.num_items if model.negatives is None else model.negatives + 1
+        logits = 2 * micro * s * candidates * 4
+        return dense + table + activations + logits
+
+    def with_scale(self, scale: dict[str, float]) -> CostModel:
+        return dataclasses.replace(self, scale=dict(scale))

@@ -1,0 +1,143 @@
+"""Tier 1: the planner's cost model against hand-computed cases, the search's memory limit,
+calibration recovering known multipliers, and clear errors for bad cluster descriptions."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from lightning_hybrid.planner import (
+    Cluster,
+    CostModel,
+    DeviceSpec,
+    Layout,
+    Link,
+    Measurement,
+    ModelSpec,
+    all_gather_time,
+    all_reduce_time,
+    all_to_all_time,
+    calibrate,
+    candidate_layouts,
+    preset,
+    relative_errors,
+    search,
+    send_time,
+    single_mode_layouts,
+)
+from lightning_hybrid.planner.cost import FEATURES
+
+LINK = Link(bandwidth=1e10, latency=1e-5)
+MODEL = ModelSpec(num_items=100_000, d_model=64, num_blocks=4, num_heads=4, seq_len=50, global_batch=64, negatives=256)
+
+
+def _gpu_cluster(nodes: int = 1, memory: float = 80e9) -> Cluster:
+    return dataclasses.replace(preset("h100x8-ib400"), nodes=nodes, device=dataclasses.replace(preset("h100x8-ib400").device, memory_bytes=memory))
+
+
+def test_collective_times_match_the_ring_formulas() -> None:
+    # 100 MB over 4 ranks at 10 GB/s, 10 us per message: 2*3/4 * 1e8/1e10 + 2*3*1e-5
+    assert all_reduce_time(1e8, 4, LINK) == pytest.approx(0.015 + 6e-5)
+    assert all_gather_time(1e6, 4, LINK) == pytest.approx(3 * 1e6 / 1e10 + 3e-5)
+    assert all_to_all_time(1e6, 4, LINK) == pytest.approx(0.75 * 1e6 / 1e10 + 3e-5)
+    assert send_time(1e6, LINK) == pytest.approx(1e-4 + 1e-5)
+    assert all_reduce_time(1e8, 1, LINK) == 0.0
+
+
+def test_data_parallel_step_prices_the_gradient_all_reduce() -> None:
+    cost = CostModel(_gpu_cluster())
+    est = cost.estimate(MODEL, Layout(dp=8, table="replicated"))
+    grad_bytes = (MODEL.block_params + MODEL.output_params + MODEL.table_params) * 4
+    assert est.parts["dp_comm"] == pytest.approx(all_reduce_time(grad_bytes, 8, cost.cluster.intra_node))
+    assert est.parts["tp_comm"] == est.parts["pp_comm"] == est.parts["emb_comm"] == est.parts["bubble"] == 0.0
+    # 16 GPUs on 2 nodes: the dp ring crosses InfiniBand, 9x slower than NVLink here
+    two = CostModel(_gpu_cluster(nodes=2)).estimate(MODEL, Layout(dp=16, table="replicated"))
+    assert two.parts["dp_comm"] == pytest.approx(all_reduce_time(grad_bytes, 16, cost.cluster.inter_node))
+
+
+def test_tensor_and_pipeline_parts() -> None:
+    cost = CostModel(_gpu_cluster())
+    tp = cost.estimate(MODEL, Layout(dp=4, tp=2))
+    activation = (64 / 4) * 50 * 64 * 4  # replica batch x seq x d x fp32
+    assert tp.parts["tp_comm"] == pytest.approx(4 * 4 * all_reduce_time(activation, 2, cost.cluster.intra_node))
+    pp = cost.estimate(MODEL, Layout(dp=2, pp=4, microbatches=8, table="replicated"))
+    assert pp.parts["bubble"] == pytest.approx(pp.parts["compute"] * 3 / 8)  # (pp - 1) / microbatches
+    interleaved = cost.estimate(MODEL, Layout(dp=4, pp=2, microbatches=8, virtual_stages=2, table="replicated"))
+    assert interleaved.parts["bubble"] == pytest.approx(interleaved.parts["compute"] * 1 / 16)
+
+
+def test_compression_cuts_the_bytes_it_should() -> None:
+    cost = CostModel(_gpu_cluster(nodes=4))
+    big = dataclasses.replace(MODEL, num_items=5_000_000, d_model=256)  # a 1.3B-value output layer: bytes dominate
+    exact = cost.estimate(big, Layout(dp=32, compression="none"))
+    fp16 = cost.estimate(big, Layout(dp=32, compression="fp16"))
+    powersgd = cost.estimate(big, Layout(dp=32, compression="powersgd"))
+    assert powersgd.parts["dp_comm"] < 0.05 * exact.parts["dp_comm"]
+    assert fp16.parts["dp_comm"] == pytest.approx(exact.parts["dp_comm"] / 2, rel=1e-2)  # half the bytes, same latencies
+    # on a small model PowerSGD's three latency-bound all-reduces cost more than the bytes it saves
+    assert cost.estimate(MODEL, Layout(dp=32, compression="powersgd")).parts["dp_comm"] > cost.estimate(MODEL, Layout(dp=32)).parts["dp_comm"]
+    # gloo cannot sum fp16: on a CPU cluster the halves are all-gathered, which costs more than it saves
+    cpu = CostModel(dataclasses.replace(preset("cpu-2core"), devices_per_node=4))
+    assert cpu.estimate(MODEL, Layout(dp=4, compression="fp16")).parts["dp_comm"] > cpu.estimate(MODEL, Layout(dp=4)).parts["dp_comm"]
+
+
+def test_search_respects_the_memory_limit() -> None:
+    small = CostModel(_gpu_cluster(memory=0.2e9))  # 200 MB: a replicated 25 MB table + Adam still fits, big batches not
+    estimates = search(small, MODEL)
+    assert estimates, "something must fit"
+    assert all(e.memory_bytes <= 0.9 * 0.2e9 for e in estimates)
+    every = [small.estimate(MODEL, layout) for layout in candidate_layouts(MODEL, 8) if small.validate(MODEL, layout) is None]
+    assert any(not e.fits for e in every)  # some layouts were excluded for memory
+    assert [e.step_s for e in estimates] == sorted(e.step_s for e in estimates)
+    assert search(CostModel(_gpu_cluster(memory=1e6)), MODEL) == []  # 1 MB: nothing fits
+
+
+def test_invalid_layouts_are_explained() -> None:
+    cost = CostModel(_gpu_cluster())
+    assert "does not divide num_heads" in cost.validate(MODEL, Layout(dp=1, tp=8))
+    assert "exceeds num_blocks" in cost.validate(MODEL, Layout(dp=1, pp=8, microbatches=8))
+    assert "but the cluster has 8 devices" in cost.validate(MODEL, Layout(dp=4))
+    with pytest.raises(ValueError, match=r"Layout dp1 x tp8 x pp1.*does not divide num_heads=4"):
+        cost.estimate(MODEL, Layout(dp=1, tp=8))
+    assert [layout.kind for layout in single_mode_layouts(MODEL, 8)] == ["dp", "mp", "tp", "pp"]
+    assert Layout(dp=4, tp=2, compression="powersgd").kind == "hybrid"
+
+
+def test_calibration_recovers_known_multipliers() -> None:
+    truth = {"compute": 1.7, "memory": 0.6, "bandwidth": 2.5, "latency": 3.0, "tp_dispatch": 1.2, "overhead": 0.004}
+    cluster = dataclasses.replace(preset("cpu-2core"), devices_per_node=4)
+    known = CostModel(cluster, scale=truth)
+    layouts = [layout for layout in candidate_layouts(MODEL, 4) if known.validate(MODEL, layout) is None]
+    measurements = [Measurement(MODEL, layout, known.estimate(MODEL, layout).step_s) for layout in layouts]
+    fitted = calibrate(CostModel(cluster), measurements)
+    for name in FEATURES:
+        assert fitted.scale[name] == pytest.approx(truth[name], rel=1e-6), name
+    assert max(relative_errors(fitted, measurements)) < 1e-9
+    with pytest.raises(ValueError, match="measurements cannot fit 6 multipliers"):
+        calibrate(CostModel(cluster), measurements[:3])
+
+
+def test_cluster_descriptions_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"Link: bandwidth=-1.0 must be a positive number"):
+        Link(bandwidth=-1.0, latency=0.0)
+    with pytest.raises(ValueError, match=r"efficiency=1.5 must be a positive number and at most 1.0"):
+        DeviceSpec(name="x", peak_flops=1e12, memory_bytes=1e9, efficiency=1.5)
+    with pytest.raises(ValueError, match=r"unknown keys \['gpus'\]"):
+        Cluster.from_dict({"preset": "h100x8-ib400", "gpus": 8})
+    with pytest.raises(ValueError, match=r"missing \['device', 'intra_node', 'inter_node'\]"):
+        Cluster.from_dict({"nodes": 1, "devices_per_node": 8})
+    with pytest.raises(ValueError, match=r"Unknown cluster preset 'dgx'"):
+        Cluster.from_dict({"preset": "dgx"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: 0\ndevices_per_node: 8\ndevice: {name: g, peak_flops: 1.0e14, memory_bytes: 8.0e10}\n"
+                   "intra_node: {bandwidth: 1.0e11, latency: 0}\ninter_node: {bandwidth: 1.0e10, latency: 0}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: Cluster\('cluster'\): nodes=0 must be a positive integer"):
+        Cluster.from_yaml(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("preset: h100x8-ib400\nnodes: 16\n")
+    cluster = Cluster.from_yaml(good)
+    assert cluster.world_size == 128 and cluster.device.name == "H100-SXM-80GB"
+    assert cluster.link_for(8) == cluster.intra_node and cluster.link_for(16) == cluster.inter_node
+    assert cluster.link_for(2, stride=8) == cluster.inter_node  # dp peers of a tp=8 layout sit on other nodes
