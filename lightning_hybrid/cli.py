@@ -3,6 +3,7 @@
     lightning-hybrid fit -c recipes/dlrm_quickstart.yaml
     lightning-hybrid fit -c recipes/dlrm_quickstart.yaml --print_config   # every option, resolved
     lightning-hybrid convert runs/x/last.ckpt model.ckpt     # sharded directory -> one file (and back)
+    lightning-hybrid plan -c recipes/quickstart.yaml --cluster cpu-2core --out plan.yaml   # choose a layout
 
 Models and data modules are given by ``class_path`` (any LightningModule / LightningDataModule),
 the strategy as ``trainer.strategy: hybrid`` or with ``class_path: lightning_hybrid.HybridStrategy``
@@ -36,6 +37,11 @@ def main(args: list[str] | None = None) -> None:
         from lightning_hybrid.checkpoint import convert_main
 
         convert_main(argv[1:])
+        return
+    if argv and argv[0] == "plan":
+        from lightning_hybrid.planner.cli import main as plan_main
+
+        plan_main(argv[1:])
         return
     HybridCLI(
         pl.LightningModule,

@@ -141,3 +141,42 @@ def test_cluster_descriptions_are_validated(tmp_path: Path) -> None:
     assert cluster.world_size == 128 and cluster.device.name == "H100-SXM-80GB"
     assert cluster.link_for(8) == cluster.intra_node and cluster.link_for(16) == cluster.inter_node
     assert cluster.link_for(2, stride=8) == cluster.inter_node  # dp peers of a tp=8 layout sit on other nodes
+
+
+def test_plan_command_writes_a_plan_that_fit_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from lightning_hybrid.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = root / "recipes" / "pipeline.yaml"  # pp=2 x dp=2 with balanced split, 4 processes
+    plan = tmp_path / "plan.yaml"
+    main(["plan", "-c", str(recipe), "--cluster", "cpu-2core", "--top", "3", "--out", str(plan)])
+    printed = capsys.readouterr().out
+    assert "| 1 |" in printed and "| 3 |" in printed and "wrote" in printed
+    chosen = yaml.safe_load(plan.read_text())
+    options = chosen["trainer"]["strategy"]["init_args"]
+    assert options["data_parallel"] * options["tensor_parallel"] * options["pipeline_parallel"] == 4
+    assert chosen["data"]["init_args"]["batch_size"] * options["data_parallel"] == 64 * 2  # the recipe's global batch kept
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(recipe), "-c", str(plan), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    merged = yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]["init_args"]
+    for key in ("data_parallel", "tensor_parallel", "pipeline_parallel", "shard_embeddings", "pipeline_microbatches"):
+        assert merged[key] == options[key], key
+    with pytest.raises(ValueError, match=r"the recipe's model is lightning_hybrid.models.dlrm.DLRM"):
+        main(["plan", "-c", str(root / "recipes" / "dlrm_quickstart.yaml")])
+
+
+def test_simulator_smoke(tmp_path: Path) -> None:
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("planner_simulation", root / "benchmarks" / "planner_simulation.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    rows = module.main(["--smoke", "--json", str(tmp_path / "sim.json"), "--plot", str(tmp_path / "sim.png")])
+    assert [r["gpus"] for r in rows] == [8, 16]
+    for row in rows:  # the search includes every single-mode layout, so the best hybrid is never slower
+        assert row["hybrid_samples_per_s"] >= row["single_samples_per_s"] > 0
+    assert (tmp_path / "sim.png").stat().st_size > 10_000

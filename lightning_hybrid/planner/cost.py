@@ -295,9 +295,19 @@ class CostModel:
         parts["compute"] = compute_s
         parts["bubble"] = compute_s * (pp - 1) / (m * layout.virtual_stages) if pp > 1 else 0.0
         parts["memory"] = memory_s
-        # dense gradients of the slowest rank on the dp axis: its blocks and the output layer (the
-        # table's, when replicated, sits on the first stage: with pp > 1 another rank)
-        dense_local = model.block_params / (tp * pp) + model.output_params
+        # gradients a rank exchanges on the dp axis: its blocks, plus the output layer on the last
+        # stage and the table, when replicated, on the first (one rank holds both when pp = 1);
+        # the stage with more of them sets the pace
+        blocks_local = model.block_params / (tp * pp)
+        table_grads = model.table_params if layout.table == "replicated" else 0
+        first_big = [(model.num_items + 1, model.d_model)] if table_grads else []
+        last_big = [(model.num_items, model.d_model)] if model.output_params else []
+        if pp == 1:
+            exchanged, big = blocks_local + model.output_params + table_grads, first_big + last_big
+        elif table_grads > model.output_params:
+            exchanged, big = blocks_local + table_grads, first_big
+        else:
+            exchanged, big = blocks_local + model.output_params, last_big
 
         # communication: bandwidth and latency terms kept apart (calibrated separately); CPU
         # processes sharing cores also share the cores gloo moves bytes with
@@ -321,7 +331,7 @@ class CostModel:
             return bandwidth_s + latency_s
 
         dp_link = c.link_for(dp, stride=tp)
-        grad_bytes = dense_local * bpv + (model.table_params * bpv if layout.table == "replicated" and pp == 1 else 0)
+        grad_bytes = exchanged * bpv
         compress_flops = compress_bytes = 0.0
         if dp == 1:
             parts["dp_comm"] = 0.0
@@ -333,7 +343,6 @@ class CostModel:
             parts["dp_comm"] = collective(kind, grad_bytes / 2, dp, dp_link)
         elif layout.compression == "powersgd":
             r = layout.powersgd_rank
-            big = [(model.num_items, model.d_model)] + ([(model.num_items + 1, model.d_model)] if layout.table == "replicated" and pp == 1 else [])
             small_bytes = grad_bytes - sum(n * k for n, k in big) * bpv
             parts["dp_comm"] = (
                 collective("all_reduce", small_bytes, dp, dp_link)

@@ -1,0 +1,127 @@
+"""Planner accuracy on this machine: calibrate the cost model on measured step times, then check
+(1) predicted vs measured step time for every measured layout (in-sample, and leave-one-out:
+each layout predicted by a model calibrated without it), and (2) plan quality: the planner's
+first choice among all layouts that fit on 4 processes, measured, against the fastest measured.
+
+The measurements are `benchmarks/hybrid_vs_single.py`'s (the reference recommender, 100k items,
+4 blocks, d 64, global batch 64; dp / mp / tp / pp / hybrids on 2 and 4 CPU processes):
+
+    python benchmarks/hybrid_vs_single.py && python benchmarks/planner_accuracy.py
+    python benchmarks/planner_accuracy.py --measure-choice   # also run the planner's choice if it was not measured
+
+Step time of a layout = global batch / its samples/s (the slowest rank's pace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_hybrid.planner import CostModel, Layout, Measurement, ModelSpec, calibrate, preset, relative_errors, search  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _hybrid_vs_single() -> Any:
+    spec = importlib.util.spec_from_file_location("hybrid_vs_single", ROOT / "benchmarks" / "hybrid_vs_single.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int]) -> Layout:
+    """The planner's Layout of a hybrid_vs_single layout (its strategy options and resolved degrees)."""
+    compression = (strategy.get("gradient_compression") or {}).get("method", "none")
+    pp = measured["pp"]
+    return Layout(
+        dp=measured["dp"], tp=measured["tp"], pp=pp, microbatches=max(2, pp) if pp > 1 else 1,
+        table="replicated" if strategy.get("shard_embeddings") is False else "row_wise", compression=compression,
+        powersgd_rank=(strategy.get("gradient_compression") or {}).get("rank", 4),
+    )
+
+
+def cpu_cluster(processes: int) -> Any:
+    return dataclasses.replace(preset("cpu-2core"), devices_per_node=processes)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measurements", type=Path, default=ROOT / "benchmarks" / "results" / "hybrid_vs_single.json")
+    parser.add_argument("--measure-choice", action="store_true", help="run the planner's 4-process choice if it was not measured")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "planner_accuracy.json")
+    args = parser.parse_args(argv)
+    hvs = _hybrid_vs_single()
+    data = json.loads(args.measurements.read_text())
+    cfg = data["config"]
+    model = ModelSpec(num_items=cfg["items"], d_model=cfg["d_model"], num_blocks=cfg["num_blocks"], num_heads=cfg["num_heads"],
+                      seq_len=cfg["max_len"], global_batch=cfg["global_batch"], negatives=256)
+    names, measurements = [], []
+    for key, row in data["results"].items():
+        processes, name = int(key.split("/")[0][1:]), key.split("/")[1]
+        layout = layout_of(name, hvs.LAYOUTS[name], row["layout"])
+        measurements.append(Measurement(model, layout, cfg["global_batch"] / row["samples_per_s"], cpu_cluster(processes)))
+        names.append(key)
+    base = CostModel(cpu_cluster(2))
+    fitted = calibrate(base, measurements)
+    in_sample = relative_errors(fitted, measurements)
+    held_out = [
+        relative_errors(calibrate(base, measurements[:i] + measurements[i + 1 :]), [m])[0] for i, m in enumerate(measurements)
+    ]
+    lines = ["| P | layout | planner layout | measured (ms) | predicted (ms) | error | error, left out of the fit |", "|---|---|---|---|---|---|---|"]
+    for key, m, e1, e2 in zip(names, measurements, in_sample, held_out, strict=True):
+        predicted = dataclasses.replace(fitted, cluster=m.cluster).estimate(model, m.layout).step_s
+        lines.append(f"| {key.split('/')[0][1:]} | {key.split('/')[1]} | {m.layout.describe()} | {m.step_s * 1e3:.0f} | "
+                     f"{predicted * 1e3:.0f} | {e1:.0%} | {e2:.0%} |")
+    summary: dict[str, Any] = {
+        "scale": fitted.scale, "median_error": statistics.median(in_sample), "median_error_left_out": statistics.median(held_out),
+        "rows": [{"layout": k, "measured_s": m.step_s, "error": e1, "error_left_out": e2}
+                 for k, m, e1, e2 in zip(names, measurements, in_sample, held_out, strict=True)],
+    }
+    print("\n".join(lines))
+    print(f"\nmedian |error|: {summary['median_error']:.1%} (calibrated on all), {summary['median_error_left_out']:.1%} (each left out)")
+    print("multipliers:", {k: round(v, 3) for k, v in fitted.scale.items()})
+
+    # plan quality on 4 processes
+    four = dataclasses.replace(fitted, cluster=cpu_cluster(4))
+    ranked = search(four, model)
+    choice = ranked[0]
+    measured4 = {m.layout: (k, m.step_s) for k, m in zip(names, measurements, strict=True) if k.startswith("P4/")}
+    fastest_key, fastest = min(((k, s) for k, s in measured4.values()), key=lambda x: x[1])
+    if choice.layout in measured4:
+        choice_key, choice_measured = measured4[choice.layout]
+    elif args.measure_choice:
+        layout_kwargs = choice.layout.strategy_kwargs()
+        if choice.layout.table == "row_wise":
+            layout_kwargs["embedding_sharding"] = {"item_id": "row_wise"}
+        ranks = hvs.run_distributed(hvs._worker, 4, hvs.FULL, layout_kwargs, 4, init_process_group=False, timeout_s=1800)
+        choice_key, choice_measured = "planner choice", cfg["global_batch"] / min(r["samples_per_s"] for r in ranks)
+    else:
+        choice_key, choice_measured = None, None
+    summary["plan_quality"] = {
+        "choice": choice.layout.describe(), "choice_predicted_s": choice.step_s, "choice_measured_s": choice_measured,
+        "choice_is": choice_key, "fastest_measured": fastest_key, "fastest_measured_s": fastest,
+        "ratio": (choice_measured / fastest) if choice_measured else None,
+        "top5": [e.layout.describe() for e in ranked[:5]],
+    }
+    print(f"\nplanner's first choice on 4 processes: {choice.layout.describe()} (predicted {choice.step_s * 1e3:.0f} ms)")
+    if choice_measured:
+        print(f"measured {choice_measured * 1e3:.0f} ms ({choice_key}); fastest measured: {fastest_key} {fastest * 1e3:.0f} ms; "
+              f"choice / fastest = {choice_measured / fastest:.3f}")
+    else:
+        print("not among the measured layouts; rerun with --measure-choice")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2, default=str))
+    summary["table"] = "\n".join(lines)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
