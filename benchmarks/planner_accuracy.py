@@ -25,7 +25,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.planner import CostModel, Layout, Measurement, ModelSpec, calibrate, preset, relative_errors, search  # noqa: E402
+from lightning_hybrid.planner import (  # noqa: E402
+    CostModel,
+    Layout,
+    Measurement,
+    ModelSpec,
+    calibrate,
+    preset,
+    relative_errors,
+    search,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
