@@ -50,6 +50,10 @@ class FailFast:
 
     def stop(self) -> None:
         self._stop.set()
+        # wait until the watcher is out of any store call: the process group (and its store) may
+        # be destroyed right after, and a C++ call in flight then aborts the process at exit
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10 * self.poll_s)
 
     def publish(self, exception: BaseException) -> None:
         """Record this rank's error for the others (first failing rank wins the 'failed' key)."""

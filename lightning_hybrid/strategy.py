@@ -110,6 +110,17 @@ class HybridStrategy(ParallelStrategy):
         local_sgd_period: steps between weight averages in ``local_sgd`` mode.
         local_sgd_warmup_steps: synchronous steps before ``local_sgd`` starts (post-local SGD).
         async_staleness: steps between a gradient and its application in ``async`` mode.
+        plan: ``"manual"`` (the degrees and options given here) or ``"auto"``: before the
+            processes connect, `lightning_hybrid.planner` prices every layout of this job on
+            ``cluster`` and applies the fastest that fits (dp/tp/pp, microbatches, table
+            replicated or row-wise, compression), keeping the global batch (the data module's
+            ``batch_size`` times the data-parallel degree given here). Needs the reference
+            recommender (SASRec) or a module with ``planner_spec(global_batch) -> ModelSpec``.
+        cluster: for ``plan="auto"``: a preset name (``lightning_hybrid.planner.PRESETS``) or a
+            cluster YAML; default: ``"cpu-2core"`` on CPU, ``"h100x8-ib400"`` otherwise, sized to
+            this job.
+        planner_calibration: JSON file with calibrated multipliers (``"scale"``), as written by
+            ``benchmarks/planner_accuracy.py``.
         monitor: add a `lightning_hybrid.callbacks.HybridMonitor` (throughput, step-time breakdown,
             utilization, charts) unless the Trainer has one already.
         shard_embeddings: shard torchrec embedding modules (``False`` keeps them replicated under DDP).
@@ -164,6 +175,9 @@ class HybridStrategy(ParallelStrategy):
         local_sgd_period: int = 4,
         local_sgd_warmup_steps: int = 0,
         async_staleness: int = 1,
+        plan: Literal["manual", "auto"] = "manual",
+        cluster: str | None = None,
+        planner_calibration: str | None = None,
         monitor: bool = True,
         shard_embeddings: bool = True,
         embedding_sharding: dict[str, str] | None = None,
@@ -254,6 +268,12 @@ class HybridStrategy(ParallelStrategy):
         self._local_sgd_options = {"period": local_sgd_period, "warmup_steps": local_sgd_warmup_steps}
         self._async_staleness = async_staleness
         self._monitor = monitor
+        if plan not in ("manual", "auto"):
+            raise ValueError(f"HybridStrategy(plan={plan!r}): use 'manual' or 'auto'.")
+        self._plan_mode = plan
+        self._cluster_name = cluster
+        self._planner_calibration = planner_calibration
+        self.planned: Any = None  # the planner's Estimate when plan="auto"
         self._compressor: Compressor | None = None
         self._local_sgd: LocalSGD | None = None
         self._stale: StaleGradients | None = None
@@ -378,6 +398,8 @@ class HybridStrategy(ParallelStrategy):
         super().setup_environment()
         reset_seed()
         self._set_world_ranks()
+        if self._plan_mode == "auto" and self.planned is None:
+            self._apply_automatic_plan()
         # Resolve the layout before any collective: a bad plan fails identically on every rank.
         self._plan = ParallelPlan.resolve(
             world_size=self.world_size,
@@ -403,6 +425,72 @@ class HybridStrategy(ParallelStrategy):
             namespace = self.broadcast(uuid.uuid4().hex)
             self._failfast = FailFast(rank=self.global_rank, namespace=namespace, grace_s=self._failure_grace_s)
             self._failfast.start()
+
+    def _apply_automatic_plan(self) -> None:
+        """plan="auto": choose the layout with the planner (a pure function of the configuration,
+        so every rank chooses the same without talking) and set the options it decides."""
+        import dataclasses as dc
+        import json
+
+        from lightning_hybrid.planner import Cluster, CostModel, preset, search
+        from lightning_hybrid.planner.cost import ModelSpec
+
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        datamodule = getattr(trainer, "datamodule", None)
+        per_replica = getattr(datamodule, "batch_size", None)
+        if not isinstance(per_replica, int):
+            raise ValueError(
+                "HybridStrategy(plan='auto') keeps the global batch, which it reads from the data module's `batch_size` "
+                f"attribute; {type(datamodule).__name__ if datamodule else 'no data module'} has none. Pass a data module "
+                "with batch_size, or choose the layout yourself (plan='manual')."
+            )
+        tp = self._tensor_parallel if isinstance(self._tensor_parallel, int) else 1
+        pp = self._pipeline_parallel if isinstance(self._pipeline_parallel, int) else 1
+        dp = self._data_parallel if isinstance(self._data_parallel, int) else self.world_size // (tp * pp)
+        global_batch = per_replica * dp
+        if hasattr(module, "planner_spec"):
+            spec = module.planner_spec(global_batch)
+        elif type(module).__name__ == "SASRec" or any(c.__name__ == "SASRec" for c in type(module).__mro__):
+            spec = ModelSpec.from_sasrec(module, global_batch)
+        else:
+            raise ValueError(
+                f"HybridStrategy(plan='auto') cannot describe {type(module).__name__} to the planner: define "
+                "`planner_spec(self, global_batch) -> lightning_hybrid.planner.ModelSpec` on it, or use plan='manual'."
+            )
+        name = self._cluster_name or ("cpu-2core" if self.root_device.type == "cpu" else "h100x8-ib400")
+        cluster = preset(name) if "." not in name and "/" not in name else Cluster.from_yaml(name)
+        per_node = self.num_processes or self.world_size
+        cores = cluster.cores_per_node
+        cluster = dc.replace(cluster, nodes=self.world_size // per_node, devices_per_node=per_node, cores_per_node=cores)
+        cost = CostModel(cluster)
+        if self._planner_calibration:
+            with open(self._planner_calibration) as handle:
+                cost = cost.with_scale(json.load(handle)["scale"])
+        ranked = search(cost, spec)
+        if not ranked:
+            raise ValueError(
+                f"HybridStrategy(plan='auto'): no layout of this model fits on {self.world_size} devices of {cluster.name} "
+                f"(global batch {global_batch}). Add devices, shrink the model or batch, or give a cluster with more memory."
+            )
+        choice = ranked[0]
+        layout = choice.layout
+        self.planned = choice
+        self._data_parallel, self._tensor_parallel, self._pipeline_parallel = layout.dp, layout.tp, layout.pp
+        self._pipeline_options.update(schedule=layout.schedule, microbatches=layout.microbatches if layout.pp > 1 else None,
+                                      virtual_stages=layout.virtual_stages)
+        self._shard_embeddings = layout.table != "replicated"
+        if layout.table == "row_wise" and hasattr(module, "item_tables"):  # the reference recommender's table
+            self._sharding_spec.sharding_types.setdefault("item_id", "row_wise")
+        kwargs = layout.strategy_kwargs().get("gradient_compression")
+        self._compression = GradientCompression(**kwargs) if kwargs else None
+        if layout.dp != dp:
+            datamodule.batch_size = global_batch // layout.dp  # the global batch stays what it was
+        rank_zero_info(
+            f"HybridStrategy(plan='auto') on {cluster.name} ({self.world_size} devices): {layout.describe()}; predicted "
+            f"{choice.step_s * 1e3:.1f} ms/step, {choice.samples_per_s:,.0f} samples/s; per-replica batch "
+            f"{global_batch // layout.dp}. Runner-up: {ranked[1].layout.describe() if len(ranked) > 1 else 'none'}."
+        )
 
     def _set_world_ranks(self) -> None:
         if self.cluster_environment is not None:

@@ -180,3 +180,46 @@ def test_simulator_smoke(tmp_path: Path) -> None:
     for row in rows:  # the search includes every single-mode layout, so the best hybrid is never slower
         assert row["hybrid_samples_per_s"] >= row["single_samples_per_s"] > 0
     assert (tmp_path / "sim.png").stat().st_size > 10_000
+
+
+def _fit_auto(calibration: str) -> dict:
+    import os
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    import torch
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from lightning_hybrid.models.sasrec import SASRec
+    from tests.helpers import quiet_trainer
+
+    torch.manual_seed(0)
+    model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0)
+    data = SequenceDataModule(format="synthetic", max_len=8, batch_size=8, synthetic_users=64, synthetic_items=30,
+                              synthetic_min_len=10, synthetic_max_len=10, drop_last=True)
+    strategy = HybridStrategy(plan="auto", cluster="cpu-2core", planner_calibration=calibration)
+    trainer = quiet_trainer(strategy=strategy, devices=2, max_steps=3, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    plan = strategy.plan
+    return {"planned": strategy.planned.layout, "plan": (plan.data_parallel, plan.tensor_parallel, plan.pipeline_parallel),
+            "batch_size": data.batch_size, "steps": trainer.global_step}
+
+
+def test_auto_plan_applies_the_planners_first_choice(tmp_path: Path) -> None:
+    import json
+
+    from lightning_hybrid.testing import run_distributed
+
+    # multipliers that make communication dear: the planner must avoid what exchanges most
+    calibration = tmp_path / "scale.json"
+    calibration.write_text(json.dumps({"scale": {"compute": 1.0, "memory": 1.0, "bandwidth": 50.0, "latency": 50.0, "tp_dispatch": 1.0, "overhead": 0.0}}))
+    model = ModelSpec(num_items=30, d_model=16, num_blocks=2, num_heads=2, seq_len=8, global_batch=16, negatives=None)
+    cluster = dataclasses.replace(preset("cpu-2core"), devices_per_node=2)
+    expected = search(CostModel(cluster, scale=json.loads(calibration.read_text())["scale"]), model)[0].layout
+    for result in run_distributed(_fit_auto, 2, str(calibration), init_process_group=False, timeout_s=120):
+        assert result["planned"] == expected
+        assert result["plan"] == (expected.dp, expected.tp, expected.pp)
+        assert result["batch_size"] * expected.dp == 16  # the global batch (8 per replica x dp 2) is kept
+        assert result["steps"] == 3
