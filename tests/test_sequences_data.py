@@ -159,3 +159,21 @@ def test_side_information_for_side_features(tmp_path: Path) -> None:
     # user 1 trains on its first two items: input (item 1), times (bucket 1)
     assert row["user"].item() == 0 and row["input"].tolist() == [0, 0, 0, 1] and row["time"].tolist() == [0, 0, 0, 1]
     assert dm.test_set[0]["time"].tolist() == [0, 1, 2, 3]
+
+
+def test_resumable_loader_skips_the_trained_batches_once() -> None:
+    from lightning_hybrid.data.resumable import ResumableDataLoader
+
+    loader = ResumableDataLoader(list(range(10)), batch_size=2)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert loader.state_dict() == {"batches_done": 5}
+    loader.load_state_dict({"batches_done": 3})  # resumed after 3 batches of the epoch
+    assert len(loader) == 5
+    assert [b.tolist() for b in loader] == [[6, 7], [8, 9]]
+    assert [b.tolist() for b in loader][0] == [0, 1]  # the next epoch starts at the beginning again
+    loader.load_state_dict({"batches_done": 5})  # saved at the end of an epoch: nothing to skip
+    assert len(list(loader)) == 5
+    persistent = ResumableDataLoader(list(range(8)), batch_size=2, num_workers=1, persistent_workers=True)
+    persistent.load_state_dict({"batches_done": 1})
+    assert [b.tolist() for b in persistent] == [[2, 3], [4, 5], [6, 7]]
+    assert [b.tolist() for b in persistent] == [[0, 1], [2, 3], [4, 5], [6, 7]]

@@ -24,14 +24,16 @@ from torch.utils.data import DataLoader
 
 
 class _SkipFirst:
-    """An index sampler without its first ``skip`` items."""
+    """The loader's index sampler without the batches its resumed epoch already trained. The
+    count is read from the loader at each ``iter()`` (the DataLoader's iterator may call it twice
+    while starting, and a persistent-workers iterator keeps this object for later epochs)."""
 
-    def __init__(self, sampler: Any, skip: int) -> None:
+    def __init__(self, sampler: Any, loader: ResumableDataLoader) -> None:
         self.sampler = sampler
-        self.skip = skip
+        self.loader = loader
 
     def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.sampler), self.skip, None)
+        return itertools.islice(iter(self.sampler), self.loader._skip_next_iter, None)
 
     def __len__(self) -> int:
         # the epoch's full length: Lightning counts the epoch's batches from len(loader)
@@ -48,8 +50,7 @@ class ResumableDataLoader(DataLoader):
 
     @property
     def _index_sampler(self) -> Any:
-        sampler = super()._index_sampler
-        return _SkipFirst(sampler, self._skip_next_iter) if self._skip_next_iter else sampler
+        return _SkipFirst(super()._index_sampler, self)
 
     def __iter__(self) -> Iterator[Any]:
         skip = self._skip_next_iter
@@ -58,10 +59,16 @@ class ResumableDataLoader(DataLoader):
             # creating an iterator draws a base seed from the global RNG; the interrupted run drew
             # it at the start of the epoch, before the restored RNG state was saved
             with torch.random.fork_rng(devices=[]):
-                iterator = super().__iter__()  # reads _index_sampler: the skip applies to this epoch only
+                iterator = iter(super().__iter__())
+                first = next(iterator, None)  # the skip is in effect until the first batch is out
         else:
-            iterator = super().__iter__()
+            iterator = iter(super().__iter__())
+            first = next(iterator, None)
         self._skip_next_iter = 0
+        if first is None:
+            return
+        self._yielded += 1
+        yield first
         for batch in iterator:
             self._yielded += 1
             yield batch
