@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hybrid_vs_single.json"))
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset (at least one single-mode and one hybrid)")
+    parser.add_argument("--processes", default=None, help="comma-separated process counts (default: 2,4; smoke: 2)")
     args = parser.parse_args()
     chosen = [n for n in args.layouts.split(",") if n]
     if set(chosen) - set(LAYOUTS) or not set(chosen) & set(SINGLE) or not any(n.startswith("hybrid") for n in chosen):
@@ -125,7 +126,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     lines = ["| P | layout | dp x tp x pp | samples/s | step (ms) | utilization | dp MB / step |", "|---|---|---|---|---|---|---|"]
     summary = {}
-    for processes in cfg["processes"]:
+    process_counts = [int(p) for p in args.processes.split(",")] if args.processes else cfg["processes"]
+    for processes in process_counts:
         for name, layout in LAYOUTS.items():
             if name not in chosen:
                 continue

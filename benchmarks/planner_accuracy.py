@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import statistics
 import sys
@@ -40,10 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hybrid_vs_single() -> Any:
-    spec = importlib.util.spec_from_file_location("hybrid_vs_single", ROOT / "benchmarks" / "hybrid_vs_single.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    # imported by name (not from a file spec) so spawned ranks can unpickle its worker function
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import hybrid_vs_single
+
+    return hybrid_vs_single
 
 
 def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int]) -> Layout:

@@ -286,8 +286,11 @@ class CostModel:
             table_bytes = 16 * looked_up * dp * model.d_model / c.world_size
         block_update = 32 * model.block_params / (tp * pp)  # Adam: read/write weight, grad, two moments
         output_update = 32 * model.output_params
+        # a replicated table lives, and is updated, on every rank (HybridStrategy looks it up on
+        # each rank of a pipeline replica); a sharded one only where its rows are
+        replicated_table = table_bytes if layout.table == "replicated" else 0.0
         first = (block_flops / flops_per_s, (lookup_bytes + table_bytes + block_update) / mem_per_s)
-        last = ((block_flops + output_flops) / flops_per_s, (block_update + output_update) / mem_per_s)
+        last = ((block_flops + output_flops) / flops_per_s, (replicated_table + block_update + output_update) / mem_per_s)
         if pp == 1:
             compute_s, memory_s = last[0], first[1] + output_update / mem_per_s
         else:
@@ -295,19 +298,14 @@ class CostModel:
         parts["compute"] = compute_s
         parts["bubble"] = compute_s * (pp - 1) / (m * layout.virtual_stages) if pp > 1 else 0.0
         parts["memory"] = memory_s
-        # gradients a rank exchanges on the dp axis: its blocks, plus the output layer on the last
-        # stage and the table, when replicated, on the first (one rank holds both when pp = 1);
-        # the stage with more of them sets the pace
+        # gradients the slowest (last-stage) rank exchanges on the dp axis: its blocks, the output
+        # layer, and a replicated table's
         blocks_local = model.block_params / (tp * pp)
         table_grads = model.table_params if layout.table == "replicated" else 0
         first_big = [(model.num_items + 1, model.d_model)] if table_grads else []
         last_big = [(model.num_items, model.d_model)] if model.output_params else []
-        if pp == 1:
-            exchanged, big = blocks_local + model.output_params + table_grads, first_big + last_big
-        elif table_grads > model.output_params:
-            exchanged, big = blocks_local + table_grads, first_big
-        else:
-            exchanged, big = blocks_local + model.output_params, last_big
+        # (a replicated table has a gradient, zero or not, on every rank of a pipeline too)
+        exchanged, big = blocks_local + model.output_params + table_grads, first_big + last_big
 
         # communication: bandwidth and latency terms kept apart (calibrated separately); CPU
         # processes sharing cores also share the cores gloo moves bytes with
@@ -341,6 +339,7 @@ class CostModel:
             # NCCL sums fp16 in place; gloo cannot, so on CPU the halves are all-gathered and summed locally
             kind = "all_gather" if c.cores_per_node is not None else "all_reduce"
             parts["dp_comm"] = collective(kind, grad_bytes / 2, dp, dp_link)
+            compress_bytes = 3 * grad_bytes + (dp * grad_bytes / 2 if kind == "all_gather" else 0)  # flatten, cast, unflatten; local sum
         elif layout.compression == "powersgd":
             r = layout.powersgd_rank
             small_bytes = grad_bytes - sum(n * k for n, k in big) * bpv
