@@ -204,3 +204,49 @@ def sgd_sasrec_class() -> type:
             return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.SGD(tables, lr=0.1)])
 
     return SGDSASRec
+
+
+class LossRecorder(pl.Callback):
+    """Keeps the loss of every training step (what ``training_step`` returned, as Lightning saw it)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+class EncoderRec(pl.LightningModule):
+    """EBC user/item/category features -> 2 ``nn.TransformerEncoderLayer`` -> click logit; SGD
+    (``momentum`` > 0 gives the blocks and dense-kernel tables optimizer state to checkpoint).
+    ``seed`` fixes the initial weights (None: the caller's RNG state)."""
+
+    def __init__(self, momentum: float = 0.0, seed: int | None = 0) -> None:
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.momentum = momentum
+        self.ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(name="users", embedding_dim=16, num_embeddings=24, feature_names=["user"]),
+                EmbeddingBagConfig(name="movies", embedding_dim=16, num_embeddings=40, feature_names=["item"]),
+                EmbeddingBagConfig(name="cats", embedding_dim=16, num_embeddings=16, feature_names=["category"]),
+            ]
+        )
+        self.dense_in = nn.Linear(5, 16)
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2))
+        self.head = nn.Linear(16, 1)
+        self.losses: list[float] = []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        pooled = self.ebc(batch["sparse"]).to_dict()
+        tokens = torch.stack([self.dense_in(batch["dense"]), pooled["user"], pooled["item"], pooled["category"]], dim=1)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        logits = self.head(tokens.mean(1)).squeeze(-1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=self.momentum)

@@ -152,30 +152,24 @@ def test_validation_metrics_and_checkpoint_resharded_to_no_pipeline(tmp_path: An
 def _resume(tmp: str) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     os.environ.pop("PL_GLOBAL_SEED", None)
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.data.sequences import SequenceDataModule
     from lightning_hybrid.models.sasrec import SASRec
-    from tests.helpers import quiet_trainer
+    from tests.helpers import LossRecorder, quiet_trainer
 
     def run(seed: int, callbacks: list[Any], ckpt: str | None) -> list[float]:
-        losses: list[float] = []
-
-        class Losses(pl.Callback):
-            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-                losses.append(float(outputs["loss"]))
-
+        recorder = LossRecorder()
         torch.manual_seed(seed)
         # the default optimizers: Adam for the network, fused Adagrad for the table (state to restore)
         model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0)
         strategy = HybridStrategy(pipeline_parallel=2, pipeline_schedule="gpipe", embedding_sharding={"item_id": "row_wise"})
         trainer = quiet_trainer(
-            strategy=strategy, devices=2, max_epochs=2, limit_val_batches=0, callbacks=[Losses(), *callbacks], enable_checkpointing=bool(callbacks)
+            strategy=strategy, devices=2, max_epochs=2, limit_val_batches=0, callbacks=[recorder, *callbacks], enable_checkpointing=bool(callbacks)
         )
         trainer.fit(model, datamodule=SequenceDataModule(**dict(DATA, batch_size=8)), ckpt_path=ckpt)
-        return losses
+        return recorder.losses
 
     uninterrupted = run(0, [ModelCheckpoint(dirpath=tmp, save_top_k=-1, every_n_epochs=1, filename="{epoch}")], None)
     resumed = run(7, [], os.path.join(tmp, "epoch=0.ckpt"))

@@ -28,21 +28,15 @@ SEQ_DATA = dict(format="synthetic", max_len=8, batch_size=4, synthetic_users=32,
 
 def _resume_case(tmp: str, name: str, strategy_kwargs: dict[str, Any], dropout: float = 0.2) -> dict[str, Any]:
     """Train 6 steps (4 per epoch per rank) saving after step 3, then resume a fresh model from it."""
-    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.data.sequences import SequenceDataModule
     from lightning_hybrid.models.sasrec import SASRec
-    from tests.helpers import quiet_trainer
+    from tests.helpers import LossRecorder, quiet_trainer
 
     def run(seed: int, callbacks: list[Any], ckpt: str | None) -> list[float]:
-        losses: list[float] = []
-
-        class Losses(pl.Callback):
-            def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-                losses.append(float(outputs["loss"]))
-
+        recorder = LossRecorder()
         torch.manual_seed(seed)
         model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=1, num_heads=2, dropout=dropout)
         trainer = quiet_trainer(
@@ -50,11 +44,11 @@ def _resume_case(tmp: str, name: str, strategy_kwargs: dict[str, Any], dropout: 
             devices=2,
             max_steps=6,
             limit_val_batches=0,
-            callbacks=[Losses(), *callbacks],
+            callbacks=[recorder, *callbacks],
             enable_checkpointing=bool(callbacks),
         )
         trainer.fit(model, datamodule=SequenceDataModule(**SEQ_DATA), ckpt_path=ckpt)
-        return losses
+        return recorder.losses
 
     folder = os.path.join(tmp, name)
     saver = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=3, filename="{step}")
@@ -107,40 +101,11 @@ STEPS_SAVED = 2  # the checkpoint is written after this many steps; one more ste
 
 
 def _encoder_recommender() -> Any:
-    """EBC user/item/category features -> 2 TransformerEncoderLayers -> click logit; SGD with
-    momentum, so the tables (dense kernel) and the blocks both have optimizer state to reshard."""
-    import lightning.pytorch as pl
-    from torch import nn
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    """The tests' encoder click model with momentum SGD, so the tables (dense kernel) and the
+    blocks both have optimizer state to reshard."""
+    from tests.helpers import EncoderRec
 
-    class EncoderRec(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ebc = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(name="users", embedding_dim=16, num_embeddings=24, feature_names=["user"]),
-                    EmbeddingBagConfig(name="movies", embedding_dim=16, num_embeddings=40, feature_names=["item"]),
-                    EmbeddingBagConfig(name="cats", embedding_dim=16, num_embeddings=16, feature_names=["category"]),
-                ]
-            )
-            self.dense_in = nn.Linear(5, 16)
-            self.layers = nn.ModuleList(
-                nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2)
-            )
-            self.head = nn.Linear(16, 1)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            pooled = self.ebc(batch["sparse"]).to_dict()
-            tokens = torch.stack([self.dense_in(batch["dense"]), pooled["user"], pooled["item"], pooled["category"]], dim=1)
-            for layer in self.layers:
-                tokens = layer(tokens)
-            logits = self.head(tokens.mean(1)).squeeze(-1)
-            return nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
-
-    return EncoderRec()
+    return EncoderRec(momentum=0.9, seed=None)
 
 
 def _sasrec() -> Any:

@@ -288,43 +288,9 @@ def test_recommender_checkpoint_resume_is_exact(tmp_path: Any, tensor_parallel: 
 
 
 def _make_encoder_recommender() -> Any:
-    import lightning.pytorch as pl
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from tests.helpers import EncoderRec
 
-    class Model(pl.LightningModule):
-        """EBC user/item features -> nn.TransformerEncoderLayer stack -> click logit. SGD."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            torch.manual_seed(0)
-            self.ebc = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(name="users", embedding_dim=16, num_embeddings=24, feature_names=["user"]),
-                    EmbeddingBagConfig(name="movies", embedding_dim=16, num_embeddings=40, feature_names=["item"]),
-                    EmbeddingBagConfig(name="cats", embedding_dim=16, num_embeddings=16, feature_names=["category"]),
-                ]
-            )
-            self.dense_in = nn.Linear(5, 16)
-            self.layers = nn.ModuleList(
-                nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True) for _ in range(2)
-            )
-            self.head = nn.Linear(16, 1)
-            self.losses: list[float] = []
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            pooled = self.ebc(batch["sparse"]).to_dict()
-            tokens = torch.stack([self.dense_in(batch["dense"]), pooled["user"], pooled["item"], pooled["category"]], dim=1)
-            for layer in self.layers:
-                tokens = layer(tokens)
-            logits = self.head(tokens.mean(1)).squeeze(-1)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, batch["labels"])
-            self.losses.append(float(loss.detach()))
-            return loss
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.2)
-
-    return Model()
+    return EncoderRec()
 
 
 def _fit_encoder(devices: int, dense: str = "ddp", accumulate: int = 1) -> dict[str, Any]:
