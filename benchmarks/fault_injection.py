@@ -66,6 +66,7 @@ def _fit_args(out: Path, args: argparse.Namespace, kill: tuple[int, int] | None)
         "--trainer.strategy=lightning_hybrid.HybridStrategy",
         '--trainer.strategy.embedding_sharding={"t0": "row_wise", "t1": "row_wise", "t2": "row_wise", "t3": "row_wise"}',
         "--trainer.strategy.monitor=false",
+        *([f"--trainer.strategy.gradient_compression={args.compression}"] if args.compression else []),
         f"--trainer.callbacks={json.dumps(callbacks)}",
         "--model=lightning_hybrid.models.dlrm.DLRM",
         "--model.num_dense=13",
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--ckpt-every", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compression", default=None, metavar="JSON",
+                        help='gradient compression of the job, e.g. \'{"method": "powersgd", "rank": 2, "hierarchical": true}\'')
     parser.add_argument("--kill", default=None, metavar="RANK:STEP", help="kill this rank after this step in every job (default: random)")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=None, help="where jobs write (default: a temporary folder)")

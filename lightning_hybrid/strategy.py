@@ -673,6 +673,10 @@ class HybridStrategy(ParallelStrategy):
                     mine = groups
         intra, inter = mine
         assert intra is not None and inter is not None
+        rank_zero_info(
+            f"HybridStrategy: hierarchical gradient exchange: exact within each node ({local} ranks), "
+            f"{config.method} across {self.world_size // local} nodes"
+        )
         return HierarchicalCompressor(intra, build_compressor(config, inter))
 
     def _replica_group(self) -> dist.ProcessGroup:
