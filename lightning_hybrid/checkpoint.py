@@ -250,9 +250,8 @@ def set_loader_positions(checkpoint: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Collectively and atomically save ``state`` (DCP) and ``meta`` (rank 0) into directory ``path``."""
-    path = Path(path)
+def _prepare(path: Path) -> tuple[int, Path, str]:
+    """(rank, temporary sibling directory, token) of a save, agreed by every rank."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     token = [uuid.uuid4().hex[:12] if rank == 0 else None]
     if dist.is_initialized():
@@ -261,22 +260,117 @@ def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[st
     if rank == 0:
         tmp.mkdir(parents=True, exist_ok=False)
     _barrier()
+    return rank, tmp, str(token[0])
+
+
+def _publish(tmp: Path, path: Path, meta: dict[str, Any], token: str) -> None:
+    """Rank 0, once every rank's part is on disk: write meta.pt, then swap the directory in."""
+    torch.save(meta, tmp / META_FILENAME)
+    old = path.parent / f".{path.name}.old-{token}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    # leftovers of saves that crashed half-way (never mistaken for checkpoints: hidden names,
+    # no meta.pt or no swap) go once a save of the same name has succeeded
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Collectively and atomically save ``state`` (DCP) and ``meta`` (rank 0) into directory ``path``."""
+    path = Path(path)
+    rank, tmp, token = _prepare(path)
     dcp.save(_drop_empty(state), checkpoint_id=str(tmp))
-    if rank == 0:
-        torch.save(meta, tmp / META_FILENAME)
     _barrier()
     if rank == 0:
-        old = path.parent / f".{path.name}.old-{token[0]}"
-        if path.exists():
-            path.rename(old) if path.is_dir() else path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        # leftovers of saves that crashed half-way (never mistaken for checkpoints: hidden names,
-        # no meta.pt or no swap) go once a save of the same name has succeeded
-        for stale in path.parent.glob(f".{path.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _publish(tmp, path, meta, token)
     _barrier()
+
+
+def _host_copy(value: Any) -> Any:
+    """A copy of a state dict on the CPU that later training steps cannot change: tensors cloned,
+    ShardedTensors and DTensors rebuilt around cloned local shards (no communication)."""
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_host_copy(v) for v in value]
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(tensor=s.tensor.detach().to("cpu", copy=True), metadata=s.metadata) for s in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, value.metadata(), process_group=value._process_group)
+    if isinstance(value, DTensor):
+        return DTensor.from_local(value.to_local().detach().to("cpu", copy=True), value.device_mesh, value.placements,
+                                  run_check=False, shape=value.shape, stride=value.stride())
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
+
+
+class _AlreadyStaged:
+    """DCP's async stager interface for a state dict that `_host_copy` already staged."""
+
+    _synchronize_after_execute = False
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncSaver:
+    """Checkpoints written in the background while training goes on (`dcp.async_save`).
+
+    ``save`` returns once the state is copied to host memory (the copy training may then change);
+    a thread waits for every rank's write to finish (DCP's coordinator writes ``.metadata`` only
+    then) and rank 0 swaps the directory into place, so a crash mid-write still leaves the previous
+    checkpoint and never a half-written one. One save is in flight at a time: the next ``save``
+    (and ``wait``) waits for it. ``group`` must be a CPU (gloo) group of all ranks that no other
+    thread uses: the background write's collectives run on it.
+    """
+
+    def __init__(self, group: Any | None = None) -> None:
+        self.group = group
+        self._thread: Any = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[str]) -> None:
+        import threading
+
+        self.wait()
+        path = Path(path)
+        rank, tmp, token = _prepare(path)
+        # our own copy to host memory: DCP's default stager cannot copy torchrec's ShardedTensors
+        staged = _host_copy(_drop_empty(state))
+        future = dcp.async_save(staged, checkpoint_id=str(tmp), process_group=self.group, async_stager=_AlreadyStaged())
+
+        def finish() -> None:
+            try:
+                future.result()
+                if rank == 0:
+                    _publish(tmp, path, meta, token)
+            except BaseException as err:  # noqa: BLE001 - reported by the next wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=finish, name="lightning_hybrid-async-save", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the save in flight is complete; re-raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"An asynchronous checkpoint save failed: {error}") from error
 
 
 def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

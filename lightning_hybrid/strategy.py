@@ -138,6 +138,9 @@ class HybridStrategy(ParallelStrategy):
             out-of-range id otherwise reads garbage or crashes inside the kernel), and that the
             ranks of one tensor/pipeline-parallel replica got the same batch (first step of each
             epoch).
+        async_checkpoint: write checkpoints in the background (`dcp.async_save` on a separate
+            gloo group): ``save_checkpoint`` returns once the state is copied to host memory;
+            still atomic; the next save, a load, and the end of training wait for it.
         nonfinite_loss: what a NaN/inf training loss on any rank does, decided alike on every
             rank (one small all-reduce per step): ``"stop"`` (raise FloatingPointError on every
             rank, naming the ranks and the step), ``"skip"`` (no backward and no update for that
@@ -186,6 +189,7 @@ class HybridStrategy(ParallelStrategy):
         embedding_memory_per_rank: int | None = None,
         validate_inputs: bool = True,
         nonfinite_loss: NonFinitePolicy = "stop",
+        async_checkpoint: bool = False,
         launcher: LauncherName = "auto",
         find_unused_parameters: bool = False,
         static_graph: bool = False,
@@ -297,6 +301,8 @@ class HybridStrategy(ParallelStrategy):
         if nonfinite_loss not in ("stop", "skip", "warn", "off"):
             raise ValueError(f"HybridStrategy(nonfinite_loss={nonfinite_loss!r}): use 'stop', 'skip', 'warn' or 'off'.")
         self._nonfinite = nonfinite_loss
+        self._async_checkpoint = async_checkpoint
+        self._async_saver: ckpt.AsyncSaver | None = None
         self._skip_backward = False
         self.skipped_steps = 0
         self._launcher_name = launcher
@@ -420,6 +426,11 @@ class HybridStrategy(ParallelStrategy):
         self._mesh = build_device_mesh(self._plan, self.root_device.type)
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._mesh
+        if self._async_checkpoint and self._async_saver is None:
+            # the background write's collectives get a CPU group of their own: the training
+            # thread's collectives on the default group must not interleave with them
+            group = dist.new_group(backend="gloo") if self.world_size > 1 else None
+            self._async_saver = ckpt.AsyncSaver(group)
         if self._failfast is None and self.world_size > 1:
             # a fresh namespace per start, agreed by broadcast (an elastic restart reuses the store)
             namespace = self.broadcast(uuid.uuid4().hex)
@@ -1075,6 +1086,7 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def on_train_end(self) -> None:
+        self.wait_for_checkpoint()
         if self._stale is not None:
             self._stale.drain()
         super().on_train_end()
@@ -1182,7 +1194,15 @@ class HybridStrategy(ParallelStrategy):
             "plan": dataclasses.asdict(self._plan),  # plain values: weights_only loading accepts them
             "optimizer_param_groups": [s["param_groups"] for s in optimizer_states],
         }
-        ckpt.save(state, checkpoint, path)
+        if self._async_saver is not None:
+            self._async_saver.save(state, checkpoint, path)
+        else:
+            ckpt.save(state, checkpoint, path)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous save in flight is on disk (no-op otherwise)."""
+        if self._async_saver is not None:
+            self._async_saver.wait()
 
     def _per_rank_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"rng": ckpt.rng_state()}
@@ -1226,6 +1246,7 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        self.wait_for_checkpoint()
         path = Path(self.broadcast(str(checkpoint_path)))
         meta = ckpt.load_meta(path)
         keys = ckpt.saved_keys(path)
@@ -1313,6 +1334,9 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._async_saver is not None:
+            self._async_saver.wait()
+            self._async_saver = None
         if self._failfast is not None:
             self._failfast.stop()
             self._failfast = None

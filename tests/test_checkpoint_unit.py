@@ -63,3 +63,19 @@ def test_convert_round_trip_keeps_every_tensor_and_meta(tmp_path: Path) -> None:
     assert torch.equal(state["optimizers"]["0"]["state"]["w"]["exp_avg"], torch.ones(4, 3))
     with pytest.raises(SystemExit, match="neither a checkpoint directory"):
         main(["convert", str(tmp_path / "missing"), str(tmp_path / "c.pt")])
+
+
+def test_async_save_keeps_the_values_of_the_moment_it_was_called(tmp_path: Path) -> None:
+    state = _state(1.0)
+    saver = ckpt.AsyncSaver()
+    saver.save(state, {"global_step": 1}, tmp_path / "a.ckpt")
+    state["model"]["w"].add_(100.0)  # training goes on while the write is in flight
+    saver.wait()
+    assert ckpt.load_meta(tmp_path / "a.ckpt")["global_step"] == 1
+    loaded = {"model": {"w": torch.zeros(4, 3), "b": torch.zeros(3)}}
+    ckpt.load(loaded, tmp_path / "a.ckpt")
+    assert torch.equal(loaded["model"]["w"], torch.full((4, 3), 1.0))
+    saver.save(_state(2.0), {"global_step": 2}, tmp_path / "a.ckpt")  # replaces it, atomically
+    saver.wait()
+    assert ckpt.load_meta(tmp_path / "a.ckpt")["global_step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
