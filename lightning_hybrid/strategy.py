@@ -440,7 +440,6 @@ class HybridStrategy(ParallelStrategy):
     def _apply_automatic_plan(self) -> None:
         """plan="auto": choose the layout with the planner (a pure function of the configuration,
         so every rank chooses the same without talking) and set the options it decides."""
-        import dataclasses as dc
         import json
 
         from lightning_hybrid.planner import Cluster, CostModel, preset, search
@@ -471,9 +470,8 @@ class HybridStrategy(ParallelStrategy):
             )
         name = self._cluster_name or ("cpu-2core" if self.root_device.type == "cpu" else "h100x8-ib400")
         cluster = preset(name) if "." not in name and "/" not in name else Cluster.from_yaml(name)
-        per_node = self.num_processes or self.world_size
-        cores = cluster.cores_per_node
-        cluster = dc.replace(cluster, nodes=self.world_size // per_node, devices_per_node=per_node, cores_per_node=cores)
+        per_node = self.num_processes or self.world_size  # the cluster, sized to this job
+        cluster = dataclasses.replace(cluster, nodes=self.world_size // per_node, devices_per_node=per_node)
         cost = CostModel(cluster)
         if self._planner_calibration:
             with open(self._planner_calibration) as handle:
