@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +33,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from lightning_hybrid.testing import find_free_port  # noqa: E402
 
 
 def _fit_args(out: Path, args: argparse.Namespace, kill: tuple[int, int] | None) -> list[str]:
@@ -83,7 +79,7 @@ def _fit_args(out: Path, args: argparse.Namespace, kill: tuple[int, int] | None)
 def run_job(out: Path, args: argparse.Namespace, kill: tuple[int, int] | None) -> dict[str, Any]:
     """One torchrun job (one launcher per node); returns exit codes, restarts and seconds."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = find_free_port()
     # LOGLEVEL=INFO: torchrun's agent then logs each restart ("... will restart worker group")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "LOGLEVEL": "INFO", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     launchers = []

@@ -81,7 +81,8 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
-def _param_names(module: nn.Module) -> dict[int, str]:
+def param_names(module: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in ``module`` (every alias of a shared parameter included)."""
     return {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
 
 
@@ -108,7 +109,7 @@ def optimizer_state_dict(
     ``sharded_params`` maps parameter names whose local tensor is a shard to the ShardedTensor
     that describes the whole table (from ``module.state_dict()``).
     """
-    names = _param_names(module)
+    names = param_names(module)
     state: dict[str, dict[str, Any]] = {}
     for param, param_state in optimizer.state.items():
         name = names.get(id(param))

@@ -442,7 +442,7 @@ class HybridStrategy(ParallelStrategy):
         so every rank chooses the same without talking) and set the options it decides."""
         import json
 
-        from lightning_hybrid.planner import Cluster, CostModel, preset, search
+        from lightning_hybrid.planner import CostModel, load_cluster, search
         from lightning_hybrid.planner.cost import ModelSpec
 
         module = self.lightning_module
@@ -469,7 +469,7 @@ class HybridStrategy(ParallelStrategy):
                 "`planner_spec(self, global_batch) -> lightning_hybrid.planner.ModelSpec` on it, or use plan='manual'."
             )
         name = self._cluster_name or ("cpu-2core" if self.root_device.type == "cpu" else "h100x8-ib400")
-        cluster = preset(name) if "." not in name and "/" not in name else Cluster.from_yaml(name)
+        cluster = load_cluster(name)
         per_node = self.num_processes or self.world_size  # the cluster, sized to this job
         cluster = dataclasses.replace(cluster, nodes=self.world_size // per_node, devices_per_node=per_node)
         cost = CostModel(cluster)
@@ -1066,7 +1066,7 @@ class HybridStrategy(ParallelStrategy):
 
     def _param_names(self) -> dict[int, str]:
         if self._names_by_id is None:
-            self._names_by_id = {id(p): n for n, p in self.lightning_module.named_parameters()}
+            self._names_by_id = ckpt.param_names(self.lightning_module)
         return self._names_by_id
 
     @override
@@ -1229,7 +1229,7 @@ class HybridStrategy(ParallelStrategy):
             if target is not None and name in state:
                 target.load_state_dict(state[name])
         if self._local_sgd is not None and "replica" in state:
-            by_name = dict(self.lightning_module.named_parameters())
+            by_name = dict(self.lightning_module.named_parameters(remove_duplicate=False))
             with torch.no_grad():
                 for name, value in state["replica"]["params"].items():
                     data_parallel.local_tensor(by_name[name]).copy_(value)

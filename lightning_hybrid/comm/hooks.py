@@ -37,7 +37,9 @@ def register_compressor(ddp: DistributedDataParallel, compressor: Compressor) ->
     ``compressor.optimizer_steps``, which the caller advances after each optimizer step
     (HybridStrategy does).
     """
-    names = {id(p): n for n, p in ddp.module.named_parameters()}
+    from lightning_hybrid.checkpoint import param_names
+
+    names = param_names(ddp.module)
 
     # (no annotations: DDP checks them against dist.GradBucket / Future, and this module's are strings)
     def hook(_state, bucket):  # noqa: ANN001, ANN202

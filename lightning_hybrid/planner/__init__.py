@@ -8,7 +8,7 @@ hand, a search over hybrid layouts, and a simulator for clusters larger than thi
 """
 
 from lightning_hybrid.planner.calibrate import Measurement, calibrate, relative_errors
-from lightning_hybrid.planner.cluster import PRESETS, Cluster, DeviceSpec, Link, preset
+from lightning_hybrid.planner.cluster import PRESETS, Cluster, DeviceSpec, Link, load_cluster, preset
 from lightning_hybrid.planner.cost import (
     CostModel,
     Estimate,
@@ -24,11 +24,10 @@ from lightning_hybrid.planner.search import (
     candidate_layouts,
     search,
     single_mode_layouts,
-    throughput_ratio,
 )
 
 __all__ = [
     "PRESETS", "Cluster", "CostModel", "DeviceSpec", "Estimate", "Layout", "Link", "Measurement", "ModelSpec",
     "all_gather_time", "all_reduce_time", "all_to_all_time", "best", "calibrate", "candidate_layouts", "preset",
-    "relative_errors", "search", "send_time", "single_mode_layouts", "throughput_ratio",
+    "load_cluster", "relative_errors", "search", "send_time", "single_mode_layouts",
 ]

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_hybrid.planner.cluster import PRESETS, Cluster, preset
+from lightning_hybrid.planner.cluster import PRESETS, Cluster, load_cluster
 from lightning_hybrid.planner.cost import CostModel, ModelSpec
 from lightning_hybrid.planner.search import search
 
@@ -55,8 +55,8 @@ def model_spec_from_recipe(recipe: dict[str, Any]) -> tuple[ModelSpec, int]:
     return spec, world
 
 
-def load_cluster(text: str, devices: int | None) -> Cluster:
-    cluster = preset(text) if text in PRESETS else Cluster.from_yaml(text)
+def sized_cluster(text: str, devices: int | None) -> Cluster:
+    cluster = load_cluster(text)
     if devices is not None:
         if devices <= cluster.devices_per_node or cluster.cores_per_node is not None:
             cluster = dataclasses.replace(cluster, nodes=1, devices_per_node=devices)
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> list[Any]:
     args = parser.parse_args(argv)
     recipe = yaml.safe_load(Path(args.config).read_text())
     spec, world = model_spec_from_recipe(recipe)
-    cluster = load_cluster(args.cluster, args.devices or (world if args.cluster in PRESETS and PRESETS[args.cluster].cores_per_node else None))
+    cluster = sized_cluster(args.cluster, args.devices or (world if args.cluster in PRESETS and PRESETS[args.cluster].cores_per_node else None))
     cost = CostModel(cluster)
     if args.calibration:
         cost = cost.with_scale(json.loads(Path(args.calibration).read_text())["scale"])

@@ -20,7 +20,7 @@ Units: FLOP/s, bytes, bytes/s, seconds.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class Cluster:
     inter_node: Link
     cores_per_node: int | None = None
     name: str = "cluster"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         _positive(f"Cluster({self.name!r})", "nodes", self.nodes, integer=True)
@@ -121,9 +120,6 @@ class Cluster:
         span = (group_size - 1) * stride + 1
         return self.intra_node if span <= self.devices_per_node else self.inter_node
 
-    def with_size(self, *, nodes: int) -> Cluster:
-        return dataclasses.replace(self, nodes=nodes)
-
     # -- YAML -----------------------------------------------------------------------------------
 
     @classmethod
@@ -133,11 +129,11 @@ class Cluster:
         if "preset" in data:
             base = preset(data["preset"])
             overrides = {k: v for k, v in data.items() if k != "preset"}
-            data = {**_as_dict(base), **overrides}
+            data = {**dataclasses.asdict(base), **overrides}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Cluster description: unknown keys {unknown}; known keys are {sorted(known - {'extra'})}.")
+            raise ValueError(f"Cluster description: unknown keys {unknown}; known keys are {sorted(known)}.")
         missing = [k for k in ("nodes", "devices_per_node", "device", "intra_node", "inter_node") if k not in data]
         if missing:
             raise ValueError(f"Cluster description: missing {missing} (or start from a preset: preset: {sorted(PRESETS)[0]}).")
@@ -161,9 +157,6 @@ class Cluster:
         except (TypeError, ValueError) as err:
             raise type(err)(f"{path}: {err}") from err
 
-    def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
-
 
 def _numbers(fields: Any) -> Any:
     """YAML 1.1 reads ``1.0e14`` (no sign in the exponent) as a string: accept it as a number."""
@@ -177,12 +170,6 @@ def _numbers(fields: Any) -> Any:
             except ValueError:
                 pass
         out[key] = value
-    return out
-
-
-def _as_dict(cluster: Cluster) -> dict[str, Any]:
-    out = dataclasses.asdict(cluster)
-    out.pop("extra", None)
     return out
 
 
@@ -217,3 +204,8 @@ def preset(name: str) -> Cluster:
     if name not in PRESETS:
         raise ValueError(f"Unknown cluster preset {name!r}; presets are {sorted(PRESETS)}.")
     return PRESETS[name]
+
+
+def load_cluster(name_or_path: str) -> Cluster:
+    """A preset by name, or a cluster YAML file (what ``--cluster`` and ``HybridStrategy(cluster=...)`` take)."""
+    return preset(name_or_path) if name_or_path in PRESETS else Cluster.from_yaml(name_or_path)

@@ -45,29 +45,45 @@ FEATURES = ("compute", "memory", "bandwidth", "latency", "tp_dispatch", "overhea
 # ----------------------------------------------------------------------------------------------
 
 
+CollectiveName = Literal["all_reduce", "all_gather", "all_to_all", "send"]
+
+
+def ring_cost(kind: CollectiveName, nbytes: float, ranks: int) -> tuple[float, int]:
+    """(bytes each rank moves, sequential message steps) of one ring collective; ``nbytes`` is the
+    rank's buffer (all-gather: its own piece; send: the message)."""
+    if nbytes <= 0 or (ranks <= 1 and kind != "send"):
+        return 0.0, 0
+    if kind == "all_reduce":
+        return 2 * (ranks - 1) / ranks * nbytes, 2 * (ranks - 1)
+    if kind == "all_gather":
+        return (ranks - 1) * nbytes, ranks - 1
+    if kind == "all_to_all":
+        return (ranks - 1) / ranks * nbytes, ranks - 1
+    return nbytes, 1
+
+
+def collective_time(kind: CollectiveName, nbytes: float, ranks: int, link: Link) -> float:
+    volume, steps = ring_cost(kind, nbytes, ranks)
+    return volume / link.bandwidth + steps * link.latency
+
+
 def all_reduce_time(nbytes: float, ranks: int, link: Link) -> float:
     """Ring all-reduce: 2 (n-1)/n of the data over the link, 2 (n-1) latencies."""
-    if ranks <= 1 or nbytes <= 0:
-        return 0.0
-    return 2 * (ranks - 1) / ranks * nbytes / link.bandwidth + 2 * (ranks - 1) * link.latency
+    return collective_time("all_reduce", nbytes, ranks, link)
 
 
 def all_gather_time(nbytes_per_rank: float, ranks: int, link: Link) -> float:
     """Ring all-gather (and reduce-scatter): (n-1) pieces of ``nbytes_per_rank`` in, n-1 latencies."""
-    if ranks <= 1 or nbytes_per_rank <= 0:
-        return 0.0
-    return (ranks - 1) * nbytes_per_rank / link.bandwidth + (ranks - 1) * link.latency
+    return collective_time("all_gather", nbytes_per_rank, ranks, link)
 
 
 def all_to_all_time(nbytes: float, ranks: int, link: Link) -> float:
     """Each rank sends (n-1)/n of ``nbytes`` to the others."""
-    if ranks <= 1 or nbytes <= 0:
-        return 0.0
-    return (ranks - 1) / ranks * nbytes / link.bandwidth + (ranks - 1) * link.latency
+    return collective_time("all_to_all", nbytes, ranks, link)
 
 
 def send_time(nbytes: float, link: Link) -> float:
-    return nbytes / link.bandwidth + link.latency if nbytes > 0 else 0.0
+    return collective_time("send", nbytes, 2, link)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,11 +237,6 @@ class Estimate:
     utilization: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "layout": self.layout.describe(), "kind": self.layout.kind, "step_ms": self.step_s * 1e3,
-            "samples_per_s": self.samples_per_s, "utilization": self.utilization, "memory_gb": self.memory_bytes / 1e9, "fits": self.fits,
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,17 +322,8 @@ class CostModel:
         # processes sharing cores also share the cores gloo moves bytes with
         comm = {"bandwidth": 0.0, "latency": 0.0}
 
-        def collective(kind: str, nbytes: float, ranks: int, link: Link, times: float = 1.0) -> float:
-            if ranks <= 1 or nbytes <= 0:
-                return 0.0
-            if kind == "all_reduce":
-                volume, steps = 2 * (ranks - 1) / ranks * nbytes, 2 * (ranks - 1)
-            elif kind == "all_gather":
-                volume, steps = (ranks - 1) * nbytes, ranks - 1
-            elif kind == "all_to_all":
-                volume, steps = (ranks - 1) / ranks * nbytes, ranks - 1
-            else:  # send
-                volume, steps = nbytes, 1
+        def collective(kind: CollectiveName, nbytes: float, ranks: int, link: Link, times: float = 1.0) -> float:
+            volume, steps = ring_cost(kind, nbytes, ranks)
             bandwidth_s = times * volume / link.bandwidth / c.compute_share
             latency_s = times * steps * link.latency / c.compute_share
             comm["bandwidth"] += bandwidth_s

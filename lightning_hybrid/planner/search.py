@@ -8,7 +8,6 @@ simulator compares the best of those with the best of everything.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 from lightning_hybrid.planner.cost import CompressionName, CostModel, Estimate, Layout, ModelSpec
@@ -74,11 +73,3 @@ def search(cost: CostModel, model: ModelSpec, layouts: Sequence[Layout] | None =
 
 def best(estimates: Sequence[Estimate]) -> Estimate | None:
     return min(estimates, key=lambda e: e.step_s, default=None)
-
-
-def throughput_ratio(hybrid: Estimate | None, single: Estimate | None) -> float:
-    if hybrid is None:
-        return math.nan
-    if single is None:
-        return math.inf
-    return single.step_s / hybrid.step_s
