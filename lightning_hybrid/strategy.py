@@ -58,6 +58,7 @@ from lightning_hybrid.parallel import clip, pipeline
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.parallel import embedding as emb
 from lightning_hybrid.parallel import embedding_optim as emb_optim
+from lightning_hybrid.parallel.embedding_comm import count_embedding_bytes
 from lightning_hybrid.parallel.pipeline import ScheduleName
 from lightning_hybrid.plan import AxisSize, ParallelPlan
 
@@ -329,6 +330,8 @@ class HybridStrategy(ParallelStrategy):
         self._tp_applied = False
         self._tp_bytes: Any = None
         self.tp_bytes_last_step = 0
+        self._embedding_bytes: Any = None
+        self.embedding_bytes_last_step = 0
         self._loss_parallel = False
 
     # ------------------------------------------------------------------------------------------
@@ -789,6 +792,10 @@ class HybridStrategy(ParallelStrategy):
             memory_per_rank_bytes=self._sharding_spec.memory_per_rank_bytes,
         )
         self._sharded_modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=self.root_device)
+        if fitting and self.world_size > 1:
+            if self._embedding_bytes is not None:
+                self._embedding_bytes.close()
+            self._embedding_bytes = count_embedding_bytes()
         self._fused_by_table = None
         self._shard_templates = None
         self._sharding_plan = plan
@@ -897,6 +904,11 @@ class HybridStrategy(ParallelStrategy):
             self.lightning_module.log("comm/dp_bytes_per_step", float(self.comm_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
         if self._tp_bytes is not None and self.lightning_module.trainer.global_step > 0:
             self.lightning_module.log("comm/tp_bytes_per_step", float(self.tp_bytes_last_step), on_step=True, on_epoch=False, batch_size=1)
+        if self._embedding_bytes is not None and self.lightning_module.trainer.global_step > 0:
+            # torchrec's all-to-alls (and row-wise reduce-scatters) of the previous step, forward and backward
+            self.lightning_module.log(
+                "comm/embedding_bytes_per_step", float(self.embedding_bytes_last_step), on_step=True, on_epoch=False, batch_size=1
+            )
         self._skip_backward = False
         epoch = self.lightning_module.trainer.current_epoch
         if self._validate_inputs and self._replica_pg is not None and self._replica_checked_epoch != epoch:
@@ -1076,6 +1088,8 @@ class HybridStrategy(ParallelStrategy):
             self._local_sgd.after_optimizer_step()
         if self._tp_bytes is not None:
             self.tp_bytes_last_step = self._tp_bytes.take_step()
+        if self._embedding_bytes is not None:
+            self.embedding_bytes_last_step = self._embedding_bytes.take_step()
         if self._compressor is not None:
             self._compressor.optimizer_steps += 1
             self.comm_bytes_last_step = self._compressor.counter.take_step()
@@ -1332,6 +1346,9 @@ class HybridStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._embedding_bytes is not None:
+            self._embedding_bytes.close()
+            self._embedding_bytes = None
         if self._async_saver is not None:
             self._async_saver.wait()
             self._async_saver = None

@@ -2,8 +2,10 @@
 
 Known timings: a module that sleeps a fixed time in its dense compute, in the embedding lookup and
 in the optimizer step; the logged breakdown must recover them. Also: byte counts equal the
-exchange's own count, a wandb offline run holds the expected keys and the plan, and the PNG charts
-are written (pipeline timeline and stage/shard balance under pp=2).
+exchange's own count, the embedding all-to-all bytes equal a hand count (two table-wise tables)
+and, through the strategy, an independent count of the collectives at torch's dispatcher; a wandb
+offline run holds the expected keys and the plan, and the PNG charts are written (pipeline
+timeline and stage/shard balance under pp=2).
 """
 
 from __future__ import annotations
@@ -21,6 +23,100 @@ import torch
 from lightning_hybrid.testing import run_distributed
 
 DENSE_S, EMBED_S, OPT_S = 0.06, 0.03, 0.02
+
+
+def _dispatcher_embedding_bytes() -> Any:
+    """A TorchDispatchMode that adds up the bytes this rank sends in the c10d all-to-all,
+    reduce-scatter and all-gather ops it sees (the embedding collectives; DDP and the loss checks
+    use all-reduce, which it leaves out): the reference for the strategy's counter, taken at a
+    different layer (torch's dispatcher, not torchrec's Python calls)."""
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def nbytes(t: Any) -> int:
+        return t.numel() * t.element_size()
+
+    class Count(TorchDispatchMode):
+        sent = 0
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = str(func)
+            size, rank = dist.get_world_size(), dist.get_rank()
+            if name.startswith("c10d.alltoall_base_"):
+                inp, in_splits = args[1], args[4]
+                kept = (in_splits[rank] * nbytes(inp) // max(inp.size(0), 1)) if in_splits else nbytes(inp) // size
+                self.sent += nbytes(inp) - kept
+            elif name.startswith("c10d._reduce_scatter_base_"):
+                self.sent += nbytes(args[1]) * (size - 1) // size
+            elif name.startswith("c10d.reduce_scatter_"):
+                chunks = args[1][0]
+                self.sent += sum(nbytes(t) for t in chunks) - nbytes(chunks[rank])
+            elif name.startswith(("c10d._allgather_base_", "c10d.allgather_into_tensor")):
+                self.sent += nbytes(args[1]) * (size - 1)
+            elif name.startswith("c10d.allgather_"):
+                self.sent += nbytes(args[1][0]) * (size - 1)
+            if name.startswith("c10d.") and "allreduce" not in name and "barrier" not in name:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    return Count()
+
+
+def _hand_counted_table_wise() -> dict[str, Any]:
+    """Two table-wise tables over two ranks, one forward and backward, without Lightning."""
+    warnings.simplefilter("ignore")
+    import torch.distributed as dist
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+    from torchrec.distributed.types import ShardingEnv
+
+    from lightning_hybrid.parallel import embedding as emb
+    from lightning_hybrid.parallel.embedding_comm import count_embedding_bytes
+
+    model = torch.nn.Module()
+    model.ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=10, feature_names=["f0"]),
+            EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=10, feature_names=["f1"]),
+        ]
+    )
+    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    infos = emb.table_infos({"ebc": model.ebc})
+    spec = emb.EmbeddingShardingSpec(sharding_types={"t0": "table_wise", "t1": "table_wise"})
+    constraints = emb.build_constraints(infos, spec, {"t0": "dense", "t1": "dense"})
+    plan = emb.plan_sharding_on_rank0(model, env=env, device=torch.device("cpu"), constraints=constraints, local_world_size=2)
+    emb.shard_embeddings_in_place(model, plan=plan, env=env, device=torch.device("cpu"))
+    counter = count_embedding_bytes()
+    kjt = KeyedJaggedTensor.from_lengths_sync(  # 3 samples per rank; f0 and f1 each have 2 + 1 + 3 ids
+        keys=["f0", "f1"], values=torch.arange(12) % 10, lengths=torch.tensor([2, 1, 3, 2, 1, 3], dtype=torch.int32)
+    )
+    pooled = model.ebc(kjt)
+    forward = counter.take_step()
+    sum(v.sum() for v in pooled.to_dict().values()).backward()
+    backward = counter.take_step()
+    counter.close()
+    import torchrec.distributed.comm_ops as comm_ops
+
+    return {
+        "forward": forward, "backward": backward, "owner": {t: s["ranks"][0] for t, s in emb.plan_summary(plan).items()},
+        "restored": comm_ops.dist is dist,
+    }
+
+
+def test_embedding_bytes_match_a_hand_count() -> None:
+    ranks = run_distributed(_hand_counted_table_wise, 2, timeout_s=120)
+    dims = {"t0": 4, "t1": 8}
+    for rank, result in enumerate(ranks):
+        mine = next(t for t, owner in result["owner"].items() if owner == rank)
+        other = next(t for t in dims if t != mine)
+        # input all-to-all: the split sizes (lengths, ids, batch size: 2 ranks x 3 int64, half of it
+        # leaves), then the other table's feature: 3 int32 lengths and 6 int64 ids
+        kjt = 3 * 8 + 3 * 4 + 6 * 8
+        # output all-to-all: the pooled rows of my table for the other rank's 3 samples (fp32)
+        assert result["forward"] == kjt + 3 * dims[mine] * 4
+        # backward: the gradient of my 3 samples' rows of the other rank's table goes back to it
+        assert result["backward"] == 3 * dims[other] * 4
+        assert result["restored"]  # closing the last counter puts torchrec's own dist back
 
 
 def _fit_sleepy(tmp: str) -> dict[str, Any]:
@@ -49,12 +145,25 @@ def _fit_sleepy(tmp: str) -> dict[str, Any]:
             return SlowSGD(self.parameters(), lr=0.1)
 
     recorded: list[dict[str, float]] = []
+    embedding_bytes: list[tuple[int, int]] = []  # (strategy's count, dispatcher count) per step
     import lightning.pytorch as pl
 
     class Keep(pl.Callback):
+        mode: Any = None
+
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step < 2:  # (the timing checks use the later steps)
+                self.mode = _dispatcher_embedding_bytes()
+                self.mode.__enter__()
+
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             monitor = next(c for c in trainer.callbacks if type(c).__name__ == "HybridMonitor")
             recorded.append(dict(monitor.last))
+            if self.mode is not None:
+                self.mode.__exit__(None, None, None)
+                assert any("alltoall" in op for op in self.mode.ops), self.mode.ops
+                embedding_bytes.append((trainer.strategy.embedding_bytes_last_step, self.mode.sent))
+                self.mode = None
 
     logger = WandbLogger(save_dir=tmp, offline=True, project="lh-test") if os.environ["RANK"] == "0" else False
     trainer = quiet_trainer(
@@ -64,7 +173,10 @@ def _fit_sleepy(tmp: str) -> dict[str, Any]:
     trainer.fit(Sleepy(), train_dataloaders=loader(8, n=96, ranks=2))
     if logger:
         logger.experiment.finish()
-    return {"steps": recorded[2:], "bytes": float(trainer.callback_metrics["comm/dp_bytes_per_step"]), "dp_bytes": trainer.strategy.comm_bytes_last_step}
+    return {
+        "steps": recorded[2:], "bytes": float(trainer.callback_metrics["comm/dp_bytes_per_step"]), "dp_bytes": trainer.strategy.comm_bytes_last_step,
+        "embedding_bytes": embedding_bytes,
+    }
 
 
 def test_breakdown_recovers_known_timings_and_wandb_gets_the_keys(tmp_path: Path) -> None:
@@ -81,11 +193,15 @@ def test_breakdown_recovers_known_timings_and_wandb_gets_the_keys(tmp_path: Path
             assert step["utilization/compute_fraction"] == pytest.approx(step["time/dense_compute_s"] / step["time/step_s"], rel=1e-6)
         mlp_floats = (5 + 8 * 3) * 16 + 16 + 16 + 1
         assert result["bytes"] == result["dp_bytes"] == 4.0 * mlp_floats  # the logged count is the exchange's own
+        # row-wise and table-wise tables: torchrec's all-to-alls and reduce-scatters, forward and backward
+        assert len(result["embedding_bytes"]) == 2
+        for counted, reference in result["embedding_bytes"]:
+            assert counted == reference > 0
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     data = Path(runs[0]).read_bytes()
     for key in ("throughput/samples_per_s", "time/embedding_s", "time/dense_compute_s", "utilization/compute_fraction",
-                "comm/dp_bytes_per_step", "embedding/params_rank0", "lightning_hybrid", "embedding_sharding", "row_wise"):
+                "comm/dp_bytes_per_step", "comm/embedding_bytes_per_step", "embedding/params_rank0", "lightning_hybrid", "embedding_sharding", "row_wise"):
         assert key.encode() in data, key
     assert (tmp_path / "charts" / "shard_balance.png").stat().st_size > 1000
 

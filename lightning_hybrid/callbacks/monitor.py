@@ -15,7 +15,11 @@ wandb workspace shows one panel section per group:
 - ``utilization/``: ``compute_fraction`` (dense compute / step: the share of the step this rank
   computes rather than waits or communicates) and ``mfu`` (model FLOPs, 6 x dense parameters per
   token or sample, per second over ``world x peak_flops``; only with a known peak);
-- ``comm/dp_bytes_per_step`` (logged by the strategy) and ``pipeline/*`` (logged by the pipeline);
+- ``comm/``: bytes this rank sent in the previous step, per axis, logged by the strategy:
+  ``dp_bytes_per_step`` (data-parallel exchange), ``tp_bytes_per_step`` (tensor-parallel layers),
+  ``embedding_bytes_per_step`` (torchrec's input / output all-to-alls and row-wise
+  reduce-scatters, forward and backward; `lightning_hybrid.parallel.embedding_comm`), and by the
+  pipeline ``pp_bytes_per_step``; ``pipeline/*`` (bubble, imbalance) also come from the pipeline;
 - ``embedding/params_rank{r}``: embedding parameters each rank holds (logged once, at the first step).
 
 At the start of fit the resolved plan (mesh, sharding plan, pipeline split, compression) goes to
