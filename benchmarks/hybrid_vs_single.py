@@ -10,16 +10,30 @@ the same global batch. Layouts, on P = 2 and 4 CPU processes (gloo, ranks pinned
   (tp = P), no data parallelism;
 - ``tp``: tensor parallel only (tp = P), the table replicated;
 - ``pp``: pipeline only (pp = P, 1F1B), the table replicated;
+- ``hybrid_ddp``: table sharded (model parallel) + data parallel dense, uncompressed (DDP);
 - ``hybrid``: table sharded + data parallel dense with PowerSGD rank 4;
 - ``hybrid_tp`` (P = 4): table sharded + dp 2 x tp 2, PowerSGD on dp;
-- ``hybrid_pp`` (P = 4): table sharded + pp 2 x dp 2 (1F1B), PowerSGD on dp.
+- ``hybrid_pp``: table sharded + pp 2 (1F1B) x dp P/2, PowerSGD on dp (P = 2: no dp, so no
+  compression).
 
 Reported per layout: global samples/s (median over measured steps), utilization (the monitor's
-compute fraction, mean over ranks), dp bytes per step, and the ratios of the best hybrid to the
-best single-mode layout.
+compute fraction, mean over ranks), bytes sent per step by an average rank on each axis (dp
+exchange, tp layers, pp send/recv, embedding all-to-alls; the strategy's and pipeline's own
+counters, median over measured steps) and their sum, and the ratios of the best hybrid to the best
+single-mode layout.
 
-    python benchmarks/hybrid_vs_single.py            # ~10 min; benchmarks/results/hybrid_vs_single.json
-    python benchmarks/hybrid_vs_single.py --smoke    # tiny; what the test suite runs
+GPU variant (``--accelerator gpu``): a larger model (500k items, d=512, 8 heads, 200 positions,
+bf16-mixed, NCCL), P = 2, 4, 8 up to the GPUs present, and the model FLOPs utilization against
+the detected peak (FLOPs counted per token: 6 x the block weights, the attention scores and
+weighted sums, the sampled-softmax logits). With one GPU only the single-device run (absolute
+samples/s and MFU) is possible: NCCL needs one GPU per rank. Without torchrec (``--tables torch``,
+chosen automatically when it cannot be imported) the tables are plain ``nn.Embedding`` modules,
+replicated: the dense side only, so the layouts that differ only by table sharding (``mp``,
+``hybrid_ddp``, ``hybrid``) are left out.
+
+    python benchmarks/hybrid_vs_single.py                       # ~13 min on 2 cores; benchmarks/results/hybrid_vs_single.json
+    python benchmarks/hybrid_vs_single.py --smoke               # tiny; what the test suite runs
+    python benchmarks/hybrid_vs_single.py --accelerator gpu     # benchmarks/results/hybrid_vs_single_gpu.json
 """
 
 from __future__ import annotations
@@ -37,22 +51,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
 
+GPU_FULL = {
+    "items": 500_000, "d_model": 512, "num_blocks": 4, "num_heads": 8, "max_len": 200, "global_batch": 128, "steps": 20, "warmup": 5,
+    "processes": [2, 4, 8], "num_negatives": 1024,
+}
+# layouts that differ from another one only by sharding the table: pointless with nn.Embedding tables
+NEEDS_TORCHREC = ("mp", "hybrid_ddp", "hybrid")
+
 POWERSGD = {"method": "powersgd", "rank": 4, "start_iter": 2}
 LAYOUTS: dict[str, dict[str, Any]] = {
     "dp": {"shard_embeddings": False},
     "mp": {"tensor_parallel": "P", "data_parallel": 1, "embedding_sharding": {"item_id": "row_wise"}},
     "tp": {"tensor_parallel": "P", "data_parallel": 1, "shard_embeddings": False},
     "pp": {"pipeline_parallel": "P", "data_parallel": 1, "shard_embeddings": False},
+    "hybrid_ddp": {"embedding_sharding": {"item_id": "row_wise"}},
     "hybrid": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
     "hybrid_tp": {"tensor_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
     "hybrid_pp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
 }
 SINGLE = ("dp", "mp", "tp", "pp")
+DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
+AXES = ("dp", "tp", "pp", "embedding")
 FULL = {"items": 100_000, "d_model": 64, "num_blocks": 4, "num_heads": 4, "max_len": 50, "global_batch": 64, "steps": 8, "warmup": 3, "processes": [2, 4]}
 SMOKE = {"items": 200, "d_model": 16, "num_blocks": 4, "num_heads": 4, "max_len": 8, "global_batch": 16, "steps": 2, "warmup": 1, "processes": [2]}
 
 
-def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int) -> dict[str, Any]:
+def flops_per_token(cfg: dict[str, Any]) -> float:
+    """Training FLOPs per token of the benchmark's SASRec (forward + backward = 3 x forward):
+    per block the projections and MLP (2 x 6 d^2 multiply-adds with mlp_ratio 1) and the attention
+    scores and weighted sum over all L positions (4 L d); then the sampled-softmax logits
+    (d x (1 + negatives)). Lookups and layer norms are left out."""
+    d, length, negatives = cfg["d_model"], cfg["max_len"], cfg.get("num_negatives", 256)
+    per_block = 2 * 6 * d * d + 4 * length * d
+    return 3.0 * (cfg["num_blocks"] * per_block + 2 * d * (1 + negatives))
+
+
+def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int, accelerator: str = "cpu", tables: str = "torchrec") -> dict[str, Any]:
     warnings.simplefilter("ignore")
     import logging
 
@@ -68,9 +102,13 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int) -> dict
     from lightning_hybrid.models.sasrec import SASRec
 
     rank = int(os.environ["RANK"])
-    pin_to_core(rank)
-    torch.set_num_threads(1)
+    if accelerator == "cpu":
+        pin_to_core(rank)
+        torch.set_num_threads(1)
     kwargs = {k: (processes if v == "P" else v) for k, v in layout.items()}
+    if tables == "torch":  # nn.Embedding tables: nothing for torchrec to shard
+        kwargs.pop("embedding_sharding", None)
+        kwargs["shard_embeddings"] = False
     if "gradient_compression" in kwargs:
         kwargs["gradient_compression"] = GradientCompression(**kwargs["gradient_compression"])
     tp, pp = int(kwargs.get("tensor_parallel", 1)), int(kwargs.get("pipeline_parallel", 1))
@@ -82,24 +120,31 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int) -> dict
         synthetic_min_len=cfg["max_len"] + 3, synthetic_max_len=cfg["max_len"] + 3, drop_last=True,
     )
     records: list[dict[str, float]] = []
-    bytes_sent: list[float] = []
+    bytes_sent: dict[str, list[float]] = {axis: [] for axis in AXES}
 
     class Keep(pl.Callback):
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             monitor = next(c for c in trainer.callbacks if isinstance(c, HybridMonitor))
             records.append(dict(monitor.last))
-            bytes_sent.append(float(getattr(trainer.strategy, "comm_bytes_last_step", 0)))
+            strategy = trainer.strategy
+            runner = getattr(strategy, "_pipeline", None)
+            bytes_sent["dp"].append(float(getattr(strategy, "comm_bytes_last_step", 0)))
+            bytes_sent["tp"].append(float(getattr(strategy, "tp_bytes_last_step", 0)))
+            bytes_sent["pp"].append(float(runner.last_step.get("sent_bytes", 0.0)) if runner is not None and runner.last_step else 0.0)
+            bytes_sent["embedding"].append(float(getattr(strategy, "embedding_bytes_last_step", 0)))
 
     torch.manual_seed(0)
     model = SASRec(
         num_items=cfg["items"], max_len=cfg["max_len"], d_model=cfg["d_model"], num_blocks=cfg["num_blocks"],
-        num_heads=cfg["num_heads"], dropout=0.0, loss="sampled", num_negatives=256,
+        num_heads=cfg["num_heads"], dropout=0.0, loss="sampled", num_negatives=cfg.get("num_negatives", 256), tables=tables,
     )
     if pp > 1:
         kwargs.setdefault("pipeline_microbatches", max(2, pp))  # 1F1B needs at least one microbatch per stage
     trainer = pl.Trainer(
-        strategy=HybridStrategy(**kwargs), accelerator="cpu", devices=processes, max_epochs=1, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Keep()],
+        strategy=HybridStrategy(**kwargs), accelerator=accelerator, devices=processes, max_epochs=1, limit_val_batches=0,
+        precision="bf16-mixed" if accelerator == "gpu" else "32-true", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Keep(), HybridMonitor(flops_per_token=flops_per_token(cfg))],  # MFU where the peak is known (GPUs)
     )
     trainer.fit(model, datamodule=data)
     measured = records[cfg["warmup"] :] or records
@@ -107,7 +152,8 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int) -> dict
         "samples_per_s": statistics.median(r["throughput/samples_per_s"] for r in measured),
         "step_ms": statistics.median(r["time/step_s"] for r in measured) * 1e3,
         "compute_fraction": statistics.median(r["utilization/compute_fraction"] for r in measured),
-        "dp_bytes_per_step": statistics.median(bytes_sent[cfg["warmup"] :] or bytes_sent),
+        "mfu": statistics.median(r["utilization/mfu"] for r in measured) if "utilization/mfu" in measured[0] else None,
+        "bytes_per_step": {axis: statistics.median(v[cfg["warmup"] :] or v) for axis, v in bytes_sent.items()},
         "layout": {"dp": dp, "tp": tp, "pp": pp},
     }
 
@@ -115,36 +161,73 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hybrid_vs_single.json"))
-    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset (at least one single-mode and one hybrid)")
-    parser.add_argument("--processes", default=None, help="comma-separated process counts (default: 2,4; smoke: 2)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results (gpu: ..._gpu.json by default)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset; ratios where a single-mode and a hybrid layout ran")
+    parser.add_argument("--processes", default=None, help="comma-separated process counts (default: 2,4; smoke: 2; gpu: 2,4,8 up to the GPUs)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--tables", choices=("auto", "torchrec", "torch"), default="auto",
+                        help="torchrec EmbeddingCollection (sharded) or plain nn.Embedding (dense side only); auto: torchrec when importable")
     args = parser.parse_args()
     chosen = [n for n in args.layouts.split(",") if n]
-    if set(chosen) - set(LAYOUTS) or not set(chosen) & set(SINGLE) or not any(n.startswith("hybrid") for n in chosen):
-        parser.error(f"--layouts {chosen}: choose from {list(LAYOUTS)}, with at least one of {SINGLE} and one hybrid")
-    cfg = SMOKE if args.smoke else FULL
+    if not chosen or set(chosen) - set(LAYOUTS):
+        parser.error(f"--layouts {chosen}: choose from {list(LAYOUTS)}")
+    tables = args.tables
+    if tables == "auto":
+        try:
+            import torchrec  # noqa: F401
+            tables = "torchrec"
+        except ImportError:
+            tables = "torch"
+            print("torchrec cannot be imported: nn.Embedding tables, the dense side only", flush=True)
+    if tables == "torch":
+        chosen = [n for n in chosen if n not in NEEDS_TORCHREC]
+    cfg = SMOKE if args.smoke else (GPU_FULL if args.accelerator == "gpu" else FULL)
+    if args.processes:
+        process_counts = [int(p) for p in args.processes.split(",")]
+    elif args.accelerator == "gpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            sys.exit("--accelerator gpu: no CUDA device here; run on a GPU machine, or use the CPU variant")
+        process_counts = [p for p in cfg["processes"] if p <= gpus] or [1]
+    else:
+        process_counts = cfg["processes"]
     results: dict[str, Any] = {}
-    lines = ["| P | layout | dp x tp x pp | samples/s | step (ms) | utilization | dp MB / step |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| P | layout | dp x tp x pp | samples/s | step (ms) | utilization | MFU | MB sent / step: dp | tp | pp | emb | total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     summary = {}
-    process_counts = [int(p) for p in args.processes.split(",")] if args.processes else cfg["processes"]
     for processes in process_counts:
         for name, layout in LAYOUTS.items():
             if name not in chosen:
                 continue
-            if name in ("hybrid_tp", "hybrid_pp") and processes < 4:
+            if name == "hybrid_tp" and processes < 4:
                 continue
-            ranks = run_distributed(_worker, processes, cfg, layout, processes, init_process_group=False, timeout_s=1800)
+            if processes == 1 and name != "dp":  # one device: no layout to compare, only the absolute figures
+                continue
+            ranks = run_distributed(
+                _worker, processes, cfg, layout, processes, args.accelerator, tables, init_process_group=False, timeout_s=1800
+            )
             row = dict(ranks[0])
             row["samples_per_s"] = min(r["samples_per_s"] for r in ranks)  # the job is as fast as its slowest rank
             row["compute_fraction"] = statistics.mean(r["compute_fraction"] for r in ranks)
+            # bytes an average rank sends (ranks of a pipeline or a row-wise table differ)
+            row["bytes_per_step"] = {axis: statistics.mean(r["bytes_per_step"][axis] for r in ranks) for axis in AXES}
+            row["bytes_per_step"]["total"] = sum(row["bytes_per_step"][axis] for axis in AXES)
+            mb = " | ".join(f"{row['bytes_per_step'][axis] / 1e6:.2f}" for axis in (*AXES, "total"))
+            mfu = f"{row['mfu']:.3f}" if row.get("mfu") is not None else "-"
             results[f"P{processes}/{name}"] = row
             lay = row["layout"]
             lines.append(
                 f"| {processes} | {name} | {lay['dp']} x {lay['tp']} x {lay['pp']} | {row['samples_per_s']:.1f} | {row['step_ms']:.0f} | "
-                f"{row['compute_fraction']:.2f} | {row['dp_bytes_per_step'] / 1e6:.2f} |"
+                f"{row['compute_fraction']:.2f} | {mfu} | {mb} |"
             )
             print(name, processes, row, flush=True)
         here = {k.split("/")[1]: v for k, v in results.items() if k.startswith(f"P{processes}/")}
+        if not any(n in here for n in SINGLE) or not any(n.startswith("hybrid") for n in here):
+            continue  # nothing to compare at this process count
         best_single = max((n for n in SINGLE if n in here), key=lambda n: here[n]["samples_per_s"])
         best_hybrid = max((n for n in here if n.startswith("hybrid")), key=lambda n: here[n]["samples_per_s"])
         summary[f"P{processes}"] = {
@@ -152,9 +235,18 @@ def main() -> None:
             "throughput_ratio": here[best_hybrid]["samples_per_s"] / here[best_single]["samples_per_s"],
             "utilization_ratio": here[best_hybrid]["compute_fraction"] / max(here[best_single]["compute_fraction"], 1e-9),
         }
-    out = Path(args.out)
+    out = Path(args.out if args.accelerator == "cpu" or args.out != DEFAULT_OUT else DEFAULT_OUT.replace(".json", "_gpu.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "hybrid_vs_single", "config": cfg, "results": results, "summary": summary}, indent=2))
+    device = "cpu"
+    if args.accelerator == "gpu":
+        import torch
+
+        device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    out.write_text(json.dumps(
+        {"benchmark": "hybrid_vs_single", "accelerator": args.accelerator, "device": device, "tables": tables, "config": cfg,
+         "results": results, "summary": summary},
+        indent=2,
+    ))
     print("\n".join(lines))
     for key, s in summary.items():
         print(

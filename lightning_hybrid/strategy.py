@@ -56,11 +56,21 @@ from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_l
 from lightning_hybrid.mesh import build_device_mesh
 from lightning_hybrid.parallel import clip, pipeline
 from lightning_hybrid.parallel import data as data_parallel
-from lightning_hybrid.parallel import embedding as emb
-from lightning_hybrid.parallel import embedding_optim as emb_optim
 from lightning_hybrid.parallel.embedding_comm import count_embedding_bytes
 from lightning_hybrid.parallel.pipeline import ScheduleName
 from lightning_hybrid.plan import AxisSize, ParallelPlan
+
+try:
+    from lightning_hybrid.parallel import embedding as emb
+    from lightning_hybrid.parallel import embedding_optim as emb_optim
+
+    TORCHREC_IMPORT_ERROR: ImportError | None = None
+except ImportError as _error:
+    # torchrec / fbgemm not installed (a GPU box with only torch and Lightning): the dense side
+    # (data, tensor and pipeline parallelism, compression) still works, and a model cannot hold
+    # torchrec tables without torchrec, so only the embedding options are lost.
+    emb = emb_optim = None  # type: ignore[assignment]
+    TORCHREC_IMPORT_ERROR = _error
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +211,16 @@ class HybridStrategy(ParallelStrategy):
     ) -> None:
         super().__init__()
         # Validate what needs no processes now, so a typo fails before anything is launched.
-        emb.validate_sharding_types(embedding_sharding or {})
+        if emb is None and (embedding_sharding or embedding_kernels or embedding_constraints or embedding_memory_per_rank):
+            raise ImportError(
+                "HybridStrategy(embedding_sharding / embedding_kernels / embedding_constraints / embedding_memory_per_rank=...) "
+                f"needs torchrec, which cannot be imported here ({TORCHREC_IMPORT_ERROR}). Install torchrec and fbgemm-gpu "
+                "(fbgemm-gpu-cpu on CPU), or drop the embedding options."
+            )
+        if emb is not None:
+            emb.validate_sharding_types(embedding_sharding or {})
         for table, kernel in (embedding_kernels or {}).items():
-            if kernel not in (emb_optim.FUSED, emb_optim.DENSE):
+            if kernel not in ("fused", "dense"):
                 raise ValueError(f"HybridStrategy(embedding_kernels={{{table!r}: {kernel!r}}}): use 'fused' or 'dense'.")
         resolve_launcher(launcher)  # raises on unknown names
         if data_parallel != "auto" and (isinstance(data_parallel, bool) or not isinstance(data_parallel, int) or data_parallel < 1):
@@ -292,7 +309,7 @@ class HybridStrategy(ParallelStrategy):
         self._stashed_grads: dict[torch.nn.Parameter, Tensor] = {}
         self._manual_dense_sync: list[torch.nn.Parameter] = []
         self._shard_embeddings = shard_embeddings
-        self._sharding_spec = emb.EmbeddingShardingSpec(
+        self._sharding_spec = None if emb is None else emb.EmbeddingShardingSpec(
             sharding_types=dict(embedding_sharding or {}),
             compute_kernels=dict(embedding_kernels or {}),
             constraints=dict(embedding_constraints or {}),
@@ -492,7 +509,7 @@ class HybridStrategy(ParallelStrategy):
         self._pipeline_options.update(schedule=layout.schedule, microbatches=layout.microbatches if layout.pp > 1 else None,
                                       virtual_stages=layout.virtual_stages)
         self._shard_embeddings = layout.table != "replicated"
-        if layout.table == "row_wise" and hasattr(module, "item_tables"):  # the reference recommender's table
+        if layout.table == "row_wise" and self._sharding_spec is not None and hasattr(module, "item_tables"):  # the reference recommender's table
             self._sharding_spec.sharding_types.setdefault("item_id", "row_wise")
         kwargs = layout.strategy_kwargs().get("gradient_compression")
         self._compression = GradientCompression(**kwargs) if kwargs else None
@@ -533,7 +550,7 @@ class HybridStrategy(ParallelStrategy):
             self._apply_tensor_parallel(trainer)
 
         # 2. embedding sharding
-        if self._shard_embeddings and not self._sharded_modules:
+        if self._shard_embeddings and emb is not None and not self._sharded_modules:
             self._shard_embedding_tables(trainer, fitting=fitting)
 
         # 2b. pipeline stages: this rank keeps only its own blocks from here on

@@ -23,6 +23,7 @@ import torch
 from lightning_hybrid.testing import run_distributed
 
 DENSE_S, EMBED_S, OPT_S = 0.06, 0.03, 0.02
+PEAK = 1e9  # a made-up per-device peak FLOP/s, so MFU is logged on CPU
 
 
 def _dispatcher_embedding_bytes() -> Any:
@@ -165,10 +166,13 @@ def _fit_sleepy(tmp: str) -> dict[str, Any]:
                 embedding_bytes.append((trainer.strategy.embedding_bytes_last_step, self.mode.sent))
                 self.mode = None
 
+    from lightning_hybrid.callbacks import HybridMonitor
+
     logger = WandbLogger(save_dir=tmp, offline=True, project="lh-test") if os.environ["RANK"] == "0" else False
     trainer = quiet_trainer(
         strategy=HybridStrategy(embedding_sharding={"t_user": "row_wise", "t_item": "row_wise", "t_category": "table_wise"}),
-        devices=2, max_steps=6, callbacks=[Keep()], logger=logger, default_root_dir=tmp, log_every_n_steps=1,
+        devices=2, max_steps=6, callbacks=[Keep(), HybridMonitor(peak_flops=PEAK)], logger=logger, default_root_dir=tmp,
+        log_every_n_steps=1,
     )
     trainer.fit(Sleepy(), train_dataloaders=loader(8, n=96, ranks=2))
     if logger:
@@ -192,6 +196,10 @@ def test_breakdown_recovers_known_timings_and_wandb_gets_the_keys(tmp_path: Path
             assert step["throughput/samples_per_s"] == pytest.approx(2 * 8 / step["time/step_s"], rel=1e-6)
             assert step["utilization/compute_fraction"] == pytest.approx(step["time/dense_compute_s"] / step["time/step_s"], rel=1e-6)
         mlp_floats = (5 + 8 * 3) * 16 + 16 + 16 + 1
+        for step in result["steps"]:
+            # 6 FLOPs per dense parameter and sample (the sharded tables are lookups), both replicas' samples
+            # over the step time, against 2 devices x the given peak
+            assert step["utilization/mfu"] == pytest.approx(6 * mlp_floats * 8 * 2 / step["time/step_s"] / (2 * PEAK), rel=1e-6)
         assert result["bytes"] == result["dp_bytes"] == 4.0 * mlp_floats  # the logged count is the exchange's own
         # row-wise and table-wise tables: torchrec's all-to-alls and reduce-scatters, forward and backward
         assert len(result["embedding_bytes"]) == 2
@@ -228,3 +236,19 @@ def test_pipeline_charts_are_written(tmp_path: Path) -> None:
     for result in ranks:
         assert result["pp_bytes"] == 4 * (2 * 8 * 16 * 4)
     assert (tmp_path / "charts" / "pipeline_timeline.png").stat().st_size > 1000
+
+
+def test_table_parameters_are_left_out_of_model_flops() -> None:
+    from torch import nn
+
+    from lightning_hybrid.callbacks.monitor import _table_parameter_names
+
+    class Strategy:
+        _sharded_modules = {"sharded": None}
+
+    model = nn.Module()
+    model.item = nn.Embedding(10, 4)
+    model.bag = nn.EmbeddingBag(10, 4)
+    model.sharded = nn.Linear(2, 2)  # stands in for a sharded torchrec module
+    model.mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert _table_parameter_names(Strategy(), model) == {"item.weight", "bag.weight", "sharded.weight", "sharded.bias"}

@@ -126,3 +126,33 @@ def test_bad_sequences_are_clear_errors() -> None:
     empty = {"input": torch.zeros(2, 8, dtype=torch.long), "target": torch.zeros(2, 8, dtype=torch.long)}
     with pytest.raises(ValueError, match=r"training batch 0 has no target positions"):
         model.training_step(empty, 0)
+
+
+def test_plain_torch_tables_compute_what_the_torchrec_tables_compute() -> None:
+    """SASRec(tables='torch') (nn.Embedding, for runs without torchrec) against the torchrec
+    EmbeddingCollection with the same weights: same loss, same gradients, with a side feature."""
+    models = {}
+    for tables in ("torchrec", "torch"):
+        torch.manual_seed(0)
+        model = SASRec(max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, side_features=["user"], tables=tables)
+        model._build_item_layers(30, {"user": 6})
+        models[tables] = model
+    reference, plain = models["torchrec"], models["torch"]
+    state = {k.replace("item_tables.embeddings.", "item_tables."): v for k, v in reference.state_dict().items()}
+    plain.load_state_dict(state)
+    assert isinstance(plain.item_tables, torch.nn.ModuleDict) and set(plain.item_tables) == {"item_id", "user_side"}
+    batch = {"input": torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 9]]), "user": torch.tensor([2, 4])}
+    batch["target"] = torch.roll(batch["input"], -1, 1)
+    losses = {name: m.training_step(dict(batch), 0) for name, m in models.items()}
+    assert_close(losses["torch"], losses["torchrec"])
+    for loss in losses.values():
+        loss.backward()
+    assert_close(plain.blocks[0].q.weight.grad, reference.blocks[0].q.weight.grad)
+    assert_close(plain.item_tables["item_id"].weight.grad, reference.item_tables.embeddings["item_id"].weight.grad)
+
+
+def test_bad_table_backend_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="tables='torch'"):
+        SASRec(num_items=5, tables="torch", text_tower=True)
+    with pytest.raises(ValueError, match="use 'torchrec' or 'torch'"):
+        SASRec(num_items=5, tables="faiss")  # type: ignore[arg-type]

@@ -14,7 +14,8 @@ wandb workspace shows one panel section per group:
   the step: clipping and the step), and ``dense_compute_s``, the rest;
 - ``utilization/``: ``compute_fraction`` (dense compute / step: the share of the step this rank
   computes rather than waits or communicates) and ``mfu`` (model FLOPs, 6 x dense parameters per
-  token or sample, per second over ``world x peak_flops``; only with a known peak);
+  token or sample, embedding tables left out, per second over ``world x peak_flops``; only with a
+  known peak; give ``flops_per_token`` where that convention is off, e.g. a sampled softmax);
 - ``comm/``: bytes this rank sent in the previous step, per axis, logged by the strategy:
   ``dp_bytes_per_step`` (data-parallel exchange), ``tp_bytes_per_step`` (tensor-parallel layers),
   ``embedding_bytes_per_step`` (torchrec's input / output all-to-alls and row-wise
@@ -60,7 +61,8 @@ class HybridMonitor(pl.Callback):
         token_key: batch entry whose non-zero elements count as tokens (``None``: no tokens/s).
         peak_flops: per-device peak FLOP/s for MFU (default: detected on known GPUs, else no MFU).
         flops_per_token: model FLOPs per token (or per sample without tokens); default 6 x the
-            dense parameter count (forward + backward of a dense network).
+            dense parameter count (forward + backward of a dense network; embedding tables, sharded
+            or not, are lookups and left out).
         charts_dir: where the PNG charts go (default: ``<trainer.default_root_dir>/charts``).
         prog_bar: show samples/s and compute fraction in the progress bar.
     """
@@ -97,7 +99,8 @@ class HybridMonitor(pl.Callback):
         if self.peak_flops is None:
             self.peak_flops = detect_peak_flops(strategy.root_device)
         if self.flops_per_token is None:
-            dense = sum(_global_numel(p) for n, p in pl_module.named_parameters() if p.requires_grad and not _is_table(strategy, n))
+            tables = _table_parameter_names(strategy, pl_module)
+            dense = sum(_global_numel(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in tables)
             if strategy.world_size > 1 and getattr(strategy, "_pipeline", None) is not None:
                 total = torch.tensor(float(dense), dtype=torch.float64, device=strategy.root_device)
                 dist.all_reduce(total, group=strategy.device_mesh["pp"].get_group())  # stages hold different layers
@@ -276,8 +279,17 @@ def _global_numel(p: torch.Tensor) -> int:
     return int(p.numel())  # a DTensor's numel is its global size
 
 
-def _is_table(strategy: Any, name: str) -> bool:
-    return any(name == f or name.startswith(f"{f}.") for f in getattr(strategy, "_sharded_modules", {}))
+def _table_parameter_names(strategy: Any, module: torch.nn.Module) -> set[str]:
+    """Parameters of embedding tables (lookups: no FLOPs to speak of), sharded or not: under the
+    strategy's sharded modules, in ``nn.Embedding`` / ``nn.EmbeddingBag``, or in a torchrec
+    embedding collection (matched by class name, so torchrec need not be installed)."""
+    prefixes = set(getattr(strategy, "_sharded_modules", {}))
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Embedding | torch.nn.EmbeddingBag) or type(sub).__name__.endswith(
+            ("EmbeddingCollection", "EmbeddingBagCollection")
+        ):
+            prefixes.add(name)
+    return {n for n, _ in module.named_parameters() if any(n == f or n.startswith(f"{f}.") for f in prefixes)}
 
 
 def _tokens(batch: Any, key: str | None) -> int | None:

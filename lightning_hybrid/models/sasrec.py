@@ -24,10 +24,18 @@ from lightning_hybrid.metrics import RankingMetrics, target_ranks
 from lightning_hybrid.optim import GroupedOptimizer
 from lightning_hybrid.parallel.pipeline import pipeline_runner
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from torchrec import EmbeddingCollection, EmbeddingConfig
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    _TORCHREC_ERROR: ImportError | None = None
+except ImportError as _error:  # the transformer blocks and tables="torch" need no torchrec
+    EmbeddingCollection = EmbeddingConfig = KeyedJaggedTensor = None  # type: ignore[assignment,misc]
+    _TORCHREC_ERROR = _error
+
+# feature -> table name (the same names in both table back-ends)
+_TABLE_OF = {"item": "item_id", "category": "category_side", "time": "time_side", "user": "user_side"}
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -137,6 +145,9 @@ class SASRec(pl.LightningModule):
             the full-softmax loss runs under torch's ``loss_parallel``; needs ``loss="full"``).
         sequence_parallel: shard the residual stream between the transformer blocks along the
             sequence under tensor parallelism (``max_len`` divisible by tp).
+        tables: ``"torchrec"`` (an `EmbeddingCollection` that HybridStrategy shards) or
+            ``"torch"`` (plain ``nn.Embedding`` tables, replicated like any dense layer: for
+            dense-only runs where torchrec/fbgemm are not installed; no text tower).
     """
 
     def __init__(
@@ -164,8 +175,18 @@ class SASRec(pl.LightningModule):
         top_k: int = 10,
         tensor_parallel_output: Literal["replicated", "gathered", "vocab_parallel"] = "replicated",
         sequence_parallel: bool = False,
+        tables: Literal["torchrec", "torch"] = "torchrec",
     ) -> None:
         super().__init__()
+        if tables not in ("torchrec", "torch"):
+            raise ValueError(f"SASRec(tables={tables!r}): use 'torchrec' or 'torch'.")
+        if tables == "torchrec" and _TORCHREC_ERROR is not None:
+            raise ImportError(
+                f"SASRec(tables='torchrec') needs torchrec, which cannot be imported here ({_TORCHREC_ERROR}). Install "
+                "torchrec and fbgemm-gpu (fbgemm-gpu-cpu on CPU), or use SASRec(tables='torch') for plain nn.Embedding tables."
+            )
+        if tables == "torch" and text_tower:
+            raise ValueError("SASRec(tables='torch', text_tower=True): the text tower needs torchrec tables; use tables='torchrec'.")
         if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
             raise ValueError(f"SASRec: num_items={num_items}, max_len={max_len}, d_model={d_model}, num_blocks={num_blocks} must be >= 1.")
         if loss not in ("full", "sampled"):
@@ -200,12 +221,19 @@ class SASRec(pl.LightningModule):
     def _build_item_layers(self, num_items: int, side_sizes: dict[str, int] | None = None) -> None:
         d_model = self.hparams.d_model
         self.num_items = num_items
-        tables = [EmbeddingConfig(name="item_id", embedding_dim=d_model, num_embeddings=num_items + 1, feature_names=["item"])]
+        sizes = {"item": num_items + 1}
         for feature in ("category", "time", "user"):  # one EmbeddingCollection: one all-to-all for all of them
             if feature in self.side_features:
-                size = (side_sizes or {})[feature]
-                tables.append(EmbeddingConfig(name=f"{feature}_side", embedding_dim=d_model, num_embeddings=size, feature_names=[feature]))
-        self.item_tables = EmbeddingCollection(tables=tables)
+                sizes[feature] = (side_sizes or {})[feature]
+        if self.hparams.get("tables", "torchrec") == "torch":
+            self.item_tables: nn.Module = nn.ModuleDict({_TABLE_OF[f]: nn.Embedding(n, d_model) for f, n in sizes.items()})
+            for table in self.item_tables.values():  # torchrec's default initialisation
+                bound = (1.0 / table.num_embeddings) ** 0.5
+                nn.init.uniform_(table.weight, -bound, bound)
+        else:
+            self.item_tables = EmbeddingCollection(
+                tables=[EmbeddingConfig(name=_TABLE_OF[f], embedding_dim=d_model, num_embeddings=n, feature_names=[f]) for f, n in sizes.items()]
+            )
         # Scores for every item (row 0, padding, is never a candidate). Kept dense and separate from
         # the sharded input table so full-softmax scoring needs no gather of the table.
         self.output = nn.Linear(d_model, num_items + 1, bias=False)
@@ -315,14 +343,18 @@ class SASRec(pl.LightningModule):
             keys.append("user")
             values.append((user + 1).clamp(min=0).reshape(-1))
             lengths.append(torch.ones(batch, dtype=torch.int32, device=items.device))
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
-        looked_up = self.item_tables(kjt)
-        emb = looked_up["item"].values().view(batch, length, -1)
+        if isinstance(self.item_tables, nn.ModuleDict):
+            looked_up = {key: self.item_tables[_TABLE_OF[key]](ids) for key, ids in zip(keys, values, strict=True)}
+        else:
+            kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+            jagged = self.item_tables(kjt)
+            looked_up = {key: jagged[key].values() for key in keys}
+        emb = looked_up["item"].view(batch, length, -1)
         for feature in ("category", "time"):
             if feature in self.side_features:
-                emb = emb + looked_up[feature].values().view(batch, length, -1)
+                emb = emb + looked_up[feature].view(batch, length, -1)
         if "user" in self.side_features:
-            emb = emb + looked_up["user"].values().view(batch, 1, -1)
+            emb = emb + looked_up["user"].view(batch, 1, -1)
         if self.hparams.text_tower:
             emb = emb + self._encode_text(items)
         return emb

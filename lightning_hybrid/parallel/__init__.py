@@ -2,5 +2,11 @@
 
 - `embedding`: find and shard torchrec embedding modules in place.
 - `embedding_optim`: give sharded tables the optimizer the user configured.
+- `embedding_comm`: count the bytes of torchrec's embedding collectives.
+- `replica_lookup`: one embedding lookup per data-parallel replica under tensor parallelism.
 - `data`: data parallelism for the dense rest.
+- `tensor`: tensor (and sequence) parallelism by module-name plans.
+- `pipeline`: pipeline stages and schedules.
+- `clip`: gradient-norm clipping across shards.
+- `amp`: fp16 loss scaling when gradients are sharded.
 """
