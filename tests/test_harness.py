@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -27,6 +28,10 @@ def _hang() -> None:
     time.sleep(60)
 
 
+def _probe_env() -> tuple[str | None, str]:
+    return os.environ.get("LH_HARNESS_PROBE"), os.environ["RANK"]
+
+
 def test_results_come_back_in_rank_order() -> None:
     assert run_distributed(_all_reduce_rank, 2) == [1.0, 1.0]
 
@@ -41,3 +46,17 @@ def test_a_failing_rank_fails_the_call_with_its_traceback() -> None:
 def test_a_hanging_rank_times_out() -> None:
     with pytest.raises(DistributedTestError, match=r"did not finish within 3 s"):
         run_distributed(_hang, 2, timeout_s=3, init_process_group=False)
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_ranks_see_the_callers_environment_of_now(start_method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fork server is started by the first call; later changes to the caller's environment
+    # must still reach the ranks (as they do with spawn), and removed variables must be gone
+    run_distributed(_probe_env, 1, init_process_group=False, start_method=start_method)
+    monkeypatch.setenv("LH_HARNESS_PROBE", "set after the server started")
+    assert run_distributed(_probe_env, 2, init_process_group=False, start_method=start_method) == [
+        ("set after the server started", "0"),
+        ("set after the server started", "1"),
+    ]
+    monkeypatch.delenv("LH_HARNESS_PROBE")
+    assert run_distributed(_probe_env, 1, init_process_group=False, start_method=start_method) == [(None, "0")]

@@ -9,7 +9,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.multiprocessing as mp
@@ -49,7 +49,13 @@ def _worker(
     pg_timeout_s: float,
     extra_env: dict[str, str],
     queue: Any,
+    parent_env: dict[str, str],
 ) -> None:
+    # A forkserver child inherits the environment of the fork server (a snapshot from its start),
+    # not the caller's: put the caller's environment of now in place, as spawn would.
+    for key in set(os.environ) - set(parent_env):
+        del os.environ[key]
+    os.environ.update(parent_env)
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -82,6 +88,20 @@ def _worker(
                 pass
 
 
+# imported once by the fork server, so forked ranks start with them loaded (missing ones are skipped)
+_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "torchrec", "lightning_hybrid"]
+
+
+def _context(start_method: str | None) -> Any:
+    method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if method not in ("forkserver", "spawn"):
+        raise ValueError(f"run_distributed(start_method={method!r}): use 'forkserver' or 'spawn'.")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)  # (read when the server starts: the first call)
+    return ctx
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -91,6 +111,7 @@ def run_distributed(
     timeout_s: float = 120.0,
     pg_timeout_s: float = 60.0,
     env: dict[str, str] | None = None,
+    start_method: Literal["forkserver", "spawn"] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` new processes; return results ordered by rank.
@@ -105,10 +126,15 @@ def run_distributed(
         pg_timeout_s: collective timeout of the process group (short, so a stuck collective
             fails the test instead of hanging it).
         env: extra environment variables for every rank.
+        start_method: how the ranks start. Default ``"forkserver"`` where the platform has it: a
+            server process imports torch, Lightning, torchrec and this package once, and each rank
+            is forked from it (about 4 s less per rank than ``"spawn"``, which imports everything
+            afresh; the test suite runs hundreds of ranks). ``fn``'s own module is still imported
+            by each rank, and each rank sees the caller's current environment either way.
     """
     if world_size < 1:
         raise ValueError(f"run_distributed: world_size={world_size} must be >= 1.")
-    ctx = mp.get_context("spawn")
+    ctx = _context(start_method)
     queue = ctx.SimpleQueue()
     port = find_free_port()
     procs = [
@@ -126,6 +152,7 @@ def run_distributed(
                 pg_timeout_s,
                 dict(env or {}),
                 queue,
+                dict(os.environ),
             ),
             daemon=False,
         )
