@@ -14,7 +14,8 @@ the same global batch. Layouts, on P = 2 and 4 CPU processes (gloo, ranks pinned
 - ``hybrid``: table sharded + data parallel dense with PowerSGD rank 4;
 - ``hybrid_tp`` (P = 4): table sharded + dp 2 x tp 2, PowerSGD on dp;
 - ``hybrid_pp``: table sharded + pp 2 (1F1B) x dp P/2, PowerSGD on dp (P = 2: no dp, so no
-  compression).
+  compression);
+- ``hybrid_pp_ddp`` (P = 4): table sharded + pp 2 x dp 2, uncompressed (DDP).
 
 Reported per layout: global samples/s (median over measured steps), utilization (the monitor's
 compute fraction, mean over ranks), bytes sent per step by an average rank on each axis (dp
@@ -67,6 +68,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "hybrid_ddp": {"embedding_sharding": {"item_id": "row_wise"}},
     "hybrid": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
     "hybrid_tp": {"tensor_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
+    "hybrid_pp_ddp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}},
     "hybrid_pp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
 }
 SINGLE = ("dp", "mp", "tp", "pp")
@@ -203,7 +205,7 @@ def main() -> None:
         for name, layout in LAYOUTS.items():
             if name not in chosen:
                 continue
-            if name == "hybrid_tp" and processes < 4:
+            if name in ("hybrid_tp", "hybrid_pp_ddp") and processes < 4:  # (hybrid_pp_ddp = hybrid_pp without dp)
                 continue
             if processes == 1 and name != "dp":  # one device: no layout to compare, only the absolute figures
                 continue
