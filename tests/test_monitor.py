@@ -252,3 +252,48 @@ def test_table_parameters_are_left_out_of_model_flops() -> None:
     model.sharded = nn.Linear(2, 2)  # stands in for a sharded torchrec module
     model.mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     assert _table_parameter_names(Strategy(), model) == {"item.weight", "bag.weight", "sharded.weight", "sharded.bias"}
+
+
+TP_DELAY_S = 0.05
+
+
+def _fit_tp_with_a_late_rank() -> list[dict[str, float]]:
+    """tp=2: rank 1 reaches block 0's output projection (a row-wise layer: its output is
+    all-reduced) TP_DELAY_S late at every step, so rank 0 waits that long in the all-reduce."""
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    import lightning.pytorch as pl
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from lightning_hybrid.models.sasrec import SASRec
+    from tests.helpers import quiet_trainer
+
+    recorded: list[dict[str, float]] = []
+
+    class Late(pl.Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            if trainer.global_rank == 1:
+                module.blocks[0].out.register_forward_pre_hook(lambda *_: time.sleep(TP_DELAY_S))
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            monitor = next(c for c in trainer.callbacks if type(c).__name__ == "HybridMonitor")
+            recorded.append(dict(monitor.last))
+
+    torch.manual_seed(0)
+    model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, table_optimizer="adagrad")
+    data = SequenceDataModule(format="synthetic", max_len=8, batch_size=8, synthetic_users=48, synthetic_items=30, drop_last=True)
+    trainer = quiet_trainer(strategy=HybridStrategy(tensor_parallel=2), devices=2, max_steps=5, limit_val_batches=0, callbacks=[Late()])
+    trainer.fit(model, datamodule=data)
+    return recorded[1:]
+
+
+def test_tensor_parallel_waits_are_timed_apart_from_compute() -> None:
+    early, late = run_distributed(_fit_tp_with_a_late_rank, 2, init_process_group=False, timeout_s=180)
+    for step in early:  # rank 0 waits for rank 1 in the all-reduce, and that is not compute
+        assert TP_DELAY_S - 0.005 <= step["time/tp_wait_s"] <= TP_DELAY_S + 0.1  # (+ the ordinary waits of a 2-core box)
+        parts = ("time/embedding_s", "time/dp_exchange_s", "time/pipeline_idle_s", "time/optimizer_s", "time/tp_wait_s")
+        assert step["time/dense_compute_s"] == pytest.approx(step["time/step_s"] - sum(step[k] for k in parts), abs=1e-9)
+    for a, b in zip(early, late, strict=True):
+        assert b["time/tp_wait_s"] < a["time/tp_wait_s"] - TP_DELAY_S / 2  # the late rank itself hardly waits
+        assert b["time/dense_compute_s"] >= TP_DELAY_S  # its sleep is its own (dense) time

@@ -11,7 +11,9 @@ wandb workspace shows one panel section per group:
   data-parallel collectives: compressed exchanges, local-SGD averages, stale-gradient waits;
   DDP's overlapped all-reduce is not visible here), ``pipeline_idle_s`` (schedule time not spent
   in this rank's stage compute), ``optimizer_s`` (from ``on_before_optimizer_step`` to the end of
-  the step: clipping and the step), and ``dense_compute_s``, the rest;
+  the step: clipping and the step), ``tp_wait_s`` (tensor parallelism on CPU: waiting for the
+  DTensor collectives, see `lightning_hybrid.parallel.tensor.TPWaitTimer`) and
+  ``dense_compute_s``, the rest;
 - ``utilization/``: ``compute_fraction`` (dense compute / step: the share of the step this rank
   computes rather than waits or communicates) and ``mfu`` (model FLOPs, 6 x dense parameters per
   token or sample, embedding tables left out, per second over ``world x peak_flops``; only with a
@@ -86,6 +88,8 @@ class HybridMonitor(pl.Callback):
         self._step_start = 0.0
         self._opt_start: float | None = None
         self._handles: list[Any] = []
+        self._tp_timer: Any = None
+        self._tp_wait_s: float | None = None
         self._logged_load = False
         self.last: dict[str, float] = {}
 
@@ -96,6 +100,11 @@ class HybridMonitor(pl.Callback):
         for module in getattr(strategy, "_sharded_modules", {}).values():
             self._handles.append(module.register_forward_pre_hook(self._embedding_start))
             self._handles.append(module.register_forward_hook(self._embedding_end))
+        layout = getattr(strategy, "_plan", None)
+        if getattr(layout, "tensor_parallel", 1) > 1 and strategy.root_device.type == "cpu" and self._tp_timer is None:
+            from lightning_hybrid.parallel.tensor import time_tensor_parallel_waits
+
+            self._tp_timer = time_tensor_parallel_waits()  # (host waits mean nothing on CUDA, see TPWaitTimer)
         if self.peak_flops is None:
             self.peak_flops = detect_peak_flops(strategy.root_device)
         if self.flops_per_token is None:
@@ -114,6 +123,9 @@ class HybridMonitor(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._tp_timer is not None:
+            self._tp_timer.close()
+            self._tp_timer = None
         try:
             paths = write_charts(trainer, Path(self.charts_dir or Path(trainer.default_root_dir) / "charts"))
         except ImportError:
@@ -138,9 +150,14 @@ class HybridMonitor(pl.Callback):
         self._step_start = time.perf_counter()
         self._embedding_s = 0.0
         self._opt_start = None
+        self._tp_wait_s = None
+        if self._tp_timer is not None:
+            self._tp_timer.take()  # (waits between steps belong to no step)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._opt_start = time.perf_counter()
+        if self._tp_timer is not None:  # waits from here on (clipping over DTensor shards) are optimizer time
+            self._tp_wait_s = self._tp_timer.take()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -155,7 +172,10 @@ class HybridMonitor(pl.Callback):
         idle_s = 0.0
         if runner is not None and runner.last_step:
             idle_s = max(0.0, runner.last_step["schedule_s"] - runner.last_step["busy_s"])
-        compute_s = max(0.0, step_s - self._embedding_s - dp_s - idle_s - optimizer_s)
+        tp_s = 0.0
+        if self._tp_timer is not None:
+            tp_s = self._tp_wait_s if self._tp_wait_s is not None else self._tp_timer.take()
+        compute_s = max(0.0, step_s - self._embedding_s - dp_s - idle_s - optimizer_s - tp_s)
         metrics = {
             "throughput/samples_per_s": samples * replicas / step_s,
             "throughput/samples_per_s_rank": samples / step_s,
@@ -165,6 +185,7 @@ class HybridMonitor(pl.Callback):
             "time/pipeline_idle_s": idle_s,
             "time/optimizer_s": optimizer_s,
             "time/dense_compute_s": compute_s,
+            **({"time/tp_wait_s": tp_s} if self._tp_timer is not None else {}),
             "utilization/compute_fraction": compute_s / step_s,
         }
         work = tokens if tokens is not None else samples

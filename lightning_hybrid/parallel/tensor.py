@@ -277,3 +277,64 @@ def count_tensor_parallel_bytes(module: nn.Module, plan: Any, tp_size: int) -> T
 
             sub.register_forward_hook(hook)
     return counter
+
+
+class TPWaitTimer:
+    """Seconds this rank's host spends waiting for DTensor collectives (the tensor-parallel
+    all-reduces, all-gathers and reduce-scatters, forward and backward): the tp communication that
+    compute did not hide.
+
+    torch's tensor-parallel styles issue their collectives asynchronously
+    (``redistribute(async_op=True)``) and wait for them at the result's first use, through
+    ``torch.distributed._functional_collectives.wait_tensor``; `time_tensor_parallel_waits` wraps
+    that function with a clock. On CPU the wait blocks, so this is the waiting time; on CUDA it
+    only orders streams and the host returns at once, so the timer is not meant for GPUs (the
+    monitor does not install it there). Other DTensor collectives (e.g. a norm over DTensor shards
+    in gradient clipping) are timed too; the monitor takes its reading before the optimizer phase.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def take(self) -> float:
+        value, self.seconds = self.seconds, 0.0
+        return value
+
+    def close(self) -> None:
+        """Stop timing; the last open timer puts torch's own function back."""
+        if self in _WAIT_TIMERS:
+            _WAIT_TIMERS.remove(self)
+        if not _WAIT_TIMERS and _WAIT_ORIGINAL:
+            import torch.distributed._functional_collectives as funcol
+
+            funcol.wait_tensor = _WAIT_ORIGINAL.pop()
+
+
+_WAIT_TIMERS: list[TPWaitTimer] = []
+_WAIT_ORIGINAL: list[Callable[..., Any]] = []
+
+
+def time_tensor_parallel_waits() -> TPWaitTimer:
+    """A new `TPWaitTimer` for this process (installs the clock on the first one)."""
+    import time
+
+    import torch.distributed._functional_collectives as funcol
+
+    timer = TPWaitTimer()
+    if not _WAIT_TIMERS:
+        original = funcol.wait_tensor
+        _WAIT_ORIGINAL.append(original)
+
+        def timed_wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
+            start = time.perf_counter()
+            out = original(tensor)
+            elapsed = time.perf_counter() - start
+            for t in _WAIT_TIMERS:
+                t.seconds += elapsed
+                t.calls += 1
+            return out
+
+        funcol.wait_tensor = timed_wait_tensor
+    _WAIT_TIMERS.append(timer)
+    return timer
