@@ -163,7 +163,7 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int, acceler
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON results (gpu: ..._gpu.json by default)")
+    parser.add_argument("--out", default=None, help="JSON results (default: results/hybrid_vs_single.json, gpu: ..._gpu.json)")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset; ratios where a single-mode and a hybrid layout ran")
     parser.add_argument("--processes", default=None, help="comma-separated process counts (default: 2,4; smoke: 2; gpu: 2,4,8 up to the GPUs)")
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
@@ -237,7 +237,7 @@ def main() -> None:
             "throughput_ratio": here[best_hybrid]["samples_per_s"] / here[best_single]["samples_per_s"],
             "utilization_ratio": here[best_hybrid]["compute_fraction"] / max(here[best_single]["compute_fraction"], 1e-9),
         }
-    out = Path(args.out if args.accelerator == "cpu" or args.out != DEFAULT_OUT else DEFAULT_OUT.replace(".json", "_gpu.json"))
+    out = Path(args.out or (DEFAULT_OUT if args.accelerator == "cpu" else DEFAULT_OUT.replace(".json", "_gpu.json")))
     out.parent.mkdir(parents=True, exist_ok=True)
     device = "cpu"
     if args.accelerator == "gpu":

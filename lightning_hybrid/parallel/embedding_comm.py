@@ -16,8 +16,8 @@ conventions, see `lightning_hybrid.comm.compress` and `lightning_hybrid.parallel
 - ``all_to_all_single``: exact, the input rows addressed to the other ranks (the chunk a rank
   keeps for itself does not cross the wire);
 - ``reduce_scatter_tensor`` / ``reduce_scatter``: ring count, the input minus this rank's chunk;
-- ``all_gather_into_tensor`` / ``all_gather``: ring count, (ranks - 1) x this rank's input;
-- ``all_reduce``: ring count, 2 (ranks - 1) / ranks x the tensor.
+- ``all_gather_into_tensor`` / ``all_gather``: ring count, (ranks - 1) x this rank's input
+  (`ByteCounter.all_gather_bytes`, as for the dp exchange).
 
 Usable without Lightning::
 
@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_hybrid.comm.compress import ByteCounter
+
 # torchrec modules whose ``dist`` name the proxy replaces (the step-time collectives live there)
 _PATCHED_MODULES = ("torchrec.distributed.comm_ops", "torchrec.distributed.dist_data")
 _LOCK = threading.Lock()
@@ -43,23 +45,9 @@ _ACTIVE: list[EmbeddingByteCounter] = []
 _ORIGINALS: dict[str, Any] = {}
 
 
-class EmbeddingByteCounter:
-    """Bytes this rank sent in torchrec's embedding collectives; ``step`` accumulates until
-    `take_step`, ``total`` since creation, ``calls`` counts collectives by name."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.total = 0
-        self.calls: dict[str, int] = {}
-
-    def add(self, op: str, nbytes: int) -> None:
-        self.step += nbytes
-        self.total += nbytes
-        self.calls[op] = self.calls.get(op, 0) + 1
-
-    def take_step(self) -> int:
-        value, self.step = self.step, 0
-        return value
+class EmbeddingByteCounter(ByteCounter):
+    """Bytes this rank sent in torchrec's embedding collectives (``step`` until `take_step`,
+    ``total`` since creation, as the dp exchange's `ByteCounter`)."""
 
     def close(self) -> None:
         """Stop counting; the last open counter puts torchrec's own ``dist`` back."""
@@ -88,10 +76,9 @@ def _group_size_rank(group: Any) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def _record(op: str, nbytes: float) -> None:
-    sent = int(nbytes)
+def _record(nbytes: float) -> None:
     for counter in list(_ACTIVE):
-        counter.add(op, sent)
+        counter.add(nbytes)
 
 
 def _all_to_all_single(
@@ -110,38 +97,32 @@ def _all_to_all_single(
         kept = int(input_split_sizes[rank]) * row_bytes
     else:
         kept = total // size  # equal chunks
-    _record("all_to_all_single", total - kept)
+    _record(total - kept)
     return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
 
 def _reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, *args: Any, group: Any = None, **kwargs: Any) -> Any:  # noqa: A002
     size, _ = _group_size_rank(group)
-    _record("reduce_scatter_tensor", _nbytes(input) * (size - 1) / size)
+    _record(ByteCounter.all_gather_bytes(_nbytes(input) // size, size))  # (the mirror of an all-gather)
     return dist.reduce_scatter_tensor(output, input, *args, group=group, **kwargs)
 
 
 def _reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor], *args: Any, group: Any = None, **kwargs: Any) -> Any:
     _, rank = _group_size_rank(group)
-    _record("reduce_scatter", sum(_nbytes(t) for t in input_list) - _nbytes(input_list[rank]))
+    _record(sum(_nbytes(t) for t in input_list) - _nbytes(input_list[rank]))
     return dist.reduce_scatter(output, input_list, *args, group=group, **kwargs)
 
 
 def _all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, *args: Any, group: Any = None, **kwargs: Any) -> Any:  # noqa: A002
     size, _ = _group_size_rank(group)
-    _record("all_gather_into_tensor", _nbytes(input) * (size - 1))
+    _record(ByteCounter.all_gather_bytes(_nbytes(input), size))
     return dist.all_gather_into_tensor(output, input, *args, group=group, **kwargs)
 
 
 def _all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, *args: Any, group: Any = None, **kwargs: Any) -> Any:
     size, _ = _group_size_rank(group)
-    _record("all_gather", _nbytes(tensor) * (size - 1))
+    _record(ByteCounter.all_gather_bytes(_nbytes(tensor), size))
     return dist.all_gather(tensor_list, tensor, *args, group=group, **kwargs)
-
-
-def _all_reduce(tensor: torch.Tensor, *args: Any, group: Any = None, **kwargs: Any) -> Any:
-    size, _ = _group_size_rank(group)
-    _record("all_reduce", 2 * (size - 1) / size * _nbytes(tensor))
-    return dist.all_reduce(tensor, *args, group=group, **kwargs)
 
 
 class _CountingDist:
@@ -153,7 +134,6 @@ class _CountingDist:
     reduce_scatter = staticmethod(_reduce_scatter)
     all_gather_into_tensor = staticmethod(_all_gather_into_tensor)
     all_gather = staticmethod(_all_gather)
-    all_reduce = staticmethod(_all_reduce)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(dist, name)

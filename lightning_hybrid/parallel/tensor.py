@@ -295,7 +295,6 @@ class TPWaitTimer:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.calls = 0
 
     def take(self) -> float:
         value, self.seconds = self.seconds, 0.0
@@ -332,7 +331,6 @@ def time_tensor_parallel_waits() -> TPWaitTimer:
             elapsed = time.perf_counter() - start
             for t in _WAIT_TIMERS:
                 t.seconds += elapsed
-                t.calls += 1
             return out
 
         funcol.wait_tensor = timed_wait_tensor
