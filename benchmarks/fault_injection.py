@@ -45,6 +45,7 @@ def _fit_args(out: Path, args: argparse.Namespace, kill: tuple[int, int] | None)
             "init_args": {"dirpath": str(out / "ckpt"), "every_n_train_steps": args.ckpt_every, "save_last": True, "save_top_k": 1},
         }
     ]
+    callbacks.append({"class_path": "lightning_hybrid.testing.faults.StepLog", "init_args": {"path": str(out / "steps.jsonl")}})
     if kill is not None:
         callbacks.append({"class_path": "lightning_hybrid.testing.faults.KillRank", "init_args": {"rank": kill[0], "step": kill[1]}})
     return [
@@ -116,6 +117,24 @@ def final_weights(out: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return int(single["global_step"]), single["state_dict"]
 
 
+def resume_evidence(job: Path, reference: Path, killed_after: int) -> dict[str, Any]:
+    """What the step logs show: where the restarted attempt began (the first step it trained), how
+    many steps it trained again (killed_after - resumed_at + 1), and whether its first step's loss
+    equals the uninterrupted run's at that step (a restart from scratch would repeat step 1)."""
+    from lightning_hybrid.testing.faults import read_step_log
+
+    attempts = read_step_log(job / "steps.jsonl") if (job / "steps.jsonl").exists() else []
+    ref = {e["step"]: e["loss"] for a in read_step_log(reference / "steps.jsonl") for e in a}
+    if len(attempts) < 2:
+        return {"resumed_at_step": None, "steps_lost": None, "loss_matches": False}
+    first = attempts[1][0]
+    return {
+        "resumed_at_step": first["step"],
+        "steps_lost": killed_after - first["step"] + 1,
+        "loss_matches": abs(first["loss"] - ref.get(first["step"], float("nan"))) <= 1e-5 * max(1.0, abs(first["loss"])),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=5)
@@ -149,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         completed = not any(result["exit_codes"])
         mismatched: list[str] = []
         step, max_diff, identical = None, None, False
+        resume = resume_evidence(base / f"job{job}", base / "reference", kill[1])
         if completed:
             step, weights = final_weights(base / f"job{job}")
             completed = step == ref_step
@@ -162,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             identical = not mismatched and all(torch.equal(weights[k], ref_weights[k]) for k in common) and len(common) == len(ref_weights)
         rows.append({
             "job": job, "killed_rank": kill[0], "killed_after_step": kill[1], "completed": completed, "final_step": step,
-            "steps_lost": kill[1] % args.ckpt_every, "restarts": result["restarts"], "mismatched_tensors": len(mismatched),
+            "steps_lost": resume["steps_lost"], "resumed_at_step": resume["resumed_at_step"],
+            "resumed_loss_matches": resume["loss_matches"], "restarts": result["restarts"], "mismatched_tensors": len(mismatched),
             "bit_identical": identical, "max_abs_diff": max_diff, "seconds": result["seconds"], "exit_codes": result["exit_codes"],
         })
         print(json.dumps(rows[-1]), flush=True)
@@ -173,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jobs": args.jobs, "completed": sum(r["completed"] for r in rows),
         "mismatches": sum(1 for r in rows if r["mismatched_tensors"]),
         "bit_identical": sum(1 for r in rows if r["bit_identical"]),
-        "steps_lost_total": sum(r["steps_lost"] for r in rows if r["completed"]),
+        "steps_lost_total": sum(r["steps_lost"] or 0 for r in rows if r["completed"]),
+        "resumes_proven": sum(1 for r in rows if r["resumed_loss_matches"]),
         "reference_seconds": reference["seconds"], "rows": rows,
     }
     print("\n| job | killed rank | after step | completed | steps lost | restarts | mismatched tensors | bit-identical | max abs diff | s |")

@@ -12,7 +12,7 @@ with _warnings.catch_warnings():
     # every torchrec import prints an unrelated `is_fx_tracing` warning
     _warnings.simplefilter("ignore")
     from lightning_hybrid.plan import ParallelPlan
-    from lightning_hybrid.strategy import HybridStrategy
+    from lightning_hybrid.strategies import HybridStrategy
 
 if HybridStrategy.strategy_name not in _StrategyRegistry:
     HybridStrategy.register_strategies(_StrategyRegistry)

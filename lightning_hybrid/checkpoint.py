@@ -291,18 +291,22 @@ def save(state: dict[str, Any], meta: dict[str, Any], path: str | os.PathLike[st
 
 
 def _host_copy(value: Any) -> Any:
-    """A copy of a state dict on the CPU that later training steps cannot change: tensors cloned,
-    ShardedTensors and DTensors rebuilt around cloned local shards (no communication)."""
+    """A copy of a state dict on the CPU that later training steps cannot change (no communication).
+
+    ShardedTensors go through ``ShardedTensor.to("cpu", copy=True)``, which also rewrites every
+    shard's placement in the metadata to the CPU (a copy that kept ``rank:r/cuda:r`` placements
+    around CPU shards is refused by ShardedTensor's own checks on the first GPU save). DTensors
+    keep their mesh and placements around a CPU local tensor (``DTensor.to`` is local): no copy
+    goes back to the GPU, so a save holds no second copy of the weights in GPU memory.
+    """
     if isinstance(value, dict):
         return {k: _host_copy(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_host_copy(v) for v in value]
     if isinstance(value, ShardedTensor):
-        shards = [Shard(tensor=s.tensor.detach().to("cpu", copy=True), metadata=s.metadata) for s in value.local_shards()]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, value.metadata(), process_group=value._process_group)
+        return value.to("cpu", copy=True)
     if isinstance(value, DTensor):
-        return DTensor.from_local(value.to_local().detach().to("cpu", copy=True), value.device_mesh, value.placements,
-                                  run_check=False, shape=value.shape, stride=value.stride())
+        return value.detach().to("cpu", copy=True)
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     return value

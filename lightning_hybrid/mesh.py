@@ -6,6 +6,8 @@ group (``mesh["dp"].get_group()``) instead of computing rank lists themselves.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -30,3 +32,39 @@ def data_parallel_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
     """This rank's position on the data axis and the axis size (what a sampler needs)."""
     dp = mesh["dp"]
     return dp.get_local_rank(), dp.size()
+
+
+def replica_group(mesh: DeviceMesh) -> torch.distributed.ProcessGroup:
+    """The ranks of this rank's data-parallel replica: its pp x tp block of the mesh (they share
+    one batch). Collective the first time: every rank creates every replica's group, in order."""
+    import torch.distributed as dist
+
+    pp, dp, tp = mesh.mesh.shape
+    if tp == 1:
+        return mesh["pp"].get_group()
+    me = dist.get_rank()
+    mine = None
+    for d in range(dp):
+        members = sorted(int(r) for r in mesh.mesh[:, d, :].flatten())
+        group = dist.new_group(members)
+        if me in members:
+            mine = group
+    assert mine is not None
+    return mine
+
+
+def data_parallel_node_groups(mesh: DeviceMesh, local_world_size: int) -> tuple[Any, Any]:
+    """This rank's (within-node, across-node) subgroups of its dp group, a node being
+    ``local_world_size`` consecutive ranks. Collective: every rank creates every dp group's."""
+    from lightning_hybrid.comm.compress import node_groups
+
+    me = torch.distributed.get_rank()
+    mine: tuple[Any, Any] = (None, None)
+    grid = mesh.mesh  # [pp, dp, tp]
+    for p in range(grid.shape[0]):
+        for t in range(grid.shape[2]):
+            ranks = [int(r) for r in grid[p, :, t]]
+            groups = node_groups(ranks, local_world_size)
+            if me in ranks:
+                mine = groups
+    return mine

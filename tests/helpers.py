@@ -192,7 +192,8 @@ def sgd_sasrec_class() -> type:
             if not gradient_clip_val:
                 return
             if self.trainer.world_size == 1:
-                tables = {id(p) for p in self.item_tables.parameters()}
+                # (clip_tables: the reference of a run whose tables are plain replicated weights, which are clipped)
+                tables = set() if getattr(self, "clip_tables", False) else {id(p) for p in self.item_tables.parameters()}
                 torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if id(p) not in tables], gradient_clip_val)
             else:
                 self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)

@@ -79,3 +79,33 @@ def test_async_save_keeps_the_values_of_the_moment_it_was_called(tmp_path: Path)
     saver.wait()
     assert ckpt.load_meta(tmp_path / "a.ckpt")["global_step"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+
+
+def _host_copy_of_gpu_placed_shards() -> dict:
+    import torch
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    from lightning_hybrid.checkpoint import _host_copy
+
+    local = torch.arange(12.0).view(4, 3)
+    st = init_from_local_shards([Shard.from_tensor_and_offsets(local, [0, 0], rank=0)], 4, 3)
+    # what a GPU table looks like to the copy: metadata placed on cuda:0 (the tensor stays on the
+    # CPU here, which no GPU is needed for; torch checks tensor device against placement)
+    for meta in [st.local_shards()[0].metadata, *st.metadata().shards_metadata]:
+        meta.placement._device = torch.device("cuda:0")
+    copy = _host_copy({"t": st})["t"]
+    placements = [str(m.placement.device()) for m in copy.metadata().shards_metadata]
+    placements += [str(s.metadata.placement.device()) for s in copy.local_shards()]
+    local[0, 0] = -1.0  # training goes on: the copy must not change
+    return {"placements": placements, "value": copy.local_shards()[0].tensor.clone(), "device": str(copy.local_shards()[0].tensor.device)}
+
+
+def test_host_copy_of_a_sharded_table_places_its_metadata_on_the_cpu() -> None:
+    """async_checkpoint with GPU tables: the host copy's shard metadata must say cpu (a copy that
+    kept cuda placements around CPU shards is refused by ShardedTensor on the first GPU save)."""
+    from lightning_hybrid.testing import run_distributed
+
+    (result,) = run_distributed(_host_copy_of_gpu_placed_shards, 1)
+    assert result["device"] == "cpu"
+    assert result["placements"] == ["cpu", "cpu"]
+    assert float(result["value"][0, 0]) == 0.0

@@ -42,6 +42,10 @@ def test_two_node_job_survives_a_killed_rank(tmp_path: Path) -> None:
     assert row["completed"], row  # both launchers exited 0 and the last checkpoint is at step 6
     assert row["restarts"] >= 1, row  # the kill happened and torchrun restarted the workers
     assert (tmp_path / "job0" / ".killed-rank3-step5").exists()
-    assert row["steps_lost"] == 1  # killed after step 5, resumed from the step-4 checkpoint
+    # the restarted attempt's first step is step 5 (the one after the step-4 checkpoint), with the
+    # uninterrupted run's loss there: a resume, not a fresh start (which would begin at step 1)
+    assert row["resumed_at_step"] == 5, row
+    assert row["resumed_loss_matches"], row
+    assert row["steps_lost"] == 1
     assert row["mismatched_tensors"] == 0, row  # equal to the uninterrupted run up to float rounding
     assert row["max_abs_diff"] < 1e-6

@@ -346,3 +346,37 @@ def test_gradient_accumulation_under_pipelining() -> None:
     reference = _fit_toy(1, 3)
     ranks = run_distributed(_fit_toy, 2, 2, 3, init_process_group=False, timeout_s=240)
     _check(reference, ranks, replicas=[0])
+
+
+def _backward_hooks() -> dict[str, int]:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    import lightning.pytorch as pl
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import quiet_trainer
+
+    calls = {"on_before_backward": 0, "on_after_backward": 0, "grads_seen_after_backward": 0}
+
+    class Hooks(pl.Callback):
+        def on_before_backward(self, trainer: Any, module: Any, loss: Any) -> None:
+            calls["on_before_backward"] += 1
+
+        def on_after_backward(self, trainer: Any, module: Any) -> None:
+            calls["on_after_backward"] += 1
+            calls["grads_seen_after_backward"] += int(any(p.grad is not None for p in module.parameters()))
+
+    torch.manual_seed(0)
+    model = _model_class()(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
+    strategy = HybridStrategy(pipeline_parallel=2, pipeline_schedule="gpipe", embedding_sharding={"item_id": "row_wise"})
+    trainer = quiet_trainer(strategy=strategy, devices=2, max_epochs=3, limit_val_batches=0, callbacks=[Hooks()])
+    trainer.fit(model, datamodule=SequenceDataModule(**DATA))
+    return calls
+
+
+def test_pipeline_backward_fires_the_precision_plugin_hooks() -> None:
+    """Under pipelining the schedule backpropagates inside training_step; Lightning's
+    on_before_backward / on_after_backward must still fire once per step, with the gradients there."""
+    for calls in run_distributed(_backward_hooks, 2, init_process_group=False, timeout_s=300):
+        assert calls == {"on_before_backward": 3, "on_after_backward": 3, "grads_seen_after_backward": 3}

@@ -85,27 +85,27 @@ def profile_blocks(spec: Any, microbatch: Any, lookups: torch.Tensor | None, *, 
     return BlockProfile(block_s=block_s, first_s=first_s, last_s=last_s, block_bytes=block_bytes)
 
 
-def balanced_split_for(model: Any, spec: Any, trainer: Any, strategy: Any) -> list[int]:
-    """Profile on every rank, agree on the costs, and return blocks per stage (see module doc)."""
+def balanced_split_for(
+    spec: Any, batch: Any, *, pipeline_parallel: int, virtual_stages: int, microbatches: int | None, device: torch.device
+) -> tuple[list[int], dict[str, Any]]:
+    """Profile ``spec``'s blocks on a microbatch of ``batch`` on every rank, agree on the costs,
+    and return (blocks per stage, a report of the measured costs and the partition) (see module doc)."""
     from lightning_hybrid.parallel.pipeline import batch_size_of, slice_microbatch
 
-    loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.fit_loop._data_source.dataloader()
-    batch = strategy.batch_to_device(next(iter(loader)))
     size = batch_size_of(batch)
     if size < 1:
         raise TypeError(f"balanced pipeline split: cannot find the batch size of a {type(batch).__name__}.")
-    opts = strategy._pipeline_options
-    stages = strategy.plan.pipeline_parallel * opts["virtual_stages"]
-    micro = max(1, size // (opts["microbatches"] or stages))
-    index = torch.arange(micro, device=strategy.root_device)
+    pp = pipeline_parallel
+    stages = pp * virtual_stages
+    micro = max(1, size // (microbatches or stages))
+    index = torch.arange(micro, device=device)
     with torch.no_grad():
         lookups = spec.lookup(batch) if spec.lookup is not None else None  # every rank: a collective
     mb = slice_microbatch(batch, index, size)
     profile = profile_blocks(spec, mb, lookups[index] if lookups is not None else None)
-    local = torch.tensor([*profile.block_s, profile.first_s, profile.last_s], dtype=torch.float64, device=strategy.root_device)
-    pp = strategy.plan.pipeline_parallel
+    local = torch.tensor([*profile.block_s, profile.first_s, profile.last_s], dtype=torch.float64, device=device)
     world = dist.get_world_size()
-    totals = [torch.zeros((), dtype=torch.float64, device=strategy.root_device) for _ in range(world)]
+    totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world)]
     dist.all_gather(totals, local.sum())
     mean = local.clone()
     dist.all_reduce(mean)
@@ -115,5 +115,5 @@ def balanced_split_for(model: Any, spec: Any, trainer: Any, strategy: Any) -> li
     per_position = [max(float(t) for r, t in enumerate(totals) if r // (world // pp) == q) for q in range(pp)]
     speeds = [statistics.mean(per_position) / per_position[s % pp] for s in range(stages)]
     plan = partition_blocks(costs[:-2], stages, first_cost=costs[-2], last_cost=costs[-1], speeds=speeds)
-    strategy._balance_report = {"block_s": costs[:-2], "first_s": costs[-2], "last_s": costs[-1], "speeds": speeds, "plan": plan}
-    return plan.blocks_per_stage
+    report = {"block_s": costs[:-2], "first_s": costs[-2], "last_s": costs[-1], "speeds": speeds, "plan": plan}
+    return plan.blocks_per_stage, report

@@ -97,10 +97,10 @@ class HybridMonitor(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
-        for module in getattr(strategy, "_sharded_modules", {}).values():
+        for module in getattr(strategy, "sharded_modules", {}).values():
             self._handles.append(module.register_forward_pre_hook(self._embedding_start))
             self._handles.append(module.register_forward_hook(self._embedding_end))
-        layout = getattr(strategy, "_plan", None)
+        layout = _layout(strategy)
         if getattr(layout, "tensor_parallel", 1) > 1 and strategy.root_device.type == "cpu" and self._tp_timer is None:
             from lightning_hybrid.parallel.tensor import time_tensor_parallel_waits
 
@@ -110,7 +110,7 @@ class HybridMonitor(pl.Callback):
         if self.flops_per_token is None:
             tables = _table_parameter_names(strategy, pl_module)
             dense = sum(_global_numel(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in tables)
-            if strategy.world_size > 1 and getattr(strategy, "_pipeline", None) is not None:
+            if strategy.world_size > 1 and getattr(strategy, "pipeline_runner", None) is not None:
                 total = torch.tensor(float(dense), dtype=torch.float64, device=strategy.root_device)
                 dist.all_reduce(total, group=strategy.device_mesh["pp"].get_group())  # stages hold different layers
                 dense = int(total)
@@ -165,10 +165,10 @@ class HybridMonitor(pl.Callback):
         strategy = trainer.strategy
         samples = max(batch_size_of(batch), 0)
         tokens = _tokens(batch, self.token_key)
-        replicas = getattr(getattr(strategy, "_plan", None), "data_parallel", 1) or 1
+        replicas = getattr(_layout(strategy), "data_parallel", 1) or 1
         optimizer_s = now - self._opt_start if self._opt_start is not None else 0.0
         dp_s = float(getattr(strategy, "comm_seconds_last_step", 0.0))
-        runner = getattr(strategy, "_pipeline", None)
+        runner = getattr(strategy, "pipeline_runner", None)
         idle_s = 0.0
         if runner is not None and runner.last_step:
             idle_s = max(0.0, runner.last_step["schedule_s"] - runner.last_step["busy_s"])
@@ -209,28 +209,37 @@ class HybridMonitor(pl.Callback):
 def describe_plan(strategy: Any) -> dict[str, Any]:
     """The resolved layout as plain values (for logger hyper-parameters)."""
     out: dict[str, Any] = {"world_size": strategy.world_size}
-    plan = getattr(strategy, "_plan", None)
+    plan = _layout(strategy)
     if plan is not None:
         out["plan"] = dataclasses.asdict(plan)
-    sharding = getattr(strategy, "_sharding_plan", None)
+    sharding = getattr(strategy, "sharding_plan", None)
     if sharding is not None:
         from lightning_hybrid.parallel.embedding import plan_summary
 
         out["embedding_sharding"] = {t: {"type": s["sharding_type"], "kernel": s["compute_kernel"], "ranks": list(s["ranks"])} for t, s in plan_summary(sharding).items()}
-    runner = getattr(strategy, "_pipeline", None)
+    runner = getattr(strategy, "pipeline_runner", None)
     if runner is not None:
         out["pipeline"] = {"schedule": runner.schedule_name, "stages": runner.num_stages, "microbatches": runner.microbatches, "blocks_per_stage": list(runner.blocks_per_stage)}
-    compression = getattr(strategy, "_compression", None)
+    options = getattr(strategy, "options", None)
+    compression = options.data.gradient_compression if options is not None else None
     out["gradient_compression"] = dataclasses.asdict(compression) if compression is not None else {"method": "none"}
-    out["data_parallel_mode"] = getattr(strategy, "_dp_mode", "sync")
-    out["dense_parallel"] = getattr(strategy, "_dense_parallel", "ddp")
+    out["data_parallel_mode"] = options.data.data_parallel_mode if options is not None else "sync"
+    out["dense_parallel"] = options.layout.dense_parallel if options is not None else "ddp"
     return out
+
+
+def _layout(strategy: Any) -> Any:
+    """The strategy's ParallelPlan, or None (another strategy, or before setup)."""
+    try:
+        return getattr(strategy, "plan", None)
+    except RuntimeError:
+        return None
 
 
 def embedding_rows_per_rank(strategy: Any) -> list[int]:
     """Embedding parameters (rows x columns of its shards) each rank holds: the shard load."""
     held = [0] * strategy.world_size
-    sharding = getattr(strategy, "_sharding_plan", None)
+    sharding = getattr(strategy, "sharding_plan", None)
     if sharding is None:
         return held
     for module_plan in sharding.plan.values():
@@ -249,7 +258,7 @@ def write_charts(trainer: pl.Trainer, directory: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     strategy = trainer.strategy
-    runner = getattr(strategy, "_pipeline", None)
+    runner = getattr(strategy, "pipeline_runner", None)
     timelines: list[Any] = [runner.timeline() if runner is not None else []]
     busy: list[float] = [runner.last_step.get("busy_s", 0.0) if runner is not None and runner.last_step else 0.0]
     if runner is not None and dist.is_initialized():
@@ -304,7 +313,7 @@ def _table_parameter_names(strategy: Any, module: torch.nn.Module) -> set[str]:
     """Parameters of embedding tables (lookups: no FLOPs to speak of), sharded or not: under the
     strategy's sharded modules, in ``nn.Embedding`` / ``nn.EmbeddingBag``, or in a torchrec
     embedding collection (matched by class name, so torchrec need not be installed)."""
-    prefixes = set(getattr(strategy, "_sharded_modules", {}))
+    prefixes = set(getattr(strategy, "sharded_modules", {}))
     for name, sub in module.named_modules():
         if isinstance(sub, torch.nn.Embedding | torch.nn.EmbeddingBag) or type(sub).__name__.endswith(
             ("EmbeddingCollection", "EmbeddingBagCollection")

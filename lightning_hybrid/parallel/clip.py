@@ -23,6 +23,7 @@ def clip_grad_norm_across_shards(
     *,
     group: dist.ProcessGroup | None = None,
     stage_group: dist.ProcessGroup | None = None,
+    stage_shared_ids: set[int] | None = None,
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Scale all gradients so their global L2 norm is at most ``max_norm``; return that norm.
@@ -33,6 +34,8 @@ def clip_grad_norm_across_shards(
         group: the ranks over which the table shards are spread.
         stage_group: the pipeline group: each of its ranks holds other layers, so their dense
             squares are summed over it.
+        stage_shared_ids: ``id()`` of parameters every rank of ``stage_group`` holds with the
+            same gradient (see `lightning_hybrid.parallel.pipeline`): counted once, not per stage.
 
     DTensor gradients (tensor parallelism, FSDP2) count once per shard: their squares are summed
     over the mesh dimensions on which they are ``Shard``-placed (``Replicate`` ones count once).
@@ -43,6 +46,8 @@ def clip_grad_norm_across_shards(
     device = local_tensor(params[0].grad).device
     replicated_sq = torch.zeros((), device=device, dtype=torch.float64)
     table_sq = torch.zeros((), device=device, dtype=torch.float64)
+    stage_shared_sq = torch.zeros((), device=device, dtype=torch.float64)
+    shared_ids = stage_shared_ids or set()
     # (mesh, sharded mesh dims) -> sum of squares of the local shards placed that way
     split_sq: dict[tuple[int, tuple[int, ...]], tuple[DeviceMesh, torch.Tensor]] = {}
     for p in params:
@@ -51,6 +56,8 @@ def clip_grad_norm_across_shards(
         dims = _shard_dims(grad)
         if id(p) in sharded_ids:
             table_sq += sq
+        elif id(p) in shared_ids and stage_group is not None:
+            stage_shared_sq += sq
         elif dims:
             key = (id(grad.device_mesh), dims)
             mesh, acc = split_sq.get(key, (grad.device_mesh, torch.zeros_like(sq)))
@@ -67,7 +74,7 @@ def clip_grad_norm_across_shards(
             dense_sq = dense_sq + acc
         if stage_group is not None:
             dist.all_reduce(dense_sq, group=stage_group)
-        total_sq = dense_sq + table_sq
+        total_sq = dense_sq + table_sq + stage_shared_sq
     total = total_sq.sqrt()
     coef = max_norm / (float(total) + eps)
     if coef < 1.0:

@@ -116,3 +116,10 @@ def shard_dense_fully(
                 fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     return module
+
+
+def has_dtensor_parameters(module: torch.nn.Module) -> bool:
+    """Whether ``module`` already holds DTensor parameters (it split itself, e.g. in configure_model)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())

@@ -21,6 +21,13 @@ every rank runs the lookup's backward together (the gradient reaches each slice'
 torchrec's all-to-all). Tables therefore stay spread over the whole cluster, not over the first
 stage's ranks only, and their all-to-alls run once per step, not once per microbatch.
 
+Parameters outside the stages: whatever the stages do not own (a replicated embedding table that
+``lookup`` reads, a module ``first`` uses but ``first_modules`` does not name) stays on every pp
+rank, yet only the first stage's copy is reached by the loss. Their gradients are summed over the
+pp group after each step, so every copy takes the same update and stays equal to the others (the
+checkpoint may write any of them). torchrec-sharded tables are excluded: their lookup backward
+already runs on every rank together.
+
 Loss: the loss of a step is the mean of the microbatch losses (as with gradient accumulation);
 every rank gets it (broadcast from the last stage) so logging and callbacks see the same value.
 """
@@ -136,6 +143,20 @@ def check_batch_divides(batch_size: int, microbatches: int, what: str = "a batch
             f"microbatches. Use a batch size divisible by {microbatches} (and drop_last=True on the training loader, or a "
             f"data set size that leaves a divisible last batch), or change pipeline_microbatches."
         )
+
+
+def check_loader_batches(loader: Any, microbatches: int) -> None:
+    """Refuse, before the first step, a training loader whose batches cannot be cut into the
+    pipeline's microbatches (the last batch of an epoch included); loaders whose batch size or
+    length are unknown are checked per batch instead."""
+    batch_size = getattr(loader, "batch_size", None)
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(batch_size, int) or sampler is None or not hasattr(sampler, "__len__"):
+        return
+    check_batch_divides(batch_size, microbatches, "the training batch size")
+    last = len(sampler) % batch_size
+    if last and not getattr(loader, "drop_last", False):
+        check_batch_divides(last, microbatches, f"the last training batch of an epoch ({len(sampler)} samples per replica)")
 
 
 def stage_ranges(blocks_per_stage: Sequence[int]) -> list[range]:
@@ -286,7 +307,10 @@ class PipelineRunner:
         microbatches: int | None = None,
         virtual_stages: int = 1,
         blocks_per_stage: Sequence[int] | None = None,
+        shared_exclude: Sequence[str] = (),
     ) -> None:
+        """``shared_exclude``: names of submodules whose parameters are not this runner's to keep
+        equal across stages (torchrec-sharded tables); see the module docstring."""
         self.model = model
         self.spec = spec
         self.group = pp_group
@@ -319,6 +343,7 @@ class PipelineRunner:
             for s in self.local_stage_ids
         ]
         self._prune(ranges)
+        self.shared_params = self._shared_parameters(shared_exclude)
         model.__dict__["_lightning_hybrid_pipeline"] = self  # not an attribute nn.Module would register
         self._schedules: dict[tuple[bool, int], Any] = {}
         self._batch: Any = None
@@ -343,6 +368,37 @@ class PipelineRunner:
             parent_name, _, attr = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, attr, None)
+
+    def _shared_parameters(self, exclude: Sequence[str]) -> list[nn.Parameter]:
+        owned = {id(p) for p in self.stage_parameters()}
+        prefixes = tuple(f"{name}." for name in exclude if name)
+        if "" in exclude:  # the model itself is sharded: nothing of it is ours to share
+            return []
+        return [
+            p
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in owned and not name.startswith(prefixes)
+        ]
+
+    def _sum_shared_gradients(self) -> None:
+        """Every pp rank's copy of a parameter held outside the stages gets the sum of the
+        copies' gradients (only the first stage's is non-zero): one all-reduce for all of them."""
+        if not self.shared_params or self.pp == 1:
+            return
+        from torch.distributed.tensor import DTensor
+
+        locals_ = []
+        for p in self.shared_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad
+            locals_.append(grad.to_local() if isinstance(grad, DTensor) else grad)
+        flat = torch.cat([g.reshape(-1) for g in locals_])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for g in locals_:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def stage_parameters(self) -> list[nn.Parameter]:
         """Parameters of this rank's stages (what its optimizer steps, besides sharded tables)."""
@@ -446,6 +502,8 @@ class PipelineRunner:
             assert self._lookups is not None
             grad = self._lookups.grad if self._lookups.grad is not None else torch.zeros_like(lookups)
             lookups.backward(grad)  # together on every rank: the gradient reaches each slice, then torchrec
+        if not skip:
+            self._sum_shared_gradients()
         self._lookups = None
         self._batch = None
         busy = sum(stage.busy_s for stage in self.stages)
@@ -492,3 +550,30 @@ class PipelineRunner:
         self._lookups = None
         self._batch = None
         return out if self.is_last_rank else None
+
+
+# -- gradients across Lightning's closure ------------------------------------------------------
+# Lightning zeroes gradients after training_step (or not at all while accumulating) and then
+# calls backward; a schedule runs forward *and* backward inside training_step. So the gradients
+# already there are set aside before the schedule, this step's are stashed after it, and
+# `add_stashed` puts them back in the strategy's backward.
+
+
+def set_aside_gradients(params: Sequence[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
+    before = {p: p.grad for p in params if p.grad is not None}
+    for p in before:
+        p.grad = None
+    return before
+
+
+def stash_gradients(params: Sequence[nn.Parameter], before: dict[nn.Parameter, torch.Tensor], *, keep: bool) -> dict[nn.Parameter, torch.Tensor]:
+    """This step's gradients (dropped when not ``keep``), with the earlier ones back in place."""
+    stash = {p: p.grad for p in params if p.grad is not None} if keep else {}
+    for p in params:
+        p.grad = before.get(p)
+    return stash
+
+
+def add_stashed(stash: dict[nn.Parameter, torch.Tensor]) -> None:
+    for param, grad in stash.items():
+        param.grad = grad if param.grad is None else param.grad + grad

@@ -40,3 +40,35 @@ class KillRank(pl.Callback):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepLog(pl.Callback):
+    """Rank 0 appends one JSON line per training step to ``path``: the attempt (a fresh id per
+    process start), the global step after it and the step's loss. A fault-injection check reads
+    it to *prove* a resume: the restarted attempt's first step must be the one after the last
+    checkpoint, with the uninterrupted run's loss at that step (not step 1 again)."""
+
+    def __init__(self, *, path: str) -> None:
+        self.path = path
+        self.attempt = f"{os.getpid()}-{os.urandom(4).hex()}"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, *args: Any) -> None:
+        if trainer.global_rank != 0:
+            return
+        import json
+
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        line = {"attempt": self.attempt, "step": trainer.global_step, "loss": float(loss)}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+
+def read_step_log(path: str | os.PathLike[str]) -> list[list[dict[str, Any]]]:
+    """The lines of a `StepLog` file, grouped by attempt in order of appearance."""
+    import json
+
+    attempts: dict[str, list[dict[str, Any]]] = {}
+    for line in Path(path).read_text().splitlines():
+        entry = json.loads(line)
+        attempts.setdefault(entry["attempt"], []).append(entry)
+    return list(attempts.values())

@@ -1,0 +1,144 @@
+"""The data-parallel exchange of a job's dense parameters: which path, and running it each step.
+
+Two paths, chosen by `DenseExchange.build`:
+
+- **DDP** (tp = pp = 1, ``data_parallel_mode="sync"``): DDP all-reduces the gradients bucket by
+  bucket during backward; a compressor, if any, runs as its comm hook
+  (`lightning_hybrid.comm.hooks`).
+- **explicit** (tp > 1: DDP cannot hook DTensor parameters; pp > 1: each stage's replicas only;
+  local SGD / async: they decide themselves when to communicate): after backward, the dense
+  gradients go through the compressor (`after_backward`), or `StaleGradients` starts their
+  all-reduce, or `LocalSGD` averages the weights after the optimizer step.
+
+With ``GradientCompression(hierarchical=True)`` and dp ranks on several nodes, the compressor is
+exact within each node and compressed across nodes (groups from `lightning_hybrid.mesh`).
+The exchange also keeps the per-step byte and time counts the monitor logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from torch.distributed.device_mesh import DeviceMesh
+
+from lightning_hybrid.comm.compress import (
+    Compressor,
+    GradientCompression,
+    HierarchicalCompressor,
+    build_compressor,
+)
+from lightning_hybrid.comm.modes import LocalSGD, StaleGradients
+from lightning_hybrid.parallel.data import local_tensor
+
+
+def build_dp_compressor(config: GradientCompression | None, mesh: DeviceMesh, *, local_world_size: int) -> Compressor:
+    """The dp-axis compressor; hierarchical (exact within a node, ``config.method`` across nodes)
+    when asked for and the dp ranks span several nodes."""
+    from lightning_hybrid.mesh import data_parallel_node_groups
+
+    dp_group = mesh["dp"].get_group()
+    world = mesh.mesh.numel()
+    if config is None or not config.hierarchical or world <= local_world_size:
+        return build_compressor(config, dp_group)
+    intra, inter = data_parallel_node_groups(mesh, local_world_size)
+    assert intra is not None and inter is not None
+    rank_zero_info(
+        f"HybridStrategy: hierarchical gradient exchange: exact within each node ({local_world_size} ranks), "
+        f"{config.method} across {world // local_world_size} nodes"
+    )
+    return HierarchicalCompressor(intra, build_compressor(config, inter))
+
+
+class DenseExchange:
+    """One job's dp exchange of the dense parameters (see the module docstring)."""
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        *,
+        params: Sequence[torch.nn.Parameter] = (),
+        names: dict[int, str] | None = None,
+        local_sgd: LocalSGD | None = None,
+        stale: StaleGradients | None = None,
+    ) -> None:
+        self.compressor = compressor
+        self.params = list(params)  # explicit path only
+        self.names = names or {}
+        self.local_sgd = local_sgd
+        self.stale = stale
+        self.bytes_last_step = 0
+        self.seconds_last_step = 0.0
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        mesh: DeviceMesh,
+        compression: GradientCompression | None,
+        mode: str,
+        local_world_size: int,
+        explicit_params: Sequence[torch.nn.Parameter] | None = None,
+        names: dict[int, str] | None = None,
+        local_sgd_period: int = 4,
+        local_sgd_warmup_steps: int = 0,
+        async_staleness: int = 1,
+    ) -> DenseExchange:
+        """``explicit_params``: the dense parameters to exchange after backward (None: DDP does,
+        with the compressor as its hook)."""
+        compressor = build_dp_compressor(compression, mesh, local_world_size=local_world_size)
+        if explicit_params is None:
+            return cls(compressor)
+        group = mesh["dp"].get_group()
+        local_sgd = stale = None
+        if mode == "local_sgd":
+            local_sgd = LocalSGD(explicit_params, group, counter=compressor.counter, period=local_sgd_period, warmup_steps=local_sgd_warmup_steps)
+        elif mode == "async":
+            stale = StaleGradients(explicit_params, group, staleness=async_staleness, counter=compressor.counter)
+        return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale)
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.params)
+
+    def after_backward(self) -> None:
+        """The explicit path's exchange of this step's gradients (no-op on the DDP path)."""
+        if not self.params or self.compressor.world == 1:
+            return
+        if self.stale is not None:
+            self.stale.exchange()
+        elif self.local_sgd is None or self.local_sgd.syncs_gradients():
+            params = [p for p in self.params if p.grad is not None]
+            self.compressor.reduce(
+                [local_tensor(p.grad) for p in params],
+                key="dense",
+                names=[self.names.get(id(p), str(i)) for i, p in enumerate(params)],
+                iteration=self.compressor.optimizer_steps,
+            )
+
+    def after_optimizer_step(self) -> None:
+        if self.local_sgd is not None:
+            self.local_sgd.after_optimizer_step()
+        self.compressor.optimizer_steps += 1
+        self.bytes_last_step = self.compressor.counter.take_step()
+        self.seconds_last_step = self.compressor.counter.take_seconds()
+
+    def drain(self) -> None:
+        if self.stale is not None:
+            self.stale.drain()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's exchange state (compression residuals, local-SGD step, gradients in flight)."""
+        state: dict[str, Any] = {"compressor": self.compressor.state_dict()}
+        if self.local_sgd is not None:
+            state["local_sgd"] = self.local_sgd.state_dict()
+        if self.stale is not None:
+            state["async"] = self.stale.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, target in (("compressor", self.compressor), ("local_sgd", self.local_sgd), ("async", self.stale)):
+            if target is not None and name in state:
+                target.load_state_dict(state[name])

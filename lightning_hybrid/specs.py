@@ -1,0 +1,40 @@
+"""What a LightningModule may declare to take part in hybrid parallelism (models import this
+module, not `lightning_hybrid.parallel`).
+
+HybridStrategy looks for these methods by name; the Protocols say their shapes, so a model can
+state (and a type checker verify) what it provides:
+
+- `TensorParallelModel.tensor_parallel_plan()` -> module-name pattern -> ``"colwise"`` /
+  ``"rowwise"`` / ... (`lightning_hybrid.parallel.tensor`), used with ``tensor_parallel > 1``;
+- `PipelineModel.pipeline_spec()` -> `PipelineSpec` (the blocks cut into stages, what runs before
+  and after them), used with ``pipeline_parallel > 1``;
+- `PlannableModel.planner_spec(global_batch)` -> `lightning_hybrid.planner.ModelSpec`, used by
+  ``plan="auto"`` for models other than the reference recommender.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from lightning_hybrid.parallel.pipeline import PipelineSpec
+
+if TYPE_CHECKING:
+    from lightning_hybrid.planner.cost import ModelSpec
+
+
+@runtime_checkable
+class TensorParallelModel(Protocol):
+    def tensor_parallel_plan(self) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class PipelineModel(Protocol):
+    def pipeline_spec(self) -> PipelineSpec: ...
+
+
+@runtime_checkable
+class PlannableModel(Protocol):
+    def planner_spec(self, global_batch: int) -> ModelSpec: ...
+
+
+__all__ = ["PipelineModel", "PipelineSpec", "PlannableModel", "TensorParallelModel"]

@@ -1,0 +1,173 @@
+"""The steps of HybridStrategy's setup other than table sharding (`strategies.tables`), each a
+plain function the strategy calls in its fixed order (see `strategies.hybrid`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from lightning_hybrid.comm.exchange import DenseExchange
+from lightning_hybrid.parallel import clip, pipeline
+from lightning_hybrid.parallel import data as data_parallel
+from lightning_hybrid.plan import ParallelPlan
+from lightning_hybrid.strategies.options import HybridOptions
+
+
+@dataclass
+class TensorParallelApplied:
+    loss_parallel: bool = False  # vocab-parallel logits: the loss runs under torch's loss_parallel()
+    byte_counter: Any = None  # counts the tp collectives' bytes per step (None: the module split itself)
+
+
+def apply_tensor_parallel(model: torch.nn.Module, mesh: DeviceMesh, plan: dict[str, str] | None, degree: int) -> TensorParallelApplied:
+    """Step 1: split the blocks by ``plan`` (default: the module's ``tensor_parallel_plan()``)."""
+    from lightning_hybrid.parallel.tensor import apply_tensor_parallel as apply_plan
+    from lightning_hybrid.parallel.tensor import count_tensor_parallel_bytes, uses_loss_parallel
+
+    if plan is None:
+        make_plan = getattr(model, "tensor_parallel_plan", None)
+        if make_plan is None and data_parallel.has_dtensor_parameters(model):
+            return TensorParallelApplied()  # the module split itself in configure_model (self.device_mesh["tp"])
+        if make_plan is None:
+            raise ValueError(
+                f"HybridStrategy(tensor_parallel={degree}) needs a plan: pass tensor_parallel_plan={{'pattern': "
+                f"'colwise'|'rowwise', ...}}, define {type(model).__name__}.tensor_parallel_plan(), or split the module "
+                "yourself in configure_model() with self.device_mesh['tp']."
+            )
+        plan = make_plan()
+    apply_plan(model, mesh["tp"], plan)
+    return TensorParallelApplied(uses_loss_parallel(plan), count_tensor_parallel_bytes(model, plan, degree))
+
+
+def apply_pipeline(
+    model: torch.nn.Module,
+    *,
+    options: HybridOptions,
+    mesh: DeviceMesh,
+    device: torch.device,
+    sharded: list[str],
+    first_batch: Callable[[], Any],
+) -> tuple[pipeline.PipelineRunner, Any, dict[str, Any] | None]:
+    """Step 3: this rank's stages from the module's ``pipeline_spec()``; returns (runner, spec,
+    the balancer's report when ``pipeline_split="balanced"``)."""
+    pp = mesh["pp"].size()
+    make_spec = getattr(model, "pipeline_spec", None)
+    if make_spec is None:
+        raise ValueError(
+            f"HybridStrategy(pipeline_parallel={pp}) needs {type(model).__name__}.pipeline_spec() returning a "
+            "lightning_hybrid.parallel.pipeline.PipelineSpec (its blocks, what runs before and after them)."
+        )
+    spec = make_spec()
+    opts = options.pipeline
+    split, report = opts.pipeline_split, None
+    if split == "balanced":
+        from lightning_hybrid.balance import balanced_split_for
+
+        split, report = balanced_split_for(
+            spec, first_batch(), pipeline_parallel=pp, virtual_stages=opts.pipeline_virtual_stages,
+            microbatches=opts.pipeline_microbatches, device=device,
+        )
+    runner = pipeline.PipelineRunner(
+        model, spec, pp_group=mesh["pp"].get_group(), device=device, blocks_per_stage=None if split == "even" else list(split),
+        shared_exclude=sharded, schedule=opts.pipeline_schedule, microbatches=opts.pipeline_microbatches,
+        virtual_stages=opts.pipeline_virtual_stages,
+    )
+    predicted = f", predicted max/mean stage time {report['plan'].imbalance:.3f}" if report else ""
+    rank_zero_info(
+        f"HybridStrategy pipeline: {runner.num_stages} stages over pp={runner.pp} ({opts.pipeline_schedule}, "
+        f"{runner.microbatches} microbatches), blocks per stage {runner.blocks_per_stage}{predicted}"
+    )
+    return runner, spec, report
+
+
+def apply_data_parallel(
+    model: torch.nn.Module,
+    *,
+    options: HybridOptions,
+    layout: ParallelPlan,
+    mesh: DeviceMesh,
+    sharded: list[str],
+    device: torch.device,
+    names: Callable[[], dict[int, str]],
+    local_world_size: int,
+) -> tuple[torch.nn.Module, DenseExchange | None]:
+    """Step 4 (fitting): FSDP2, DDP, or the explicit exchange over the dense rest; returns (the
+    module Lightning should call, the exchange)."""
+    data = options.data
+    dp_group = mesh["dp"].get_group()
+
+    def exchange(explicit: list[torch.nn.Parameter] | None) -> DenseExchange:
+        return DenseExchange.build(
+            mesh=mesh, compression=data.gradient_compression, mode=data.data_parallel_mode, local_world_size=local_world_size,
+            explicit_params=explicit, names=names() if explicit is not None else None, local_sgd_period=data.local_sgd_period,
+            local_sgd_warmup_steps=data.local_sgd_warmup_steps, async_staleness=data.async_staleness,
+        )
+
+    if options.layout.dense_parallel == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):
+            data_parallel.shard_dense_fully(
+                model, ignored_modules=sharded, dp_mesh=mesh["dp"], reshard_after_forward=options.layout.reshard_after_forward
+            )
+        return model, None
+    if layout.tensor_parallel > 1 or layout.pipeline_parallel > 1 or data.data_parallel_mode != "sync":
+        # DDP cannot hook DTensor parameters, a pipeline stage's replicas are a sub-group, and
+        # local SGD / async decide themselves when to communicate: an explicit exchange
+        names_sharded = set(data_parallel.names_under(model, sharded))
+        params = [p for n, p in model.named_parameters() if p.requires_grad and n not in names_sharded]
+        if data.data_parallel_mode != "sync" and layout.tensor_parallel == 1:  # (DDP would have made the replicas equal)
+            data_parallel.broadcast_dense_state(model, ignored_modules=sharded, process_group=dp_group)
+        return model, exchange(params)
+    wrapped = data_parallel.wrap_dense_data_parallel(
+        model, ignored_modules=sharded, process_group=dp_group, device=device,
+        find_unused_parameters=data.find_unused_parameters, static_graph=data.static_graph,
+        gradient_as_bucket_view=data.gradient_as_bucket_view,
+    )
+    dense = exchange(None)
+    if isinstance(wrapped, DistributedDataParallel):
+        from lightning_hybrid.comm.hooks import register_compressor
+
+        register_compressor(wrapped, dense.compressor)
+    return wrapped, dense
+
+
+def apply_clipping(
+    plugin: Any,
+    *,
+    tables: Any,
+    layout: ParallelPlan,
+    options: HybridOptions,
+    mesh: DeviceMesh,
+    runner: pipeline.PipelineRunner | None,
+    clip_val: float | None,
+) -> None:
+    """Make the precision plugin's norm clipping use the global norm across table shards, tp
+    shards and pipeline stages (`lightning_hybrid.parallel.clip`)."""
+    fused_ids = tables.fused_param_ids()
+    dp_ids = {id(p) for p in tables.dp_table_params}
+    sharded_ids = {id(p) for m in tables.modules.values() for p in m.parameters() if id(p) not in fused_ids and id(p) not in dp_ids}
+    if clip_val and fused_ids:
+        rank_zero_warn(
+            "HybridStrategy: gradient clipping does not reach embedding tables on the fused kernel (fbgemm updates them "
+            "inside backward). Set HybridStrategy(embedding_kernels={table: 'dense'}) for tables that must be clipped."
+        )
+    pp = layout.pipeline_parallel
+    if not sharded_ids and layout.tensor_parallel == 1 and options.layout.dense_parallel == "ddp" and pp == 1:
+        return
+    stage_group = mesh["pp"].get_group() if pp > 1 else None
+    stage_shared = {id(p) for p in runner.shared_params} if runner is not None else set()
+
+    def clip_grad_by_norm(optimizer: Optimizer, value: float) -> None:
+        clip.clip_grad_norm_across_shards(
+            plugin.main_params(optimizer), sharded_ids, float(value), stage_group=stage_group, stage_shared_ids=stage_shared
+        )
+
+    plugin.clip_grad_by_norm = clip_grad_by_norm  # (Lightning's plugin owns clipping; only the norm changes)

@@ -1,0 +1,188 @@
+"""Step 2 of HybridStrategy's setup: shard the module's torchrec tables, and refuse what cannot train.
+
+`apply_embedding_sharding` chooses each table's optimizer and kernel from the module's own
+``configure_optimizers`` (`lightning_hybrid.parallel.embedding_optim`), plans and shards the
+tables (`lightning_hybrid.parallel.embedding`), and, when several ranks share a batch (tp or pp
+> 1), splits each lookup over them (`lightning_hybrid.parallel.replica_lookup`). What it built
+comes back as `ShardedTables`; the strategy keeps it and exposes it read-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.core.optimizer import LightningOptimizer, _init_optimizers_and_lr_schedulers
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lightning_hybrid.parallel import data as data_parallel
+from lightning_hybrid.plan import ParallelPlan
+
+# (torchrec is imported where it is needed: `ShardedTables` is importable without it)
+
+
+@dataclass
+class ShardedTables:
+    """The outcome of sharding: module FQN -> sharded module, torchrec's plan, the optimizer
+    choice per table, the replicated ("data_parallel") table weights, the byte counter."""
+
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    plan: Any = None
+    choice: Any = None  # emb_optim.TableOptimizerChoice (fitting only)
+    dp_table_params: list[torch.nn.Parameter] = field(default_factory=list)
+    byte_counter: Any = None
+
+    def fused_param_ids(self) -> set[int]:
+        if self.choice is None:
+            return set()
+        return {
+            id(param)
+            for module in self.modules.values()
+            for name, param in module.named_parameters()
+            if name.split(".")[-2] in self.choice.fused
+        }
+
+    def fused_optimizers_by_table(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for module in self.modules.values():
+            fused = getattr(module, "fused_optimizer", None)
+            for _name, opt in getattr(fused, "optimizers", []) if fused is not None else []:
+                for key in getattr(opt, "params", {}):
+                    found[key.split(".")[-2]] = opt
+        return found
+
+    def close(self) -> None:
+        if self.byte_counter is not None:
+            self.byte_counter.close()
+            self.byte_counter = None
+
+
+def _stateful(optimizers: list[Any]) -> bool:
+    """Whether any optimizer keeps per-parameter state (all but momentum-free SGD do)."""
+    for opt in optimizers:
+        inner = getattr(opt, "optimizers", None)  # GroupedOptimizer
+        for o in inner if inner is not None else [opt]:
+            if not (isinstance(o, torch.optim.SGD) and all(g.get("momentum", 0) == 0 for g in o.param_groups)):
+                return True
+    return False
+
+
+def refuse_multi_shard_dense_state(summary: dict[str, dict[str, Any]], kernels: dict[str, str], optimizers: list[Any], rank: int) -> None:
+    """A dense-kernel table with several shards on one rank (column-wise on few ranks) trains, but
+    its optimizer state cannot be checkpointed (one ShardedTensor per parameter holds one local
+    shard): refuse it at setup, on every rank alike (the plan is the same everywhere)."""
+    from lightning_hybrid.parallel import embedding_optim as emb_optim
+
+    if not _stateful(optimizers):
+        return
+    for table, info in summary.items():
+        ranks = info["ranks"] or []
+        if kernels.get(table) == emb_optim.DENSE and any(ranks.count(r) > 1 for r in set(ranks)):
+            raise ValueError(
+                f"HybridStrategy: table {table!r} is {info['sharding_type']} with several shards on one rank (ranks "
+                f"{ranks}) on the dense kernel, and its optimizer keeps state, which cannot be checkpointed for such a "
+                f"table. Use embedding_sharding={{{table!r}: 'row_wise'}} (one shard per rank), the fused kernel "
+                f"(embedding_kernels={{{table!r}: 'fused'}} with SGD/Adagrad), or momentum-free SGD for the table."
+            )
+
+
+def apply_embedding_sharding(
+    model: torch.nn.Module,
+    *,
+    spec: Any,
+    trainer: Any,
+    fitting: bool,
+    device: torch.device,
+    local_world_size: int | None,
+    validate_inputs: bool,
+    layout: ParallelPlan,
+    mesh: DeviceMesh,
+    replica_group: dist.ProcessGroup | None,
+) -> ShardedTables:
+    """Shard every torchrec table of ``model`` in place (collective); see the module docstring.
+    ``spec``: a `lightning_hybrid.parallel.embedding.EmbeddingShardingSpec`."""
+    from torchrec.distributed.types import ShardingEnv
+
+    from lightning_hybrid.parallel import embedding as emb
+    from lightning_hybrid.parallel import embedding_optim as emb_optim
+    from lightning_hybrid.parallel.embedding_comm import count_embedding_bytes
+
+    modules = emb.find_embedding_modules(model)
+    if not modules:
+        return ShardedTables()
+    infos = emb.table_infos(modules)
+    weights = {info.table_name: model.get_parameter(info.weight_fqn) for info in infos}
+    dp_tables = [t for t, s in spec.sharding_types.items() if s == "data_parallel"]
+    choice = None
+    user_optimizers: list[Any] = []
+    if fitting:
+        probe, _ = _init_optimizers_and_lr_schedulers(model)
+        user_optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in probe]
+        choice = emb_optim.choose_table_optimizers(
+            optimizers=user_optimizers,
+            table_weights=weights,
+            device_type=device.type,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            forced_kernels=spec.compute_kernels,
+            data_parallel_tables=dp_tables,
+            sequence_tables=[info.table_name for info in infos if not info.pooled],
+        )
+        if choice.dense_reasons:
+            lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.dense_reasons.items()))
+            rank_zero_warn(
+                "HybridStrategy: these embedding tables use the dense kernel so that your optimizer updates them "
+                f"exactly (slower and more memory than fbgemm's fused kernel):\n{lines}\n"
+                "To use the fused kernel, give the tables an SGD or Adagrad param group (Adam/AdamW on CUDA), "
+                "or set HybridStrategy(embedding_kernels={table: 'fused'}) where that is possible."
+            )
+        emb_optim.apply_fused_optimizers(weights, choice)
+        kernels = choice.kernels
+    else:
+        kernels = {
+            info.table_name: spec.compute_kernels.get(info.table_name, emb_optim.DENSE if info.table_name in dp_tables else emb_optim.FUSED)
+            for info in infos
+        }
+    constraints = emb.build_constraints(infos, spec, kernels)
+    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    plan = emb.plan_sharding_on_rank0(
+        model, env=env, device=device, constraints=constraints, local_world_size=local_world_size,
+        memory_per_rank_bytes=spec.memory_per_rank_bytes,
+    )
+    summary = emb.plan_summary(plan)
+    if fitting:
+        refuse_multi_shard_dense_state(summary, kernels, user_optimizers, dist.get_rank())
+    tables = ShardedTables(plan=plan, choice=choice)
+    tables.modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=device)
+    if fitting and dist.get_world_size() > 1:
+        tables.byte_counter = count_embedding_bytes()
+    for info in infos:
+        if summary[info.table_name]["sharding_type"] == "data_parallel":
+            tables.dp_table_params.append(model.get_parameter(info.weight_fqn))
+    if tables.dp_table_params:
+        # replicated tables must start equal on every rank: the user's values were loaded back
+        # after torchrec's DDP (which broadcasts only at construction) was built
+        data_parallel.broadcast_tensors([p.detach() for p in tables.dp_table_params], None)
+    if validate_inputs:
+        for fqn, module in tables.modules.items():
+            emb.add_id_range_check(module, [i for i in infos if i.module_fqn == fqn])
+    if layout.tensor_parallel > 1 or layout.pipeline_parallel > 1:
+        # the ranks of one dp replica share one batch: each looks up a slice of it, then they
+        # gather (parallel.replica_lookup); under pipelining only the first stage has a
+        # gradient for it, so gradients are summed over the replica's ranks and scaled by pp
+        # (torchrec divides table gradients by the world size)
+        from lightning_hybrid.parallel.replica_lookup import split_lookup_over_group
+
+        if layout.pipeline_parallel > 1:
+            group, summed, scale = replica_group, True, float(layout.pipeline_parallel)
+        else:
+            group, summed, scale = mesh["tp"].get_group(), False, None
+        for module in tables.modules.values():
+            split_lookup_over_group(module, group, summed_grads=summed, grad_scale=scale)
+    rank_zero_info(
+        "HybridStrategy embedding plan:\n"
+        + "\n".join(f"  {t}: {s['sharding_type']} ({s['compute_kernel']}) on ranks {s['ranks']}" for t, s in summary.items())
+    )
+    return tables

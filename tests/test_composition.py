@@ -1,0 +1,133 @@
+"""Tier 2: the composition matrix (tests/composition.py): every generated cell either trains like
+one process (losses, parameters, and the saved checkpoint's weights) or is refused with an error
+that names the combination.
+
+The cells of one world size run one after another in one shared process group (start-up
+dominates these tiny fits). ``LH_WRITE_MATRIX=1`` also writes the table to
+docs/composition-matrix.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lightning_hybrid.testing import run_distributed
+from tests import composition as comp
+
+CELLS, REFUSED = comp.generate_cells()
+SETUP_REFUSED = comp.setup_refusal_cells(REFUSED)
+_DIR = tempfile.mkdtemp(prefix="lh-matrix-")
+
+
+@functools.cache
+def _world_results(world: int) -> dict[str, Any]:
+    cells = [c for c in CELLS if c.world_size == world] + [c for c in SETUP_REFUSED if c.world_size == world]
+    return run_distributed(comp.run_world, world, cells, _DIR, init_process_group=False, timeout_s=900, pg_timeout_s=120)
+
+
+@functools.cache
+def _reference(cell: comp.Cell) -> dict[str, Any]:
+    return comp.reference(cell)
+
+
+def _reference_key(cell: comp.Cell) -> comp.Cell:
+    # what the single-process reference depends on
+    return comp.Cell(
+        tables="replicated" if not comp.table_is_sharded(cell) and cell.clip else "row_wise",
+        accumulate=cell.accumulate, precision=cell.precision, clip=cell.clip,
+        dp_mode="async" if cell.dp_mode == "async" else None,
+    )
+
+
+def _step_losses(losses: list[float], accumulate: int) -> torch.Tensor:
+    t = torch.tensor(losses)
+    return t.view(-1, accumulate).mean(1)
+
+
+def test_the_matrix_covers_every_pair_the_strategy_accepts() -> None:
+    accepted_pairs: set[Any] = set()
+    for cell in comp._all_cells():
+        if comp.expected_refusal(cell) is None:
+            accepted_pairs |= comp._pairs(cell)
+    covered = set().union(*(comp._pairs(c) for c in CELLS))
+    assert accepted_pairs <= covered
+    assert all(comp.expected_refusal(c) is None for c in CELLS)
+    # and each refused pair is in some refused cell
+    for cell in REFUSED:
+        assert comp.expected_refusal(cell) is not None
+
+
+@pytest.mark.parametrize("cell", [c for c in REFUSED if comp.construction_refusal(c) is not None], ids=lambda c: c.id)
+def test_refused_at_construction(cell: comp.Cell) -> None:
+    from lightning_hybrid import HybridStrategy
+
+    with pytest.raises((ValueError, TypeError)) as error:
+        HybridStrategy(**cell.strategy_kwargs())
+    message = str(error.value)
+    assert message == comp.construction_refusal(cell)  # the rule's own error, from the one validate()
+    assert message.startswith("HybridStrategy") and ("Use " in message or "use " in message), message  # names it and the fix
+
+
+@pytest.mark.parametrize("cell", SETUP_REFUSED, ids=lambda c: c.id)
+def test_refused_at_setup(cell: comp.Cell) -> None:
+    results = _world_results(cell.world_size)
+    for rank in results:  # every rank refuses, with the rule's message
+        assert "refused" in rank[cell.id], rank[cell.id].keys()
+        assert comp.expected_refusal(cell) in rank[cell.id]["refused"]
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)
+def test_cell_trains_like_one_process(cell: comp.Cell) -> None:
+    warnings.simplefilter("ignore")
+    ranks = _world_results(cell.world_size)
+    for rank in ranks:
+        assert "refused" not in rank[cell.id], rank[cell.id].get("refused")
+    result = ranks[0][cell.id]
+    reference = _reference(_reference_key(cell))
+    dp, tp, pp = result["degrees"]
+    # mesh order (pp, dp, tp): replica d's ranks are p*dp*tp + d*tp + t; each reports its replica's loss
+    losses = [_step_losses(rank[cell.id]["losses"], cell.accumulate) for rank in ranks]
+    mean = torch.stack([losses[d * tp] for d in range(dp)]).mean(0)
+    ref = _step_losses(reference["losses"], cell.accumulate)
+    tol = dict(rtol=1e-4, atol=1e-5) if cell.exact else dict(rtol=3e-2, atol=3e-2)
+    assert_close(mean, ref, **tol, msg=lambda m: f"step losses: {m}")
+    state = result["state"]
+    assert set(state) == set(reference["state"])
+    for key, value in reference["state"].items():
+        if cell.exact:
+            assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        else:  # lossy exchange / bf16: the update is approximately the reference's
+            assert torch.isfinite(state[key]).all(), key
+            assert_close(state[key], value, rtol=0.1, atol=0.05, msg=lambda m, k=key: f"{k}: {m}")
+    # the checkpoint holds exactly the trained weights (not a stale copy from another rank)
+    from lightning_hybrid.checkpoint import to_single_file
+
+    saved = to_single_file(os.path.join(_DIR, cell.id), os.path.join(_DIR, f"{cell.id}.ckpt"))["state_dict"]
+    assert set(saved) == set(state)
+    for key, value in state.items():
+        assert torch.equal(saved[key], value), f"checkpoint {key} differs from the trained weights"
+    # every data-parallel replica holds the same dense weights (sync and async apply the same
+    # averaged gradients; local SGD averages at the last step here)
+    for r, rank in enumerate(ranks):
+        twin = ranks[r % (dp * tp) % tp + (r // (dp * tp)) * dp * tp]  # the same (pp, tp) position of replica 0
+        for key, value in rank[cell.id]["local"].items():
+            if key in twin[cell.id]["local"] and not key.startswith("item_tables"):
+                assert torch.equal(value, twin[cell.id]["local"][key]), f"rank {r}: {key} differs from replica 0"
+
+
+def write_matrix_doc(path: Path) -> None:
+    rows = ["| cell | processes | layout | result |", "|---|---|---|---|"]
+    for cell in CELLS:
+        rows.append(f"| `{cell.id}` | {cell.world_size} | trains | {'exact' if cell.exact else 'approximate'} |")
+    for cell in REFUSED:
+        rows.append(f"| `{cell.id}` | {cell.world_size} | refused | {comp.expected_refusal(cell).splitlines()[0][:160]} |")
+    path.write_text("\n".join(rows) + "\n")

@@ -1,0 +1,96 @@
+"""Tier 1: HybridStrategy's option groups, the one validate(), and plan="auto" merging."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lightning_hybrid import HybridStrategy
+from lightning_hybrid.comm import GradientCompression
+from lightning_hybrid.planner.cost import Layout
+from lightning_hybrid.strategies import auto
+from lightning_hybrid.strategies.options import HybridOptions, markdown_table, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_constructor_argument_is_an_option_field_with_the_same_default() -> None:
+    params = {n: p.default for n, p in inspect.signature(HybridStrategy.__init__).parameters.items() if n != "self"}
+    defaults = HybridOptions().flat()
+    assert params == defaults
+    for name in params:  # LightningCLI shows each one's help from the generated docstring
+        assert f"    {name}: " in HybridStrategy.__doc__
+
+
+def test_the_options_table_in_the_docs_is_the_code_s() -> None:
+    text = (ROOT / "docs" / "getting-started.md").read_text()
+    table = text.split("<!-- options-table:start -->\n")[1].split("<!-- options-table:end -->")[0]
+    assert table == markdown_table()
+
+
+def test_unknown_option_names_the_known_ones() -> None:
+    with pytest.raises(TypeError, match="unknown options \\['pipeline_paralel'\\]"):
+        HybridOptions.from_kwargs(pipeline_paralel=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"pipeline_parallel": 2, "dense_parallel": "fsdp"}, "pipeline_parallel > 1, dense_parallel='fsdp'"),
+        ({"data_parallel_mode": "local_sgd", "pipeline_parallel": 2}, "data_parallel_mode='local_sgd') with pipeline_parallel"),
+        ({"data_parallel_mode": "async", "gradient_compression": GradientCompression(method="topk")}, "async"),
+        ({"shard_embeddings": False, "embedding_sharding": {"t": "row_wise"}}, "shard_embeddings=False"),
+    ],
+)
+def test_validate_refuses_with_the_combination_and_the_fix(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError) as error:
+        validate(HybridOptions.from_kwargs(**kwargs))
+    assert fragment in str(error.value)
+    with pytest.raises(ValueError):
+        HybridStrategy(**kwargs)  # the constructor runs the same function
+
+
+def test_explicit_options_are_the_ones_that_differ_from_the_defaults() -> None:
+    options = HybridOptions.from_kwargs(data_parallel_mode="async", pipeline_parallel=1)
+    assert options.explicit() == {"data_parallel_mode"}
+
+
+def test_a_planned_layout_is_validated_and_the_user_s_options_win() -> None:
+    user = HybridOptions.from_kwargs(data_parallel_mode="async")
+    # the planner would pick pipelining (refused with async) or compression (refused with async)
+    merged, why = auto.merge(Layout(dp=1, pp=2, microbatches=2), user, "item_id")
+    assert merged is None and "pipeline_parallel > 1" in why
+    merged, why = auto.merge(Layout(dp=2, compression="powersgd"), user, "item_id")
+    assert merged is None and "async" in why
+    merged, _ = auto.merge(Layout(dp=2, table="row_wise"), user, "item_id")
+    assert merged is not None
+    assert merged.data.data_parallel_mode == "async" and merged.layout.data_parallel == 2
+    assert merged.embedding.embedding_sharding == {"item_id": "row_wise"}
+    # an explicit option that the layout contradicts: skipped, and the reason names it
+    mine = HybridOptions.from_kwargs(gradient_compression=GradientCompression(method="fp16"))
+    merged, why = auto.merge(Layout(dp=2, compression="powersgd"), mine, None)
+    assert merged is None and "gradient_compression" in why
+
+
+def test_choose_layout_skips_layouts_the_options_forbid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hybrid.planner.cost import Estimate
+
+    def fake_search(cost, spec):  # noqa: ANN001, ANN202
+        est = lambda layout, s: Estimate(layout=layout, parts={}, features={}, step_s=s, memory_bytes=0.0, fits=True)  # noqa: E731
+        return [est(Layout(dp=1, pp=2, microbatches=2), 0.01), est(Layout(dp=2, compression="topk"), 0.02), est(Layout(dp=2), 0.03)]
+
+    import lightning_hybrid.planner as planner
+
+    monkeypatch.setattr(planner, "search", fake_search)
+    module = SimpleNamespace(planner_spec=lambda global_batch: None)
+    data = SimpleNamespace(batch_size=8)
+    options, chosen = auto.choose_layout(
+        HybridOptions.from_kwargs(data_parallel_mode="async", plan="auto"), module=module, datamodule=data, world_size=2,
+        devices_per_node=2, device_type="cpu",
+    )
+    assert chosen.layout == Layout(dp=2)  # the first two are refused with async
+    assert options.data.gradient_compression is None and options.data.data_parallel_mode == "async"
+    assert data.batch_size * chosen.layout.dp == 16  # the global batch (8 per replica on dp="auto" = 2) is kept
