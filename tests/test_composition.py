@@ -75,6 +75,7 @@ def test_refused_at_construction(cell: comp.Cell) -> None:
     message = str(error.value)
     assert message == comp.construction_refusal(cell)  # the rule's own error, from the one validate()
     assert message.startswith("HybridStrategy") and ("Use " in message or "use " in message), message  # names it and the fix
+    _STATUS[cell.id] = "refused at construction (checked)"
 
 
 @pytest.mark.parametrize("cell", SETUP_REFUSED, ids=lambda c: c.id)
@@ -83,6 +84,7 @@ def test_refused_at_setup(cell: comp.Cell) -> None:
     for rank in results:  # every rank refuses, with the rule's message
         assert "refused" in rank[cell.id], rank[cell.id].keys()
         assert comp.expected_refusal(cell) in rank[cell.id]["refused"]
+    _STATUS[cell.id] = "refused at setup (checked)"
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)
@@ -122,12 +124,41 @@ def test_cell_trains_like_one_process(cell: comp.Cell) -> None:
         for key, value in rank[cell.id]["local"].items():
             if key in twin[cell.id]["local"] and not key.startswith("item_tables"):
                 assert torch.equal(value, twin[cell.id]["local"][key]), f"rank {r}: {key} differs from replica 0"
+    _STATUS[cell.id] = "equal to one process" + ("" if cell.exact else " (to bf16 / lossy-exchange tolerance)")
+
+
+_STATUS: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _matrix_doc() -> Any:
+    """With LH_WRITE_MATRIX=1, write what this run found to docs/composition-matrix.md."""
+    yield
+    if os.environ.get("LH_WRITE_MATRIX") == "1":
+        write_matrix_doc(Path(__file__).resolve().parents[1] / "docs" / "composition-matrix.md")
+
+
+def _row(cell: comp.Cell, result: str) -> str:
+    dp, tp, pp = cell.degrees
+    values = [cell.layout if cell.plan == "manual" else "planned", cell.tables, cell.dense, cell.schedule or "-",
+              cell.compression or "-", cell.dp_mode or "-", str(cell.accumulate), cell.precision, "yes" if cell.clip else "-"]
+    return f"| {cell.world_size} | " + " | ".join(values) + f" | {result} |"
 
 
 def write_matrix_doc(path: Path) -> None:
-    rows = ["| cell | processes | layout | result |", "|---|---|---|---|"]
+    head = "| procs | layout | tables | dense dp | schedule | compression | dp mode | accumulate | precision | clip | result |"
+    rows = [head, "|" + "---|" * 11]
     for cell in CELLS:
-        rows.append(f"| `{cell.id}` | {cell.world_size} | trains | {'exact' if cell.exact else 'approximate'} |")
+        rows.append(_row(cell, _STATUS.get(cell.id, "not run")))
+    refused = [head, "|" + "---|" * 11]
     for cell in REFUSED:
-        rows.append(f"| `{cell.id}` | {cell.world_size} | refused | {comp.expected_refusal(cell).splitlines()[0][:160]} |")
-    path.write_text("\n".join(rows) + "\n")
+        where = "construction" if comp.construction_refusal(cell) is not None else "setup"
+        message = " ".join(comp.expected_refusal(cell).split())[:150].replace("|", "/")
+        status = _STATUS.get(cell.id, "refused at " + where)
+        refused.append(_row(cell, f"{status}: {message}"))
+    text = (path.read_text().split("<!-- matrix:start -->")[0] if path.exists() else "# Composition matrix\n\n")
+    path.write_text(
+        text + "<!-- matrix:start -->\n" + f"{len(CELLS)} trained cells, {len(REFUSED)} refused cells "
+        f"(`LH_WRITE_MATRIX=1 make test PYTEST_ARGS='-k composition'`).\n\n### Trained\n\n" + "\n".join(rows)
+        + "\n\n### Refused\n\n" + "\n".join(refused) + "\n"
+    )
