@@ -198,14 +198,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "resumes_proven": sum(1 for r in rows if r["resumed_loss_matches"]),
         "reference_seconds": reference["seconds"], "rows": rows,
     }
-    print("\n| job | killed rank | after step | completed | steps lost | restarts | mismatched tensors | bit-identical | max abs diff | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| job | killed rank | after step | completed | resumed at step | its loss = uninterrupted | steps lost | restarts | "
+          "mismatched tensors | bit-identical | max abs diff | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['job']} | {r['killed_rank']} | {r['killed_after_step']} | {r['completed']} | {r['steps_lost']} | "
-              f"{r['restarts']} | {r['mismatched_tensors']} | {r['bit_identical']} | {r['max_abs_diff']} | {r['seconds']} |")
+        print(f"| {r['job']} | {r['killed_rank']} | {r['killed_after_step']} | {r['completed']} | {r['resumed_at_step']} | "
+              f"{r['resumed_loss_matches']} | {r['steps_lost']} | {r['restarts']} | {r['mismatched_tensors']} | {r['bit_identical']} | "
+              f"{r['max_abs_diff']} | {r['seconds']} |")
     print(f"\n{summary['completed']}/{args.jobs} jobs completed, {summary['mismatches']} with weights different from "
           f"the uninterrupted run (beyond float rounding), {summary['bit_identical']} bit-identical, "
-          f"{summary['steps_lost_total']} steps trained twice in all.")
+          f"{summary['steps_lost_total']} steps trained twice in all; {summary['resumes_proven']}/{args.jobs} restarted attempts "
+          "began at the step after the last checkpoint with the uninterrupted run's loss there.")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2))
     return summary

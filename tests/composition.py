@@ -26,11 +26,24 @@ from typing import Any
 
 import torch
 
+LAYOUTS = {  # name -> (dp, tp, pp)
+    "dp2": (2, 1, 1),
+    "tp2": (1, 2, 1),
+    "pp2": (1, 1, 2),
+    "dp2xtp2": (2, 2, 1),
+    "pp2xdp2": (2, 1, 2),
+    "tp2xpp2": (1, 2, 2),
+    # only in planner cells (layouts the planner emits for 4 devices), not a pairwise axis value
+    "dp4": (4, 1, 1),
+    "pp4": (1, 1, 4),
+}
+PAIRWISE_LAYOUTS = ("dp2", "tp2", "pp2", "dp2xtp2", "pp2xdp2", "tp2xpp2")
+
 #: The axes and their values, first value = the default.
 AXES: dict[str, tuple[Any, ...]] = {
     "tables": ("row_wise", "table_wise", "column_wise", "data_parallel", "replicated"),
     "dense": ("ddp", "fsdp"),
-    "layout": ("dp2", "tp2", "pp2", "dp2xtp2", "pp2xdp2", "tp2xpp2"),
+    "layout": PAIRWISE_LAYOUTS,
     "schedule": ("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble"),
     "compression": ("none", "fp16", "powersgd", "topk", "sign"),
     "dp_mode": ("sync", "local_sgd", "async"),
@@ -39,14 +52,6 @@ AXES: dict[str, tuple[Any, ...]] = {
     "clip": (0.0, 0.05),
 }
 
-LAYOUTS = {  # name -> (dp, tp, pp)
-    "dp2": (2, 1, 1),
-    "tp2": (1, 2, 1),
-    "pp2": (1, 1, 2),
-    "dp2xtp2": (2, 2, 1),
-    "pp2xdp2": (2, 1, 2),
-    "tp2xpp2": (1, 2, 2),
-}
 
 STEPS = 3
 USERS = 24  # one optimizer step per epoch: the global batch is every user
@@ -54,6 +59,8 @@ DATA = dict(format="synthetic", max_len=8, synthetic_users=USERS, synthetic_item
 MODEL = dict(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
 LOCAL_SGD_PERIOD = STEPS  # the replicas average at the last step, so their final weights agree
 ASYNC_STALENESS = 1
+#: the reference model as the planner sees it (planner.ModelSpec fields)
+PLANNER_SPEC = dict(num_items=30, d_model=16, num_blocks=4, num_heads=2, seq_len=8, global_batch=USERS, mlp_ratio=2)
 
 
 @dataclass(frozen=True)
@@ -93,8 +100,10 @@ class Cell:
             parts.append("bf16")
         if self.clip:
             parts.append("clip")
-        if self.plan != "manual":
-            parts.append(f"plan-{self.plan}")
+        if self.plan == "auto":
+            parts.append("plan-auto")
+        elif self.plan == "planner":
+            parts.append("planned-layout")
         return "-".join(parts)
 
     def normalized(self) -> Cell:
@@ -123,7 +132,7 @@ class Cell:
             kwargs["embedding_sharding"] = {"item_id": self.tables}
         if pp > 1:
             kwargs["pipeline_schedule"] = self.schedule
-            kwargs["pipeline_microbatches"] = 2
+            kwargs["pipeline_microbatches"] = max(2, pp)  # (1F1B needs at least one per stage)
             if self.schedule in ("interleaved_1f1b", "zero_bubble"):
                 kwargs["pipeline_virtual_stages"] = 2
         if self.compression not in (None, "none"):
@@ -136,8 +145,8 @@ class Cell:
             kwargs["data_parallel_mode"] = self.dp_mode
             kwargs["local_sgd_period"] = LOCAL_SGD_PERIOD
             kwargs["async_staleness"] = ASYNC_STALENESS
-        if self.plan != "manual":
-            kwargs = {"plan": self.plan, "cluster": "cpu-2core", "timeout_s": 120.0}
+        if self.plan == "auto":
+            kwargs = {"plan": "auto", "cluster": "cpu-2core", "timeout_s": 120.0}
         return kwargs
 
     @property
@@ -213,9 +222,10 @@ def generate_cells() -> tuple[list[Cell], list[Cell]]:
     for cell in accepted:
         possible |= _pairs(cell)
     # greedy covering: the accepted cell that covers most uncovered pairs (ties: fewer processes)
-    uncovered = set(possible)
+    # the triples users run first; the greedy covers what they leave; then the planner's layouts
+    chosen: list[Cell] = list(EXTRA_CELLS)
+    uncovered = set(possible) - set().union(*(_pairs(c) for c in chosen))
     pool = list(accepted)
-    chosen: list[Cell] = []
     while uncovered:
         best = max(pool, key=lambda c: (len(_pairs(c) & uncovered), -c.world_size))
         chosen.append(best)
@@ -226,10 +236,37 @@ def generate_cells() -> tuple[list[Cell], list[Cell]]:
         for pair in _pairs(cell) - possible:
             impossible.setdefault(pair, cell)
     refused = list(dict.fromkeys(impossible.values()))
-    for cell in EXTRA_CELLS:
-        if cell not in chosen:
-            chosen.append(cell)
+    chosen += [c for c in planner_cells(chosen) if c not in chosen]
     return chosen, refused
+
+
+def planner_cells(chosen: list[Cell]) -> list[Cell]:
+    """A cell for every layout the planner can emit for the reference model on 2 and 4 devices
+    (dp x tp x pp, table replicated or row-wise, compression) whose placement of weights no cell of
+    ``chosen`` has (layout and table sharding decide which rank holds which weights; compression
+    and microbatches only change how gradients travel): each must save the weights it trained."""
+    import dataclasses as dc
+
+    from lightning_hybrid.planner import load_cluster
+    from lightning_hybrid.planner.cost import CostModel, ModelSpec
+    from lightning_hybrid.planner.search import candidate_layouts
+
+    by_degrees = {v: k for k, v in LAYOUTS.items()}
+    have = {(c.layout, c.tables) for c in chosen}
+    spec = ModelSpec(**PLANNER_SPEC)
+    out = []
+    for world in (2, 4):
+        cost = CostModel(dc.replace(load_cluster("cpu-2core"), nodes=1, devices_per_node=world))
+        for layout in candidate_layouts(spec, world):
+            name = by_degrees.get((layout.dp, layout.tp, layout.pp))
+            if cost.validate(spec, layout) is not None or name is None:
+                continue
+            tables = "replicated" if layout.table == "replicated" else "row_wise"
+            if (name, tables) in have:
+                continue
+            have.add((name, tables))
+            out.append(Cell(layout=name, tables=tables, compression=layout.compression, plan="planner").normalized())
+    return out
 
 
 #: triples users run (tables + tp + pp, tables + pp + compression), the layouts the planner emits
@@ -284,7 +321,7 @@ def _delayed_gradients(staleness: int, table_ids: set[int]) -> Any:
     return Delay()
 
 
-def reference(cell: Cell) -> dict[str, Any]:
+def reference(cell: Cell, steps: int = STEPS) -> dict[str, Any]:
     """Single process, same model, data, global batch, precision, clipping and accumulation."""
     warnings.simplefilter("ignore")
     os.environ.pop("PL_GLOBAL_SEED", None)
@@ -294,19 +331,51 @@ def reference(cell: Cell) -> dict[str, Any]:
     model = _model()
     record = _record()
     callbacks = [record]
-    if cell.dp_mode == "async":
-        callbacks.append(_delayed_gradients(ASYNC_STALENESS, {id(p) for p in model.item_tables.parameters()}))
+    if cell.dp_mode == "async":  # sharded tables stay synchronous; replicated ones are dense weights like any other
+        synchronous = {id(p) for p in model.item_tables.parameters()} if table_is_sharded(cell) else set()
+        callbacks.append(_delayed_gradients(ASYNC_STALENESS, synchronous))
     if cell.clip and not table_is_sharded(cell):
         model.clip_tables = True
     trainer = quiet_trainer(
-        devices=1, max_epochs=STEPS, limit_val_batches=0, gradient_clip_val=cell.clip or None, precision=cell.precision,
+        devices=1, max_epochs=steps, limit_val_batches=0, gradient_clip_val=cell.clip or None, precision=cell.precision,
         accumulate_grad_batches=cell.accumulate, callbacks=callbacks,
     )
     trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=USERS // cell.accumulate))
     return {"losses": record.losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def _run_one(cell: Cell, checkpoint: str) -> dict[str, Any]:
+def resume_cells(cells: list[Cell]) -> list[Cell]:
+    """The cells whose checkpoint is loaded into another layout: the first cell of each (layout,
+    tables) pair whose arithmetic is exact and whose per-rank state a new layout may drop (sync;
+    unclipped, since clipping reaches replicated tables and not fused ones)."""
+    seen, out = set(), []
+    for cell in cells:
+        key = (cell.layout, cell.tables)
+        plain = cell.dp_mode in (None, "sync") and cell.accumulate == 1 and not cell.clip and cell.plan == "manual"
+        if cell.exact and plain and key not in seen:
+            seen.add(key)
+            out.append(cell)
+    return out
+
+
+def resume_target(cell: Cell) -> Cell:
+    """Another layout on 2 processes for ``cell``'s checkpoint (tables resharded too)."""
+    if cell.layout == "dp2":
+        return replace(cell, layout="pp2", schedule="gpipe", compression=None, dp_mode=None, dense="ddp",
+                       tables="table_wise" if cell.tables != "table_wise" else "row_wise").normalized()
+    return replace(cell, layout="dp2", schedule=None, tables="row_wise" if cell.tables != "row_wise" else "table_wise",
+                   compression="none", dp_mode="sync").normalized()
+
+
+def run_resumes(cells: list[Cell], directory: str) -> dict[str, Any]:
+    """Rank function (2 processes): each cell's checkpoint resumed in `resume_target` for one more step."""
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    return {cell.id: _run_one(resume_target(cell), os.path.join(directory, f"{cell.id}-resumed"), steps=STEPS + 1,
+                              ckpt_path=os.path.join(directory, cell.id)) for cell in cells}
+
+
+def _run_one(cell: Cell, checkpoint: str, steps: int = STEPS, ckpt_path: str | None = None) -> dict[str, Any]:
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.checkpoint import full_state_dict
     from lightning_hybrid.data.sequences import SequenceDataModule
@@ -319,11 +388,11 @@ def _run_one(cell: Cell, checkpoint: str) -> dict[str, Any]:
     try:
         strategy = HybridStrategy(**cell.strategy_kwargs())
         trainer = quiet_trainer(
-            strategy=strategy, devices=cell.world_size, max_epochs=STEPS, limit_val_batches=0,
+            strategy=strategy, devices=cell.world_size, max_epochs=steps, limit_val_batches=0,
             gradient_clip_val=cell.clip or None, precision=cell.precision, accumulate_grad_batches=cell.accumulate,
             callbacks=[record],
         )
-        trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=USERS // (cell.accumulate * dp)))
+        trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=USERS // (cell.accumulate * dp)), ckpt_path=ckpt_path)
     except (ValueError, TypeError, NotImplementedError) as error:
         return {"refused": str(error)}
     trainer.save_checkpoint(checkpoint)

@@ -35,14 +35,41 @@ def _world_results(world: int) -> dict[str, Any]:
 
 
 @functools.cache
-def _reference(cell: comp.Cell) -> dict[str, Any]:
-    return comp.reference(cell)
+def _reference(cell: comp.Cell, steps: int = comp.STEPS) -> dict[str, Any]:
+    return comp.reference(cell, steps)
+
+
+RESUMED = comp.resume_cells(CELLS)
+
+
+@functools.cache
+def _resume_results() -> dict[str, Any]:
+    for world in sorted({c.world_size for c in RESUMED}):
+        _world_results(world)  # the checkpoints to resume from
+    return run_distributed(comp.run_resumes, 2, RESUMED, _DIR, init_process_group=False, timeout_s=600, pg_timeout_s=120)
+
+
+@pytest.mark.parametrize("cell", RESUMED, ids=lambda c: c.id)
+def test_checkpoint_loads_into_another_layout(cell: comp.Cell) -> None:
+    """The cell's checkpoint, resumed in another layout (other degrees, tables resharded), takes the
+    next step exactly as one process trained for one step more."""
+    ranks = [rank[cell.id] for rank in _resume_results()]
+    result = ranks[0]
+    assert "refused" not in result, result.get("refused")
+    reference = _reference(_reference_key(cell), comp.STEPS + 1)
+    assert len(result["losses"]) == 1  # it resumed at step 4 and took one step, not four from scratch
+    dp, tp, _pp = result["degrees"]
+    mean = sum(ranks[d * tp]["losses"][0] for d in range(dp)) / dp  # each replica reports its shard's loss
+    assert_close(torch.tensor([mean]), torch.tensor(reference["losses"][-1:]), rtol=1e-4, atol=1e-5)
+    for key, value in reference["state"].items():
+        assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def _reference_key(cell: comp.Cell) -> comp.Cell:
     # what the single-process reference depends on
+    replicated_matters = cell.clip or cell.dp_mode == "async"  # (clipping and async delay reach replicated tables)
     return comp.Cell(
-        tables="replicated" if not comp.table_is_sharded(cell) and cell.clip else "row_wise",
+        tables="replicated" if not comp.table_is_sharded(cell) and replicated_matters else "row_wise",
         accumulate=cell.accumulate, precision=cell.precision, clip=cell.clip,
         dp_mode="async" if cell.dp_mode == "async" else None,
     )
@@ -140,7 +167,8 @@ def _matrix_doc() -> Any:
 
 def _row(cell: comp.Cell, result: str) -> str:
     dp, tp, pp = cell.degrees
-    values = [cell.layout if cell.plan == "manual" else "planned", cell.tables, cell.dense, cell.schedule or "-",
+    layout = {"manual": cell.layout, "planner": f"{cell.layout} (planner's)", "auto": "plan='auto'"}[cell.plan]
+    values = [layout, cell.tables, cell.dense, cell.schedule or "-",
               cell.compression or "-", cell.dp_mode or "-", str(cell.accumulate), cell.precision, "yes" if cell.clip else "-"]
     return f"| {cell.world_size} | " + " | ".join(values) + f" | {result} |"
 

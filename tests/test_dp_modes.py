@@ -130,3 +130,38 @@ def test_async_mode_converges_and_keeps_replicas_identical() -> None:
         assert last_async < 2.0 * last_sync + 1e-3, (last_async, last_sync)  # close to synchronous training
     for a, b in zip(stale[0]["weights"], stale[1]["weights"], strict=True):
         assert_close(a, b)  # every replica applied the same stale averages
+
+
+def _delayed_sgd_reference(steps: int, staleness: int, lr: float = 0.05) -> list[torch.Tensor]:
+    """One process, the global batch (both ranks' shards), SGD that applies at step t the gradient
+    computed at step t - staleness (nothing before): what async mode promises."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16 * 2 * steps, 16, generator=g)
+    y = x @ torch.randn(16, generator=g) + 0.01 * torch.randn(len(x), generator=g)
+    pending: list[list[torch.Tensor]] = []
+    for t in range(steps):
+        # DistributedSampler(shuffle=False, 2 replicas): step t's global batch is rows 32t .. 32t+31
+        xb, yb = x[32 * t : 32 * (t + 1)], y[32 * t : 32 * (t + 1)]
+        net.zero_grad()
+        torch.nn.functional.mse_loss(net(xb).squeeze(-1), yb).backward()
+        pending.append([p.grad.detach().clone() for p in net.parameters()])
+        if len(pending) > staleness:
+            old = pending.pop(0)
+            with torch.no_grad():
+                for p, grad in zip(net.parameters(), old, strict=True):
+                    p -= lr * grad
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_async_mode_applies_the_gradient_of_s_steps_earlier() -> None:
+    """Staleness 2: the weights equal a one-process SGD run that applies each global-batch
+    gradient two steps late, and differ from synchronous training (so the test can fail)."""
+    steps, staleness = 6, 2
+    stale = run_distributed(_fit_regression, 2, {"data_parallel_mode": "async", "async_staleness": staleness}, steps, init_process_group=False, timeout_s=180)
+    sync = run_distributed(_fit_regression, 2, {}, steps, init_process_group=False, timeout_s=180)
+    reference = _delayed_sgd_reference(steps, staleness)
+    for got, want in zip(stale[0]["weights"], reference, strict=True):
+        assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(sync[0]["weights"], reference, strict=True)) > 1e-3

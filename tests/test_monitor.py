@@ -244,7 +244,7 @@ def test_table_parameters_are_left_out_of_model_flops() -> None:
     from lightning_hybrid.callbacks.monitor import _table_parameter_names
 
     class Strategy:
-        _sharded_modules = {"sharded": None}
+        sharded_modules = {"sharded": None}
 
     model = nn.Module()
     model.item = nn.Embedding(10, 4)

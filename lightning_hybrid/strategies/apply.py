@@ -171,3 +171,20 @@ def apply_clipping(
         )
 
     plugin.clip_grad_by_norm = clip_grad_by_norm  # (Lightning's plugin owns clipping; only the norm changes)
+
+
+def check_loss_scaling(plugin: Any, *, pipelined: bool, world_size: int) -> None:
+    """fp16 loss scaling (precision="16-mixed"): refused under pipelining; otherwise every rank
+    must skip the same steps (shards overflow on one rank only: `lightning_hybrid.parallel.amp`)."""
+    scaler = getattr(plugin, "scaler", None)
+    if scaler is None:
+        return
+    if pipelined:
+        raise ValueError(
+            "HybridStrategy(pipeline_parallel > 1) does not support precision='16-mixed' (fp16 loss scaling is not "
+            "wired into the pipeline schedule). Use precision='bf16-mixed' or '32-true'."
+        )
+    if world_size > 1:
+        from lightning_hybrid.parallel.amp import synchronize_found_inf
+
+        synchronize_found_inf(scaler)

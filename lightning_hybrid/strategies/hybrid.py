@@ -70,7 +70,8 @@ from lightning_hybrid.strategies.options import (
     args_doc,
     validate,
 )
-from lightning_hybrid.strategies.tables import ShardedTables, apply_embedding_sharding
+from lightning_hybrid.strategies.steps import PipelineStep
+from lightning_hybrid.strategies.tables import ShardedTables, apply_embedding_sharding, sharding_spec
 
 try:
     from lightning_hybrid.parallel import embedding as emb
@@ -155,16 +156,13 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
     def _reset_step_state(self) -> None:
         self._names_by_id: dict[int, str] | None = None
         self._replica_checked_epoch = -1
-        self._stashed_grads: dict[torch.nn.Parameter, Tensor] = {}
         self._skip_backward = False
         self._grad_sync_blocked = False
         self._shard_templates: dict[str, Any] | None = None
         self.tp_bytes_last_step = 0
         self.embedding_bytes_last_step = 0
 
-    # ------------------------------------------------------------------------------------------
-    # Public state (what callbacks, the balancer and users read)
-    # ------------------------------------------------------------------------------------------
+    # -- Public state (what callbacks, the balancer and users read) ----------------------------------
 
     @property
     def options(self) -> HybridOptions:
@@ -242,9 +240,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False  # load_checkpoint restores optimizers itself (shard-aware)
 
-    # ------------------------------------------------------------------------------------------
-    # Processes
-    # ------------------------------------------------------------------------------------------
+    # -- Processes -----------------------------------------------------------------------------------
 
     @override
     def _configure_launcher(self) -> None:
@@ -310,9 +306,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
         rank_zero_only.rank = fabric_rank_zero_only.rank = self.global_rank
 
-    # ------------------------------------------------------------------------------------------
-    # Model and optimizers: the apply order (module docstring)
-    # ------------------------------------------------------------------------------------------
+    # -- Model and optimizers: the apply order (module docstring) ------------------------------------
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -333,17 +327,18 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         # 2. embedding sharding
         if options.embedding.shard_embeddings and emb is not None and not self._tables.modules:
             self._tables = apply_embedding_sharding(
-                model, spec=self._sharding_spec(), trainer=trainer, fitting=fitting, device=self.root_device,
+                model, spec=sharding_spec(options.embedding), trainer=trainer, fitting=fitting, device=self.root_device,
                 local_world_size=self.num_processes or None, validate_inputs=options.reliability.validate_inputs,
                 layout=layout, mesh=self.device_mesh, replica_group=self._replica_pg,
             )
         sharded = list(self._tables.modules)
         # 3. pipeline stages
         if layout.pipeline_parallel > 1 and self._pipeline is None:
-            self._pipeline, self._pipeline_spec, self.balance_report = apply.apply_pipeline(
+            self._pipeline, spec, self.balance_report = apply.apply_pipeline(
                 model, options=options, mesh=self.device_mesh, device=self.root_device, sharded=sharded,
                 first_batch=lambda: self.batch_to_device(next(iter(_train_loader(trainer)))),
             )
+            self._pipeline_step = PipelineStep(self._pipeline, spec)
         # 4. data parallelism over the dense rest
         if fitting:
             self.model, self._exchange = apply.apply_data_parallel(
@@ -362,16 +357,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None and self._pipeline is not None:
-            raise ValueError(
-                "HybridStrategy(pipeline_parallel > 1) does not support precision='16-mixed' (fp16 loss scaling is not "
-                "wired into the pipeline schedule). Use precision='bf16-mixed' or '32-true'."
-            )
-        if scaler is not None and self.world_size > 1:
-            from lightning_hybrid.parallel.amp import synchronize_found_inf
-
-            synchronize_found_inf(scaler)  # shards overflow on one rank only: every rank skips alike
+        apply.check_loss_scaling(self.precision_plugin, pipelined=self._pipeline is not None, world_size=self.world_size)
         if fitting:
             from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
@@ -380,13 +366,6 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
                 self.precision_plugin, tables=self._tables, layout=layout, options=options, mesh=self.device_mesh,
                 runner=self._pipeline, clip_val=trainer.gradient_clip_val,
             )
-
-    def _sharding_spec(self) -> Any:
-        e = self._options.embedding
-        return emb.EmbeddingShardingSpec(
-            sharding_types=dict(e.embedding_sharding or {}), compute_kernels=dict(e.embedding_kernels or {}),
-            constraints=dict(e.embedding_constraints or {}), memory_per_rank_bytes=e.embedding_memory_per_rank,
-        )
 
     def _unwrapped_optimizers(self) -> list[Optimizer]:
         return [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
@@ -407,9 +386,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         assert self.model is not None
         self.model.to(self.root_device)
 
-    # ------------------------------------------------------------------------------------------
-    # Steps
-    # ------------------------------------------------------------------------------------------
+    # -- Steps ---------------------------------------------------------------------------------------
 
     def _is_fsdp(self) -> bool:
         from torch.distributed.fsdp import FSDPModule
@@ -422,9 +399,6 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         with context:
             return self._forward_redirection(self.lightning_module, self.lightning_module, method, *args, **kwargs)
 
-    def _log_step_metric(self, name: str, value: float) -> None:
-        self.lightning_module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
-
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         module = self.lightning_module
@@ -432,20 +406,21 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             # fbgemm reads the learning rate at forward time: LR schedulers must reach it now
             emb_optim.sync_fused_learning_rates(self._tables.fused_optimizers_by_table(), self._tables.choice, self._unwrapped_optimizers())
         # bytes of the previous optimizer step (logging is allowed here, not in optimizer_step)
-        if self._exchange is not None and self._exchange.compressor.counter.total:
-            self._log_step_metric("comm/dp_bytes_per_step", self.comm_bytes_last_step)
-        if module.trainer.global_step > 0:
-            if self._tp_bytes is not None:
-                self._log_step_metric("comm/tp_bytes_per_step", self.tp_bytes_last_step)
-            if self._tables.byte_counter is not None:  # torchrec's all-to-alls of the previous step, fwd and bwd
-                self._log_step_metric("comm/embedding_bytes_per_step", self.embedding_bytes_last_step)
+        for name, value, known in (
+            ("comm/dp_bytes_per_step", self.comm_bytes_last_step, self._exchange is not None and self._exchange.compressor.counter.total),
+            ("comm/tp_bytes_per_step", self.tp_bytes_last_step, self._tp_bytes is not None and module.trainer.global_step > 0),
+            ("comm/embedding_bytes_per_step", self.embedding_bytes_last_step,  # torchrec's all-to-alls, fwd and bwd
+             self._tables.byte_counter is not None and module.trainer.global_step > 0),
+        ):
+            if known:
+                module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
         self._skip_backward = False
         epoch = module.trainer.current_epoch
         if self._options.reliability.validate_inputs and self._replica_pg is not None and self._replica_checked_epoch != epoch:
             self._replica_checked_epoch = epoch
             checks.check_replica_batch(args[0] if args else next(iter(kwargs.values())), self._replica_pg, self.root_device)
         if self._pipeline is not None:
-            return self._pipeline_training_step(*args, **kwargs)
+            return self._pipeline_step.run(self.lightning_module, self.precision_plugin, args[0], self._check_loss)
         with self._loss_parallel_context():
             if self._is_fsdp():
                 output = self._through_fsdp_root("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
@@ -464,7 +439,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         )
         if self._skip_backward:
             self.skipped_steps += 1
-            self._log_step_metric("train/skipped_steps", self.skipped_steps)
+            self.lightning_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
         return self._skip_backward
 
     def _loss_parallel_context(self) -> Any:
@@ -477,43 +452,12 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
-        if self._pipeline is not None:
-            # the schedule ran forward and backward inside training_step; Lightning zeroed the
-            # gradients in between, so they come back now, between the precision plugin's
-            # pre- and post-backward hooks (on_before_backward / on_after_backward fire as usual)
-            module = self.lightning_module
-            self.pre_backward(closure_loss)
-            closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-            pipeline.add_stashed(self._stashed_grads)
-            self._stashed_grads = {}
-            closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-            self.post_backward(closure_loss)
-            return closure_loss
+        if self._pipeline is not None:  # the schedule ran backward already (strategies.steps)
+            return self._pipeline_step.hand_over(self, closure_loss)
         if self._skip_backward:
             return closure_loss  # nonfinite_loss="skip": no gradients, so the optimizer changes nothing
         with self._loss_parallel_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    def _pipeline_training_step(self, batch: Any, *args: Any, **kwargs: Any) -> Tensor:
-        assert self._pipeline is not None
-        size = pipeline.batch_size_of(batch)
-        params = list(self.lightning_module.parameters())
-        before = pipeline.set_aside_gradients(params)
-        with self.precision_plugin.train_step_context():
-            # Lightning divides the returned loss by the accumulated batches before backward; the
-            # schedule backpropagates itself, so it applies the same factor
-            loss = self._pipeline.train_step(
-                batch, size, loss_scale=1.0 / self.lightning_module.trainer.accumulate_grad_batches, skip_lookup_backward=self._check_loss
-            )
-        # nonfinite_loss="skip": this batch's gradients are dropped here (and kept out of the tables)
-        self._stashed_grads = pipeline.stash_gradients(params, before, keep=not self._skip_backward)
-        module = self.lightning_module
-        if self._pipeline_spec.log_name:
-            module.log(self._pipeline_spec.log_name, loss, prog_bar=True, batch_size=size)
-        metrics = self._pipeline.stage_metrics()  # per-stage busy time, bubble, imbalance (collective)
-        if not self._pipeline.last_step.get("first_time"):
-            module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=size)
-        return loss
 
     def _eval_step(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
         if self._is_fsdp():
@@ -581,9 +525,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
                 self.lightning_module.set_requires_gradient_sync(True)  # type: ignore[operator]
             self._grad_sync_blocked = False
 
-    # ------------------------------------------------------------------------------------------
-    # Collectives
-    # ------------------------------------------------------------------------------------------
+    # -- Collectives ---------------------------------------------------------------------------------
 
     @override
     def barrier(self, name: str | None = None) -> None:
@@ -608,9 +550,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
-    # ------------------------------------------------------------------------------------------
-    # Errors and teardown
-    # ------------------------------------------------------------------------------------------
+    # -- Errors and teardown -------------------------------------------------------------------------
 
     @override
     def on_exception(self, exception: BaseException) -> None:

@@ -34,6 +34,7 @@ class ShardedTables:
     choice: Any = None  # emb_optim.TableOptimizerChoice (fitting only)
     dp_table_params: list[torch.nn.Parameter] = field(default_factory=list)
     byte_counter: Any = None
+    _fused_by_table: dict[str, Any] | None = None  # fixed once sharded; read every step
 
     def fused_param_ids(self) -> set[int]:
         if self.choice is None:
@@ -46,18 +47,31 @@ class ShardedTables:
         }
 
     def fused_optimizers_by_table(self) -> dict[str, Any]:
+        if self._fused_by_table is not None:
+            return self._fused_by_table
         found: dict[str, Any] = {}
         for module in self.modules.values():
             fused = getattr(module, "fused_optimizer", None)
             for _name, opt in getattr(fused, "optimizers", []) if fused is not None else []:
                 for key in getattr(opt, "params", {}):
                     found[key.split(".")[-2]] = opt
+        self._fused_by_table = found
         return found
 
     def close(self) -> None:
         if self.byte_counter is not None:
             self.byte_counter.close()
             self.byte_counter = None
+
+
+def sharding_spec(options: Any) -> Any:
+    """The `EmbeddingShardingSpec` of the strategy's `EmbeddingOptions`."""
+    from lightning_hybrid.parallel.embedding import EmbeddingShardingSpec
+
+    return EmbeddingShardingSpec(
+        sharding_types=dict(options.embedding_sharding or {}), compute_kernels=dict(options.embedding_kernels or {}),
+        constraints=dict(options.embedding_constraints or {}), memory_per_rank_bytes=options.embedding_memory_per_rank,
+    )
 
 
 def _stateful(optimizers: list[Any]) -> bool:

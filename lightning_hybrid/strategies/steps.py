@@ -1,0 +1,62 @@
+"""A training step under pipelining, inside Lightning's automatic optimization.
+
+Lightning's closure runs ``training_step``, then ``zero_grad``, then ``backward``; a pipeline
+schedule runs forward *and* backward inside ``training_step``. `PipelineStep.run` therefore sets
+the gradients already there aside, runs the schedule, and stashes this step's gradients;
+`PipelineStep.hand_over` (the strategy's ``backward``) adds them back between the strategy's and
+the precision plugin's pre- and post-backward hooks, so ``on_before_backward`` /
+``on_after_backward`` fire as in any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_hybrid.parallel import pipeline
+
+
+class PipelineStep:
+    def __init__(self, runner: pipeline.PipelineRunner, spec: pipeline.PipelineSpec) -> None:
+        self.runner = runner
+        self.spec = spec
+        self.stash: dict[torch.nn.Parameter, Tensor] = {}
+
+    def run(self, module: Any, precision_plugin: Any, batch: Any, check_loss: Callable[[Tensor], bool]) -> Tensor:
+        """Forward and backward of ``batch`` through the schedule; returns the step's loss.
+        ``check_loss(loss) -> skip`` is the NaN/inf policy (a skipped batch keeps no gradients)."""
+        size = pipeline.batch_size_of(batch)
+        params = list(module.parameters())
+        before = pipeline.set_aside_gradients(params)
+        skipped = False
+
+        def check(loss: Tensor) -> bool:
+            nonlocal skipped
+            skipped = check_loss(loss)
+            return skipped
+
+        with precision_plugin.train_step_context():
+            # Lightning divides the returned loss by the accumulated batches before backward; the
+            # schedule backpropagates itself, so it applies the same factor
+            loss = self.runner.train_step(batch, size, loss_scale=1.0 / module.trainer.accumulate_grad_batches, skip_lookup_backward=check)
+        self.stash = pipeline.stash_gradients(params, before, keep=not skipped)
+        if self.spec.log_name:
+            module.log(self.spec.log_name, loss, prog_bar=True, batch_size=size)
+        metrics = self.runner.stage_metrics()  # per-stage busy time, bubble, imbalance (collective)
+        if not self.runner.last_step.get("first_time"):
+            module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def hand_over(self, strategy: Any, closure_loss: Tensor) -> Tensor:
+        """The strategy's ``backward``: this step's gradients return, between the hooks."""
+        module = strategy.lightning_module
+        strategy.pre_backward(closure_loss)
+        closure_loss = strategy.precision_plugin.pre_backward(closure_loss, module)
+        pipeline.add_stashed(self.stash)
+        self.stash = {}
+        closure_loss = strategy.precision_plugin.post_backward(closure_loss, module)
+        strategy.post_backward(closure_loss)
+        return closure_loss
