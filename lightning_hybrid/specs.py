@@ -10,13 +10,17 @@ state (and a type checker verify) what it provides:
   and after them), used with ``pipeline_parallel > 1``;
 - `PlannableModel.planner_spec(global_batch)` -> `lightning_hybrid.planner.ModelSpec`, used by
   ``plan="auto"`` for models other than the reference recommender.
+
+Also here, for models to use: `pipeline_runner(module)` (the runner evaluation code calls under a
+pipeline) and `reference_plan` (the tensor-parallel plan of `CausalSelfAttentionBlock` stacks).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from lightning_hybrid.parallel.pipeline import PipelineSpec
+from lightning_hybrid.parallel.pipeline import PipelineSpec, pipeline_runner
+from lightning_hybrid.parallel.tensor import StyleName, reference_plan
 
 if TYPE_CHECKING:
     from lightning_hybrid.planner.cost import ModelSpec
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class TensorParallelModel(Protocol):
-    def tensor_parallel_plan(self) -> dict[str, str]: ...
+    def tensor_parallel_plan(self) -> dict[str, StyleName]: ...
 
 
 @runtime_checkable
@@ -37,4 +41,6 @@ class PlannableModel(Protocol):
     def planner_spec(self, global_batch: int) -> ModelSpec: ...
 
 
-__all__ = ["PipelineModel", "PipelineSpec", "PlannableModel", "TensorParallelModel"]
+__all__ = [
+    "PipelineModel", "PipelineSpec", "PlannableModel", "StyleName", "TensorParallelModel", "pipeline_runner", "reference_plan",
+]

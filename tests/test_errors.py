@@ -177,3 +177,31 @@ def test_user_error_on_one_rank_ends_every_rank_with_that_error() -> None:
     assert ranks[1]["type"] == "KeyError" and "user bug in training_step" in ranks[1]["message"]
     assert ranks[0]["type"] is not None and "rank 1 failed first with: KeyError" in ranks[0]["message"], ranks[0]
     assert max(r["seconds"] for r in ranks) < 30
+
+
+def _column_wise_multi_shard_adam() -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    from lightning_hybrid import HybridStrategy
+    from tests.helpers import TinyRec, loader, quiet_trainer
+
+    model = TinyRec(optimizer="adam", dim=64)
+    # 64 columns in shards of 16: four shards on two ranks, two on each
+    constraints = {"t_item": ParameterConstraints(sharding_types=["column_wise"], min_partition=16)}
+    strategy = HybridStrategy(embedding_constraints=constraints, embedding_kernels={"t_item": "dense"})
+    trainer = quiet_trainer(strategy=strategy, devices=2, max_steps=2)
+    try:
+        trainer.fit(model, train_dataloaders=loader(8, n=32, ranks=2))
+    except ValueError as error:
+        return {"error": str(error), "steps": len(model.losses)}
+    return {"error": None, "steps": len(model.losses)}
+
+
+def test_column_wise_table_with_several_shards_per_rank_and_adam_is_refused_at_setup() -> None:
+    """Its optimizer state could not be checkpointed: refused before the first step, on every rank,
+    instead of failing at the first save_checkpoint."""
+    for result in run_distributed(_column_wise_multi_shard_adam, 2, init_process_group=False, timeout_s=120):
+        assert result["steps"] == 0
+        assert result["error"] is not None and "'t_item' is column_wise with several shards on one rank" in result["error"]
+        assert "row_wise" in result["error"]  # the fix

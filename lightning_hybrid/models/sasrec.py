@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
 from lightning_hybrid.optim import GroupedOptimizer
-from lightning_hybrid.parallel.pipeline import pipeline_runner
+from lightning_hybrid.specs import PipelineSpec, pipeline_runner, reference_plan
 
 try:
     with warnings.catch_warnings():
@@ -368,7 +368,6 @@ class SASRec(pl.LightningModule):
 
     def pipeline_spec(self) -> Any:
         """How HybridStrategy(pipeline_parallel > 1) runs this model (see lightning_hybrid.parallel.pipeline)."""
-        from lightning_hybrid.parallel.pipeline import PipelineSpec
 
         if self.hparams.text_tower:
             raise ValueError(
@@ -388,7 +387,6 @@ class SASRec(pl.LightningModule):
 
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
-        from lightning_hybrid.parallel.tensor import reference_plan
 
         hp = self.hparams
         plan = reference_plan("blocks", sequence_parallel=hp.sequence_parallel, num_blocks=hp.num_blocks)
