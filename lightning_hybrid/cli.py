@@ -21,9 +21,20 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_hybrid  # noqa: F401 - registers strategy="hybrid"
 
+USAGE = """usage: lightning-hybrid {fit,validate,test,predict,convert,plan} ...
+
+  fit, validate, test, predict   LightningCLI subcommands (-c recipe.yaml; `lightning-hybrid fit --help`
+                                 lists every option, HybridStrategy's included)
+  convert SRC DST                sharded checkpoint directory <-> one Lightning checkpoint file
+  plan -c recipe.yaml            rank the parallel layouts of a recipe on a cluster (--cluster, --out)
+
+See the module docstring of lightning_hybrid.cli and docs/getting-started.md.
+"""
+
 
 class HybridCLI(LightningCLI):
-    """LightningCLI whose defaults suit multi-process CPU/GPU runs of this package."""
+    """LightningCLI whose defaults suit multi-process CPU/GPU runs of this package (module level:
+    the spawn launcher pickles it by reference)."""
 
     def before_instantiate_classes(self) -> None:
         # one thread per rank unless the user chose otherwise: ranks share the machine's cores
@@ -33,6 +44,9 @@ class HybridCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
     argv = sys.argv[1:] if args is None else args
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return
     if argv and argv[0] == "convert":
         from lightning_hybrid.checkpoint import convert_main
 

@@ -1,8 +1,13 @@
 """Ranking metrics for full-ranking evaluation: HR@K, NDCG@K, MRR, summed across ranks.
 
-The rank of the held-out item is the number of candidates scored strictly higher than it
-(ties resolve in the item's favour, the convention of the SASRec evaluation code). With one
-relevant item per user: HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2), MRR = 1/(rank + 1).
+The rank of the held-out item is the number of *other* candidates scored at least as high as it:
+ties count against the target. So a model that scores every item alike (collapsed, or all NaN
+turned constant) ranks each target last and gets HR = NDCG = MRR ~ 0, never 1; the SASRec
+evaluation code's convention (only strictly higher scores count) would rate it perfect, and
+checkpoint selection on such a metric keeps exactly the broken model. Ties of a working model
+(bf16 scores) lower its figures slightly, which is the safe direction; score in fp32 to avoid
+them. NaN scores are an error. With one relevant item per user: HR@K = [rank < K],
+NDCG@K = [rank < K] / log2(rank + 2), MRR = 1/(rank + 1).
 """
 
 from __future__ import annotations
@@ -14,9 +19,18 @@ import torchmetrics
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of ``targets`` (shape [B]) among ``scores`` (shape [B, V]); -inf scores never outrank."""
+    """0-based rank of ``targets`` (shape [B]) among ``scores`` (shape [B, V]): the other items scored
+    at least as high (ties against the target; -inf scores of masked items only tie a -inf target).
+    Raises ValueError on NaN scores."""
+    if torch.isnan(scores).any():
+        rows = torch.isnan(scores).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"target_ranks: the scores of {len(rows)} of {scores.shape[0]} users contain NaN (rows {rows[:5]}); a "
+            "ranking of NaN means nothing. The model diverged or its input was bad: check the loss, lower the "
+            "learning rate, or use HybridStrategy(nonfinite_loss='stop')."
+        )
     target_scores = scores.gather(1, targets.view(-1, 1))
-    return (scores > target_scores).sum(dim=1)
+    return (scores >= target_scores).sum(dim=1) - 1
 
 
 class RankingMetrics(torchmetrics.Metric):

@@ -123,3 +123,12 @@ def test_two_dimensional_fit_through_the_cli(tmp_path: Path) -> None:
 def test_pipeline_fit_through_the_cli(tmp_path: Path) -> None:
     """recipes/pipeline.yaml, shrunk: pp=2 x dp=2 on 4 processes, balanced split, sharded item table."""
     _fit_shrunk_recipe("pipeline.yaml", tmp_path, batch_size=8)
+
+
+def test_top_level_help_lists_every_subcommand(capsys: Any) -> None:
+    from lightning_hybrid.cli import main
+
+    main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "convert", "plan"):
+        assert command in out

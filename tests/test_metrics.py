@@ -8,10 +8,30 @@ import torch
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
 
 
-def test_ranks_count_strictly_higher_scores() -> None:
+def test_ranks_count_higher_and_tied_scores_against_the_target() -> None:
     scores = torch.tensor([[float("-inf"), 0.9, 0.1, 0.5], [float("-inf"), 0.2, 0.2, 0.7]])
-    assert target_ranks(scores, torch.tensor([3, 1])).tolist() == [1, 1]
+    assert target_ranks(scores, torch.tensor([3, 1])).tolist() == [1, 2]  # item 1 of row 2 ties item 2: counted above
     assert target_ranks(scores, torch.tensor([1, 3])).tolist() == [0, 0]
+
+
+def test_a_constant_model_scores_zero_not_one() -> None:
+    """Every item scored the same (a collapsed model): each target ranks last, so the metrics are
+    ~0; counting only strictly higher scores would have rated it HR = NDCG = MRR = 1."""
+    scores = torch.zeros(4, 101)
+    ranks = target_ranks(scores, torch.tensor([1, 5, 50, 100]))
+    assert ranks.tolist() == [100, 100, 100, 100]
+    metric = RankingMetrics(ks=[10])
+    metric.update(ranks)
+    out = metric.compute()
+    assert out["hr@10"].item() == 0.0 and out["ndcg@10"].item() == 0.0
+    assert out["mrr"].item() == pytest.approx(1 / 101)
+
+
+def test_nan_scores_are_an_error() -> None:
+    scores = torch.rand(3, 10)
+    scores[1, 4] = float("nan")
+    with pytest.raises(ValueError, match="contain NaN \\(rows \\[1\\]\\)"):
+        target_ranks(scores, torch.tensor([1, 2, 3]))
 
 
 def test_metric_values_by_hand() -> None:
