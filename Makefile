@@ -13,10 +13,10 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): requirements/$(ACCEL).txt pyproject.toml
+$(STAMP): requirements/$(ACCEL).txt requirements/hf.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/$(ACCEL).txt
+	$(PY) -m pip install -q -r requirements/$(ACCEL).txt -r requirements/hf.txt
 	# torchrec's metadata asks for the CUDA fbgemm wheel and torchmetrics 1.0.3: skip its deps.
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

@@ -27,7 +27,9 @@ class TensorParallelApplied:
 
 
 def apply_tensor_parallel(model: torch.nn.Module, mesh: DeviceMesh, plan: dict[str, str] | None, degree: int) -> TensorParallelApplied:
-    """Step 1: split the blocks by ``plan`` (default: the module's ``tensor_parallel_plan()``)."""
+    """Step 1: split the blocks by ``plan``; without one, by the module's ``tensor_parallel_plan()``,
+    else by the ``base_model_tp_plan`` of the Hugging Face models it holds (`parallel.hf`)."""
+    from lightning_hybrid.parallel import hf
     from lightning_hybrid.parallel.tensor import apply_tensor_parallel as apply_plan
     from lightning_hybrid.parallel.tensor import count_tensor_parallel_bytes, uses_loss_parallel
 
@@ -35,13 +37,17 @@ def apply_tensor_parallel(model: torch.nn.Module, mesh: DeviceMesh, plan: dict[s
         make_plan = getattr(model, "tensor_parallel_plan", None)
         if make_plan is None and data_parallel.has_dtensor_parameters(model):
             return TensorParallelApplied()  # the module split itself in configure_model (self.device_mesh["tp"])
-        if make_plan is None:
+        plan = make_plan() if make_plan is not None else hf.tensor_parallel_plan_of(model)
+        if plan is None:
             raise ValueError(
                 f"HybridStrategy(tensor_parallel={degree}) needs a plan: pass tensor_parallel_plan={{'pattern': "
-                f"'colwise'|'rowwise', ...}}, define {type(model).__name__}.tensor_parallel_plan(), or split the module "
-                "yourself in configure_model() with self.device_mesh['tp']."
+                f"'colwise'|'rowwise', ...}}, define {type(model).__name__}.tensor_parallel_plan(), hold a Hugging Face "
+                "model whose config has a base_model_tp_plan, or split the module yourself in configure_model() with "
+                "self.device_mesh['tp']."
             )
-        plan = make_plan()
+        if make_plan is None:
+            hf.check_divisible(model, degree)
+            rank_zero_info(f"HybridStrategy(tensor_parallel={degree}): the Hugging Face models' own plan: {plan}")
     apply_plan(model, mesh["tp"], plan)
     return TensorParallelApplied(uses_loss_parallel(plan), count_tensor_parallel_bytes(model, plan, degree))
 

@@ -1,0 +1,118 @@
+"""Tier 2: a user's own Hugging Face backbone under HybridStrategy, no plan written by the user.
+
+The module is written the way a Hugging Face user writes one: a ``transformers`` decoder built
+from a tiny random config and fed ``inputs_embeds``, item ids in a torchrec
+``EmbeddingCollection``, a linear head over the items. With ``tensor_parallel=2`` the strategy
+splits the backbone by its config's own ``base_model_tp_plan``; the losses and parameters after
+the steps must equal one process, for three architectures. Skipped where ``transformers`` (an
+optional extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lightning_hybrid.testing import run_distributed
+
+pytest.importorskip("transformers", reason="transformers is an optional extra (pip install -r requirements/hf.txt)")
+
+ARCHS = ("llama", "qwen2", "mistral")
+DATA = dict(format="synthetic", max_len=8, synthetic_users=16, synthetic_items=30, synthetic_min_len=10, synthetic_max_len=10, seed=2)
+
+
+def _module_class() -> type:
+    import lightning.pytorch as pl
+    import transformers
+    from torch import nn
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    class HFRec(pl.LightningModule):
+        def __init__(self, arch: str, num_items: int = 30, hidden: int = 16) -> None:
+            super().__init__()
+            config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[arch]
+            config = config_class(
+                hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=8, max_position_embeddings=16, attn_implementation="eager",
+            )
+            torch.manual_seed(0)
+            self.backbone = transformers.AutoModel.from_config(config)
+            self.items = EmbeddingCollection(
+                tables=[EmbeddingConfig(name="item_table", embedding_dim=hidden, num_embeddings=num_items + 1, feature_names=["item"])]
+            )
+            self.head = nn.Linear(hidden, num_items + 1)
+
+        def forward(self, items: torch.Tensor) -> torch.Tensor:
+            batch, length = items.shape
+            kjt = KeyedJaggedTensor.from_lengths_sync(
+                keys=["item"], values=items.reshape(-1), lengths=torch.full((batch,), length, dtype=torch.int32)
+            )
+            embeds = self.items(kjt)["item"].values().view(batch, length, -1)
+            hidden = self.backbone(inputs_embeds=embeds, attention_mask=(items > 0).long()).last_hidden_state
+            return self.head(hidden)
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            logits = self(batch["input"])
+            return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1), ignore_index=0)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return HFRec
+
+
+def _fit(arch: str, strategy_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import LossRecorder, quiet_trainer
+
+    model = _module_class()(arch)
+    recorder = LossRecorder()
+    common = dict(max_epochs=3, limit_val_batches=0, callbacks=[recorder])
+    if strategy_kwargs is None:
+        trainer = quiet_trainer(devices=1, **common)
+    else:
+        trainer = quiet_trainer(strategy=HybridStrategy(**strategy_kwargs), devices=2, **common)
+    trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=16))
+    state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": recorder.losses, "state": state}
+
+
+def _fit_all(strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {arch: _fit(arch, strategy_kwargs) for arch in ARCHS}
+
+
+def test_the_backbone_s_own_plan_is_found_and_translated() -> None:
+    from lightning_hybrid.parallel.hf import tensor_parallel_plan_of
+
+    plan = tensor_parallel_plan_of(_module_class()("llama"))
+    assert plan is not None
+    assert plan["backbone.layers.*.self_attn.q_proj"] == "colwise"
+    assert plan["backbone.layers.*.self_attn.o_proj"] == "rowwise"
+    assert plan["backbone.layers.*.mlp.down_proj"] == "rowwise"
+    assert len(plan) == 7
+
+
+@pytest.fixture(scope="module")
+def tp2_results() -> list[dict[str, Any]]:
+    return run_distributed(_fit_all, 2, {"tensor_parallel": 2, "embedding_sharding": {"item_table": "row_wise"}}, init_process_group=False, timeout_s=600)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tensor_parallel_from_the_model_s_own_plan_matches_one_process(arch: str, tp2_results: list[dict[str, Any]]) -> None:
+    reference = _fit(arch, None)
+    for rank in tp2_results:
+        assert_close(torch.tensor(rank[arch]["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
+    state = tp2_results[0][arch]["state"]
+    assert set(state) == set(reference["state"])
+    for key, value in reference["state"].items():
+        assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
