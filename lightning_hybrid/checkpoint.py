@@ -385,7 +385,9 @@ def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} is not a lightning_hybrid checkpoint directory (expected {META_FILENAME} and DCP "
             f".metadata inside). Point ckpt_path at a directory written by HybridStrategy."
         )
-    return torch.load(path / META_FILENAME, weights_only=False)
+    # map_location: meta.pt written on a GPU may hold CUDA tensors (Lightning's loop or callback
+    # state); `convert` and serving read it on CPU-only hosts
+    return torch.load(path / META_FILENAME, map_location="cpu", weights_only=False)
 
 
 def saved_keys(path: str | os.PathLike[str]) -> set[str]:

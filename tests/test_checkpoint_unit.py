@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,3 +110,23 @@ def test_host_copy_of_a_sharded_table_places_its_metadata_on_the_cpu() -> None:
     assert result["device"] == "cpu"
     assert result["placements"] == ["cpu", "cpu"]
     assert float(result["value"][0, 0]) == 0.0
+
+
+def test_meta_is_read_onto_the_cpu(tmp_path: Path, monkeypatch: Any) -> None:
+    """meta.pt written on a GPU host may hold CUDA tensors: reading it (convert, serving on a
+    CPU-only host) maps them to the CPU."""
+    import torch
+
+    from lightning_hybrid import checkpoint as ckpt
+
+    (tmp_path / ckpt.META_FILENAME).write_bytes(b"")
+    (tmp_path / ".metadata").write_bytes(b"")
+    seen = {}
+
+    def fake_load(path: Any, **kwargs: Any) -> dict:
+        seen.update(kwargs)
+        return {"ok": True}
+
+    monkeypatch.setattr(torch, "load", fake_load)
+    assert ckpt.load_meta(tmp_path) == {"ok": True}
+    assert seen.get("map_location") == "cpu"

@@ -179,3 +179,19 @@ def test_hierarchical_reduction_within_then_across_nodes() -> None:
         assert topk["intra"] == 4 * n and topk["inter"] < n and topk["total"] == topk["intra"] + topk["inter"]
         for got, other in zip(topk["grads"], ranks[0]["topk"]["grads"], strict=True):
             assert_close(got, other)  # every rank decodes the same average
+
+
+def _large_fp16_sum() -> list[float]:
+    from lightning_hybrid.comm import GradientCompression
+    from lightning_hybrid.comm.compress import CastCompressor
+
+    # two ranks with gradients near fp16's limit: their sum (80000) overflows, their mean does not
+    grad = torch.full((8,), 40000.0)
+    CastCompressor(GradientCompression(method="fp16"), None, reduce_on_wire=True).reduce([grad])  # (gloo reduces fp16 too)
+    return grad.tolist()
+
+
+def test_low_precision_reduction_sums_averages_not_gradients() -> None:
+    """The NCCL path (one all-reduce in fp16) divides before it sums: no overflow at 65504."""
+    for result in run_distributed(_large_fp16_sum, 2, timeout_s=60):
+        assert result == [40000.0] * 8

@@ -252,11 +252,19 @@ class NoCompression(Compressor):
 
 
 class CastCompressor(Compressor):
-    """fp16 / bf16 on the wire (no error feedback: the rounding is unbiased enough in practice)."""
+    """fp16 / bf16 on the wire (no error feedback: the rounding is unbiased enough in practice).
 
-    def __init__(self, config: GradientCompression, group: dist.ProcessGroup | None = None) -> None:
+    ``reduce_on_wire``: sum in the wire dtype with one all-reduce (default on NCCL, which reduces
+    fp16/bf16 natively) instead of gathering and summing in fp32 (gloo). The gradients are divided
+    by the world size *before* the cast, so the low-precision sum is of averages: a sum of
+    world-size gradients could pass fp16's 65504 (and with precision="16-mixed" the gradients are
+    loss-scaled) where each average does not.
+    """
+
+    def __init__(self, config: GradientCompression, group: dist.ProcessGroup | None = None, *, reduce_on_wire: bool | None = None) -> None:
         super().__init__(config, group)
         self.dtype = torch.float16 if config.method == "fp16" else torch.bfloat16
+        self.reduce_on_wire = reduce_on_wire
 
     def reduce(
         self, grads: list[torch.Tensor], key: str = "grads", *, names: list[str] | None = None, iteration: int | None = None
@@ -264,12 +272,12 @@ class CastCompressor(Compressor):
         grads = [g for g in grads if g is not None]
         if self.world == 1 or not grads:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.dtype)
-        if dist.get_backend(self.group) == "nccl":
+        on_wire = self.reduce_on_wire if self.reduce_on_wire is not None else dist.get_backend(self.group) == "nccl"
+        flat = torch.cat([g.reshape(-1).float() for g in grads]).div_(self.world).to(self.dtype)
+        if on_wire:
             total = self.all_reduce_sum(flat).float()
         else:  # gloo: no low-precision reduction; gather and sum in fp32
             total = torch.stack([p.float() for p in self.all_gather(flat)]).sum(0)
-        total /= self.world
         offset = 0
         for g in grads:
             g.copy_(total[offset : offset + g.numel()].view_as(g))

@@ -1,0 +1,98 @@
+"""First contact: launch-to-first-step and steady per-step time, HybridStrategy vs Lightning's DDP.
+
+The same ordinary LightningModule (a small causal transformer over item sequences, the item table
+in a torchrec ``EmbeddingCollection``, SGD) trains on the same synthetic data on 2 CPU processes,
+each variant in a fresh interpreter started by this script, one after the other in one run:
+
+  ddp_spawn: ``Trainer(strategy="ddp_spawn")``: the table is a replicated dense weight under DDP;
+  hybrid:    ``Trainer(strategy=HybridStrategy(launcher="spawn"))``: the table sharded row-wise.
+
+"launch to first step" is wall time from starting the interpreter to the end of the first
+training step (imports, process start, process group, sharding, the first step); "per step" is
+the median of the later steps. Ratios hybrid / ddp_spawn are printed.
+
+    python benchmarks/first_contact.py             # ~2 min on 2 cores; writes JSON
+    python benchmarks/first_contact.py --smoke     # what the test suite runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"full": {"users": 2048, "items": 2000, "steps": 40, "d_model": 64}, "smoke": {"users": 64, "items": 50, "steps": 3, "d_model": 16}}
+VARIANTS = ("ddp_spawn", "hybrid")
+
+
+def _child(variant: str, size: str, out: str, started: float) -> None:
+    """Runs in a fresh interpreter: train, record step end times, write them to ``out``."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    import lightning.pytorch as pl
+
+    from benchmarks.first_contact_module import PlainSGD, Times
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+
+    cfg = SIZES[size]
+    model = PlainSGD(num_items=cfg["items"], max_len=20, d_model=cfg["d_model"], num_blocks=2, num_heads=2, dropout=0.0)
+    data = SequenceDataModule(format="synthetic", max_len=20, batch_size=32, synthetic_users=cfg["users"],
+                              synthetic_items=cfg["items"], synthetic_min_len=5, synthetic_max_len=40, seed=0)
+    strategy: Any = "ddp_spawn" if variant == "ddp_spawn" else HybridStrategy(launcher="spawn", embedding_sharding={"item_id": "row_wise"}, monitor=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=cfg["steps"], limit_val_batches=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Times(out, started)])
+    trainer.fit(model, datamodule=data)
+
+
+def run_variant(variant: str, size: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        started = time.time()
+        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.first_contact import _child; _child({variant!r}, {size!r}, {out!r}, {started!r})"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise SystemExit(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        times = json.loads(Path(out).read_text())
+    ends = times["ends"]
+    steps = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    return {
+        "launch_to_first_step_s": ends[0] - times["started"],
+        "per_step_ms": 1e3 * statistics.median(steps[len(steps) // 4 :]) if steps else float("nan"),
+        "total_s": ends[-1] - times["started"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "first_contact.json")
+    args = parser.parse_args(argv)
+    size = "smoke" if args.smoke else "full"
+    results = {variant: run_variant(variant, size) for variant in VARIANTS}
+    ratios = {k: results["hybrid"][k] / results["ddp_spawn"][k] for k in results["hybrid"]}
+    summary = {"command": "python benchmarks/first_contact.py" + (" --smoke" if args.smoke else ""), "size": SIZES[size],
+               "results": results, "hybrid_over_ddp_spawn": ratios}
+    print("| variant | launch to first step (s) | per step (ms) | total (s) |")
+    print("|---|---|---|---|")
+    for variant, r in results.items():
+        print(f"| {variant} | {r['launch_to_first_step_s']:.1f} | {r['per_step_ms']:.1f} | {r['total_s']:.1f} |")
+    print(f"| hybrid / ddp_spawn | {ratios['launch_to_first_step_s']:.2f}x | {ratios['per_step_ms']:.2f}x | {ratios['total_s']:.2f}x |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
