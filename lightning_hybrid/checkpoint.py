@@ -51,12 +51,14 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
     rank = dist.get_rank() if dist.is_initialized() else 0
     full: dict[str, torch.Tensor] = {}
     mine: dict[str, torch.Tensor] = {}  # whole (non-table) entries of this rank
+    gather_device = _collective_device()
     for key, value in module.state_dict().items():
         if isinstance(value, ShardedTensor):
-            out = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+            # NCCL gathers device tensors only: the whole table lands on dst's device, then the CPU
+            out = torch.empty(value.size(), dtype=value.dtype, device=gather_device) if rank == dst else None
             value.gather(dst=dst, out=out)
             if rank == dst:
-                full[key] = out  # type: ignore[assignment]
+                full[key] = out.cpu()  # type: ignore[union-attr]
         elif isinstance(value, DTensor):
             mine[key] = value.full_tensor().detach().cpu().clone()  # a Replicate full_tensor() is the live local tensor
         elif isinstance(value, torch.Tensor):
@@ -74,6 +76,13 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
                 for key, value in (part or {}).items():
                     full.setdefault(key, value)
     return full
+
+
+def _collective_device() -> torch.device:
+    """Where tensors handed to the default group's collectives must live (NCCL: this rank's GPU)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------

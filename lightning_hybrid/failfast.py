@@ -7,6 +7,11 @@ every other rank polls the store and, if the main thread has not failed by itsel
 period (gloo raises promptly once the failed process exits; NCCL may not), prints the remote error
 and ends the process. A rank whose own collective broke because of the remote failure re-raises
 with the remote error attached, so every rank's log names the real cause.
+
+A lost store is a failure too: under ``env://`` rank 0 hosts the store, and if it dies hard
+(SIGKILL, OOM) nobody can publish anything, while NCCL collectives may wait for the full
+timeout. When the store stays unreachable for ``grace_s``, the watcher ends the process with a
+message that says so.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class FailFast:
         self._stop = threading.Event()
         self._failed_locally = False
         self._thread: threading.Thread | None = None
+        self._unreachable_since: float | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="lightning_hybrid-failfast", daemon=True)
@@ -68,19 +74,37 @@ class FailFast:
     def remote_error(self) -> tuple[int, str] | None:
         """(rank, message) of the first rank that failed, if another rank did."""
         try:
-            if not self._store.check([_failed_key(self.namespace)]):
+            found = self._store.check([_failed_key(self.namespace)])
+            self._unreachable_since = None
+            if not found:
                 return None
             rank = int(self._store.get(_failed_key(self.namespace)).decode())
             if rank == self.rank:
                 return None
             return rank, self._store.get(_error_key(self.namespace, rank)).decode()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - the store is unreachable (its host may be gone)
+            if self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
             return None
+
+    def store_lost(self) -> bool:
+        """Whether the store has been unreachable for longer than ``grace_s``."""
+        return self._unreachable_since is not None and time.monotonic() - self._unreachable_since > self.grace_s
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             remote = self.remote_error()
-            if remote is None or self._failed_locally:
+            if self._failed_locally:
+                continue
+            if remote is None and self.store_lost():
+                sys.stderr.write(
+                    f"[lightning_hybrid] rank {self.rank}: stopping because the job's store has been unreachable for "
+                    f"{self.grace_s:.0f} s: the rank that hosts it (rank 0 under env://, or torchrun's agent) has most "
+                    "likely died without an error (killed, out of memory). Its own log or the launcher's says why.\n"
+                )
+                sys.stderr.flush()
+                os._exit(1)
+            if remote is None:
                 continue
             rank, message = remote
             deadline = time.monotonic() + self.grace_s

@@ -205,3 +205,44 @@ def test_column_wise_table_with_several_shards_per_rank_and_adam_is_refused_at_s
         assert result["steps"] == 0
         assert result["error"] is not None and "'t_item' is column_wise with several shards on one rank" in result["error"]
         assert "row_wise" in result["error"]  # the fix
+
+
+_LOST_STORE_RANK = """
+import os, sys, time
+import torch.distributed as dist
+from lightning_hybrid.failfast import FailFast
+dist.init_process_group("gloo")
+watcher = FailFast(rank=dist.get_rank(), namespace="lost-store", grace_s=2.0, poll_s=0.1)
+watcher.start()
+dist.barrier()
+if dist.get_rank() == 0:
+    os._exit(9)  # SIGKILL-like: no error published, and the store it hosts is gone
+time.sleep(60)  # busy, or stuck in an NCCL collective: only the watcher can end it
+sys.exit(0)
+"""
+
+
+def test_a_lost_store_ends_the_other_ranks() -> None:
+    """Rank 0 hosts the store under env:// and dies without a word: rank 1 stops by itself
+    within about grace_s, saying the store is gone, not at the 30-minute collective timeout."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lightning_hybrid.testing import find_free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port()), "WORLD_SIZE": "2", "PYTHONWARNINGS": "ignore"}
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _LOST_STORE_RANK], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        _out, err = procs[1].communicate(timeout=45)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert procs[1].returncode == 1, err[-2000:]
+    assert "the job's store has been unreachable" in err
+    assert time.monotonic() - started < 40
