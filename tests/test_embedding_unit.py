@@ -115,14 +115,37 @@ def test_dense_fallback_with_reason(make, device: str, accumulate: int, reason: 
     assert reason in choice.dense_reasons["t_user"]
 
 
-def test_adam_is_fused_on_cuda_with_fbgemm_names() -> None:
+def test_adam_on_cuda_keeps_torch_s_rule_unless_the_lazy_fused_adam_is_chosen() -> None:
+    """fbgemm's fused Adam is lazy (only looked-up rows move): never chosen silently."""
     model = TinyRec()
     adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-7)
     choice = emb_optim.choose_table_optimizers(
         optimizers=[adam], table_weights=_weights(model), device_type="cuda", accumulate_grad_batches=1, forced_kernels={}
     )
+    assert choice.kernels["t_user"] == "dense" and "lazy Adam" in choice.dense_reasons["t_user"]
+    forced = {t: "fused" for t in _weights(model)}
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[adam], table_weights=_weights(model), device_type="cuda", accumulate_grad_batches=1, forced_kernels=forced
+    )
     assert choice.fused["t_user"].optimizer_class is trec_optim.Adam
     assert choice.fused["t_user"].kwargs == {"lr": 1e-3, "beta1": 0.8, "beta2": 0.95, "eps": 1e-7}
+
+
+def test_lazy_adam_refuses_torch_adam_weight_decay_and_decouples_adamw_s() -> None:
+    model = TinyRec()
+    forced = {t: "fused" for t in _weights(model)}
+    with pytest.raises(ValueError, match="adds an L2 term to the gradient"):
+        emb_optim.choose_table_optimizers(
+            optimizers=[torch.optim.Adam(model.parameters(), weight_decay=0.1)], table_weights=_weights(model),
+            device_type="cuda", accumulate_grad_batches=1, forced_kernels=forced,
+        )
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[torch.optim.AdamW(model.parameters(), weight_decay=0.1)], table_weights=_weights(model),
+        device_type="cuda", accumulate_grad_batches=1, forced_kernels=forced,
+    )
+    assert choice.fused["t_user"].kwargs["weight_decay_mode"] == WeightDecayMode.DECOUPLE
 
 
 def test_forcing_fused_for_an_impossible_optimizer_is_an_error() -> None:

@@ -5,8 +5,14 @@ the user's torch optimizer never sees them; with nothing configured fbgemm silen
 SGD at lr 0.01. Here we read which torch optimizer and parameter group holds each table, and:
 
 * translate it to the equivalent fbgemm optimizer where one exists with the *same* update rule on
-  this device (SGD without momentum/decay; Adagrad without lr decay; Adam/AdamW on CUDA), and
-  later forward the group's learning rate so LR schedulers reach the fused tables;
+  this device (SGD without momentum/decay; Adagrad without lr decay), and later forward the
+  group's learning rate so LR schedulers reach the fused tables;
+* Adam/AdamW on CUDA only when asked for (``embedding_kernels={table: "fused"}``): fbgemm's fused
+  Adam is a *lazy* Adam, not torch's rule. It updates only the rows a batch looked up, so the
+  moments of untouched rows do not decay and those rows do not move (torch's Adam moves every row
+  with a non-zero moment every step), and it applies weight decay inside that update (decoupled,
+  AdamW-style), so torch ``Adam(weight_decay=...)`` (an L2 term in the gradient) has no fused
+  equivalent and is refused. By default these tables use the dense kernel and torch's optimizer;
 * otherwise choose the "dense" kernel for that table: it keeps ``.grad``, so the user's own
   optimizer updates the table exactly (slower and more memory for very large tables). A warning
   names each such table and the reason, e.g. fbgemm has no fused Adam on CPU.
@@ -52,10 +58,17 @@ class TableOptimizerChoice:
     dense_reasons: dict[str, str]
 
 
+LAZY_ADAM = (
+    "fbgemm's fused Adam is a lazy Adam (it updates only the rows a batch looks up; untouched rows' moments do not "
+    "decay), not torch's update rule; set embedding_kernels={table: 'fused'} to choose it"
+)
+
+
 def _translate(
-    optimizer: Optimizer, group: Mapping[str, Any], device_type: str
+    optimizer: Optimizer, group: Mapping[str, Any], device_type: str, *, allow_lazy: bool = False
 ) -> tuple[type[Optimizer], dict[str, Any]] | str:
-    """Return the fbgemm-equivalent optimizer class and kwargs, or a reason why there is none."""
+    """Return the fbgemm optimizer class and kwargs with torch's rule (or, with ``allow_lazy``,
+    fbgemm's lazy Adam for Adam/AdamW on CUDA), or a reason why there is none."""
     name = type(optimizer).__name__
     lr = float(group["lr"])
     if group.get("maximize", False):
@@ -71,17 +84,23 @@ def _translate(
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         if device_type != "cuda":
             return f"fbgemm has no fused {name} on {device_type} (only SGD and Adagrad variants run fused on CPU)"
+        if not allow_lazy:
+            return LAZY_ADAM
         if group.get("amsgrad", False):
             return "fbgemm's fused Adam has no amsgrad"
         beta1, beta2 = group["betas"]
         kwargs: dict[str, Any] = {"lr": lr, "beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"])}
         weight_decay = float(group.get("weight_decay", 0.0))
+        if weight_decay and type(optimizer) is torch.optim.Adam:
+            return (
+                f"torch Adam(weight_decay={weight_decay}) adds an L2 term to the gradient, while fbgemm's lazy Adam applies "
+                "weight decay inside its update (decoupled); use AdamW for the table, or weight_decay=0"
+            )
         if weight_decay:
-            from fbgemm_gpu.split_embedding_configs import WeightDecayMode
+            from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode  # (fbgemm 1.8)
 
             kwargs["weight_decay"] = weight_decay
-            decoupled = type(optimizer) is torch.optim.AdamW
-            kwargs["weight_decay_mode"] = WeightDecayMode.DECOUPLE if decoupled else WeightDecayMode.L2
+            kwargs["weight_decay_mode"] = WeightDecayMode.DECOUPLE
         return trec_optim.Adam, kwargs
     return f"{name} has no fused fbgemm equivalent"
 
@@ -123,7 +142,7 @@ def choose_table_optimizers(
         if table in data_parallel_tables:
             kernels[table] = DENSE
             continue
-        translated = _translate(optimizer, optimizers[opt_idx].param_groups[group_idx], device_type)
+        translated = _translate(optimizer, optimizers[opt_idx].param_groups[group_idx], device_type, allow_lazy=forced == FUSED)
         if table in sequence_tables:
             # torchrec 1.8's dense kernel for EmbeddingCollection corrupts memory or fails on
             # CPU ("Split sizes doesn't match"): these tables must run fused.
@@ -137,8 +156,8 @@ def choose_table_optimizers(
             if why is not None:
                 raise ValueError(
                     f"EmbeddingCollection table {table!r} can only use torchrec's fused kernel (its dense kernel is "
-                    f"broken in torchrec 1.8), but {why}. Give the table an SGD or Adagrad optimizer (Adam/AdamW on "
-                    f"CUDA), e.g. configure_optimizers returning lightning_hybrid.optim.GroupedOptimizer(["
+                    f"broken in torchrec 1.8), but {why}. Give the table an SGD or Adagrad optimizer (on CUDA also "
+                    f"Adam/AdamW with embedding_kernels={{{table!r}: 'fused'}}: fbgemm's lazy Adam), e.g. configure_optimizers returning lightning_hybrid.optim.GroupedOptimizer(["
                     f"Adam(dense_params), Adagrad(table_params)]), and keep accumulate_grad_batches=1."
                 )
         if forced == DENSE:
@@ -149,7 +168,7 @@ def choose_table_optimizers(
                 raise ValueError(
                     f"HybridStrategy(embedding_kernels={{{table!r}: 'fused'}}) is impossible: the table's optimizer "
                     f"is {type(optimizer).__name__} and {translated}. Use an SGD/Adagrad group for the table "
-                    f"(Adam on CUDA), or let the strategy use the dense kernel."
+                    f"(AdamW or Adam without weight decay on CUDA), or let the strategy use the dense kernel."
                 )
             kernels[table] = DENSE
             reasons[table] = translated
