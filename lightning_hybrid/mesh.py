@@ -68,3 +68,23 @@ def data_parallel_node_groups(mesh: DeviceMesh, local_world_size: int) -> tuple[
             if me in ranks:
                 mine = groups
     return mine
+
+
+def separate_data_parallel_group(mesh: DeviceMesh) -> torch.distributed.ProcessGroup:
+    """A process group of this rank's dp ranks of its own, apart from the mesh's: collectives
+    left in flight on it (async data parallelism) do not hold up the others (on NCCL, work on one
+    communicator runs in order: an all-to-all queued behind an unfinished all-reduce waits for
+    it). Collective: every rank creates every dp group's copy, in order."""
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    mine = None
+    grid = mesh.mesh  # [pp, dp, tp]
+    for p in range(grid.shape[0]):
+        for t in range(grid.shape[2]):
+            ranks = [int(r) for r in grid[p, :, t]]
+            group = dist.new_group(ranks)
+            if me in ranks:
+                mine = group
+    assert mine is not None
+    return mine

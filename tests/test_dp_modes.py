@@ -165,3 +165,28 @@ def test_async_mode_applies_the_gradient_of_s_steps_earlier() -> None:
     for got, want in zip(stale[0]["weights"], reference, strict=True):
         assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert max(float((a - b).abs().max()) for a, b in zip(sync[0]["weights"], reference, strict=True)) > 1e-3
+
+
+def _async_group() -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from lightning_hybrid.comm.exchange import DenseExchange
+    from lightning_hybrid.mesh import build_device_mesh
+    from lightning_hybrid.plan import ParallelPlan
+
+    mesh = build_device_mesh(ParallelPlan(data_parallel=2, tensor_parallel=2), "cpu")
+    param = torch.nn.Parameter(torch.ones(3))
+    exchange = DenseExchange.build(mesh=mesh, compression=None, mode="async", local_world_size=4, explicit_params=[param])
+    group = exchange.stale.group
+    return {
+        "ranks": dist.get_process_group_ranks(group),
+        "dp_ranks": dist.get_process_group_ranks(mesh["dp"].get_group()),
+        "separate": group is not mesh["dp"].get_group() and group is not dist.group.WORLD,
+    }
+
+
+def test_async_all_reduces_run_on_a_group_of_their_own() -> None:
+    """In flight for s steps, they must not hold up the other collectives (NCCL runs a
+    communicator's work in order): the same ranks as the dp axis, another group."""
+    for result in run_distributed(_async_group, 4, timeout_s=60):
+        assert result["separate"] and result["ranks"] == result["dp_ranks"]

@@ -124,9 +124,10 @@ class BugOnRank1(TinyRec):
         return super().training_step(batch, batch_idx)
 
 
-def _nonfinite(policy: str) -> dict[str, Any]:
+def _nonfinite(policy: str, precision: str = "32-true", dense_tables: bool = False) -> dict[str, Any]:
     """4 steps, NaN loss on rank 1 at step 2: what each rank saw, and which steps changed the weights."""
     import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
 
     warnings.simplefilter("ignore")
     changed: list[bool] = []
@@ -140,11 +141,16 @@ def _nonfinite(policy: str) -> dict[str, Any]:
 
     torch.manual_seed(0)
     model = BugOnRank1() if policy == "user_error" else NaNOnRank1()
-    kwargs = {} if policy == "user_error" else {"nonfinite_loss": policy}
+    kwargs: dict[str, Any] = {} if policy == "user_error" else {"nonfinite_loss": policy}
+    if dense_tables:
+        kwargs["embedding_kernels"] = {t: "dense" for t in ("t_user", "t_item", "t_category")}
     strategy = HybridStrategy(failure_grace_s=5.0, embedding_sharding={"t_user": "row_wise", "t_item": "table_wise"}, **kwargs)
     start = time.monotonic()
     try:
-        quiet_trainer(strategy=strategy, devices=2, max_steps=4, callbacks=[Watch()]).fit(model, train_dataloaders=loader(8, n=64, ranks=2))
+        # (Lightning turns precision="16-mixed" into bf16 on CPU; the plugin itself runs fp16 with a GradScaler)
+        amp: dict[str, Any] = {"plugins": [MixedPrecision("16-mixed", "cpu")]} if precision == "16-mixed" else {"precision": precision}
+        trainer = quiet_trainer(strategy=strategy, devices=2, max_steps=4, callbacks=[Watch()], **amp)
+        trainer.fit(model, train_dataloaders=loader(8, n=64, ranks=2))
     except BaseException as err:  # noqa: BLE001
         return {"type": type(err).__name__, "message": str(err), "seconds": time.monotonic() - start, "changed": changed}
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -164,6 +170,23 @@ def test_nonfinite_loss_skip_drops_the_step_on_every_rank() -> None:
         assert result["type"] is None, result
         assert result["changed"] == [True, True, False, True]  # step 2 left the weights as they were
         assert result["finite"] and result["skipped"] == 1
+
+
+def test_nonfinite_loss_skip_under_fp16_loss_scaling() -> None:
+    """precision='16-mixed': the NaN step's backward runs and GradScaler skips it on every rank
+    (without gradients it would raise 'No inf checks were recorded')."""
+    for result in run_distributed(_nonfinite, 2, "skip", "16-mixed", True, init_process_group=False, timeout_s=120):
+        assert result["type"] is None, result
+        assert result["changed"] == [True, True, False, True]
+        assert result["finite"] and result["skipped"] == 1
+
+
+def test_fp16_loss_scaling_with_fused_tables_is_refused() -> None:
+    """fbgemm would update them inside backward with the loss-scaled gradient."""
+    for result in run_distributed(_nonfinite, 2, "skip", "16-mixed", False, init_process_group=False, timeout_s=120):
+        assert result["type"] == "ValueError", result
+        assert "precision='16-mixed' with fused embedding tables" in result["message"]
+        assert result["changed"] == []  # refused before the first step
 
 
 def test_nonfinite_loss_warn_carries_on() -> None:

@@ -96,7 +96,11 @@ class DenseExchange:
         if mode == "local_sgd":
             local_sgd = LocalSGD(explicit_params, group, counter=compressor.counter, period=local_sgd_period, warmup_steps=local_sgd_warmup_steps)
         elif mode == "async":
-            stale = StaleGradients(explicit_params, group, staleness=async_staleness, counter=compressor.counter)
+            # its all-reduces stay in flight for `staleness` steps: on a group of their own, so the
+            # embedding all-to-alls and the loss check do not queue behind them (NCCL)
+            from lightning_hybrid.mesh import separate_data_parallel_group
+
+            stale = StaleGradients(explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter)
         return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale)
 
     @property

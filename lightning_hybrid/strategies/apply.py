@@ -179,9 +179,10 @@ def apply_clipping(
     plugin.clip_grad_by_norm = clip_grad_by_norm  # (Lightning's plugin owns clipping; only the norm changes)
 
 
-def check_loss_scaling(plugin: Any, *, pipelined: bool, world_size: int) -> None:
-    """fp16 loss scaling (precision="16-mixed"): refused under pipelining; otherwise every rank
-    must skip the same steps (shards overflow on one rank only: `lightning_hybrid.parallel.amp`)."""
+def check_loss_scaling(plugin: Any, *, pipelined: bool, world_size: int, tables: Any = None, optimizers: Any = ()) -> None:
+    """fp16 loss scaling (precision="16-mixed"): refused under pipelining, with fused tables and
+    with ``fused=True`` torch optimizers; otherwise every rank must skip the same steps (shards
+    overflow on one rank only: `lightning_hybrid.parallel.amp`)."""
     scaler = getattr(plugin, "scaler", None)
     if scaler is None:
         return
@@ -190,6 +191,23 @@ def check_loss_scaling(plugin: Any, *, pipelined: bool, world_size: int) -> None
             "HybridStrategy(pipeline_parallel > 1) does not support precision='16-mixed' (fp16 loss scaling is not "
             "wired into the pipeline schedule). Use precision='bf16-mixed' or '32-true'."
         )
+    fused_tables = sorted(tables.choice.fused) if tables is not None and tables.choice is not None else []
+    if fused_tables:
+        # fbgemm updates fused tables inside backward with the gradient as it arrives: the loss-scaled
+        # one (steps 2**16 times too large), and before GradScaler can see an overflow and skip
+        raise ValueError(
+            f"HybridStrategy: precision='16-mixed' with fused embedding tables {fused_tables} is not supported: fbgemm "
+            "updates them inside backward with the loss-scaled gradient, before an overflow can skip the step. Use "
+            "precision='bf16-mixed' (no loss scaling), or embedding_kernels={table: 'dense'} for these tables."
+        )
+    for optimizer in optimizers:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if any(group.get("fused") for group in getattr(inner, "param_groups", [])):
+            raise ValueError(
+                f"HybridStrategy: precision='16-mixed' with {type(inner).__name__}(fused=True) is not supported: Lightning "
+                "lets fused optimizers unscale themselves, which skips the cross-rank overflow agreement, so ranks whose "
+                "shards overflowed would skip steps the others take. Use fused=False, or precision='bf16-mixed'."
+            )
     if world_size > 1:
         from lightning_hybrid.parallel.amp import synchronize_found_inf
 

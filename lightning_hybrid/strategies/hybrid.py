@@ -67,7 +67,7 @@ from lightning_hybrid.strategies.options import (
     KernelName,
     NonFinitePolicy,
     PipelineSplitName,
-    args_doc,
+    strategy_doc,
     validate,
 )
 from lightning_hybrid.strategies.steps import PipelineStep
@@ -357,7 +357,10 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        apply.check_loss_scaling(self.precision_plugin, pipelined=self._pipeline is not None, world_size=self.world_size)
+        apply.check_loss_scaling(
+            self.precision_plugin, pipelined=self._pipeline is not None, world_size=self.world_size, tables=self._tables,
+            optimizers=self.optimizers if fitting else (),
+        )
         if fitting:
             from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
@@ -434,13 +437,17 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
     def _check_loss(self, loss: Tensor) -> bool:
         """The ``nonfinite_loss`` policy; True (kept for backward) when the step must be skipped."""
         policy = self._options.reliability.nonfinite_loss
-        self._skip_backward = checks.nonfinite_verdict(
+        skip = checks.nonfinite_verdict(
             loss, policy=policy, rank=self.global_rank, world_size=self.world_size, step=self.lightning_module.trainer.global_step
         )
-        if self._skip_backward:
+        if skip:
             self.skipped_steps += 1
             self.lightning_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
-        return self._skip_backward
+        # with fp16 loss scaling the backward still runs: its NaN/inf gradients are an overflow on
+        # every rank (parallel.amp) and GradScaler skips the step (without gradients it would raise
+        # "No inf checks were recorded"; fused tables, which would take the NaN, are refused)
+        self._skip_backward = skip and getattr(self.precision_plugin, "scaler", None) is None
+        return skip
 
     def _loss_parallel_context(self) -> Any:
         # vocab-parallel logits: torch's cross-entropy on DTensor shards, in forward and backward
@@ -587,14 +594,4 @@ def _train_loader(trainer: Any) -> Any:
     return trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.fit_loop._data_source.dataloader()
 
 
-HybridStrategy.__doc__ = f"""Hybrid parallelism for Lightning recommenders: torchrec-sharded tables, tensor-parallel and
-pipelined dense layers, and compressed or asynchronous data parallelism, behind ``Trainer(strategy=...)``.
-
-Every torchrec ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in the LightningModule is sharded
-across ranks by torchrec's planner; the dense rest is split by tensor and pipeline parallelism and
-replicated (or FSDP-sharded) over the ``dp`` axis of the device mesh. The tables train with the
-optimizer the module's ``configure_optimizers`` asks for (`lightning_hybrid.parallel.embedding_optim`).
-Options are grouped and their rules checked in `lightning_hybrid.strategies.options`.
-
-{args_doc()}
-"""
+HybridStrategy.__doc__ = strategy_doc()

@@ -334,3 +334,18 @@ def markdown_table() -> str:
             doc = " ".join(f.metadata["doc"].split()).replace("|", "/").replace("``", "`")
             rows.append(f"| `{f.name}` | `{default!r}` | {doc} |")
     return "\n".join(rows).strip() + "\n"
+
+
+def strategy_doc() -> str:
+    """HybridStrategy's docstring: what it does, then every option's documentation."""
+    return f"""Hybrid parallelism for Lightning recommenders: torchrec-sharded tables, tensor-parallel and
+pipelined dense layers, and compressed or asynchronous data parallelism, behind ``Trainer(strategy=...)``.
+
+Every torchrec ``EmbeddingBagCollection`` / ``EmbeddingCollection`` in the LightningModule is sharded
+across ranks by torchrec's planner; the dense rest is split by tensor and pipeline parallelism and
+replicated (or FSDP-sharded) over the ``dp`` axis of the device mesh. The tables train with the
+optimizer the module's ``configure_optimizers`` asks for (`lightning_hybrid.parallel.embedding_optim`).
+Options are grouped and their rules checked in `lightning_hybrid.strategies.options`.
+
+{args_doc()}
+"""
