@@ -380,3 +380,31 @@ def test_pipeline_backward_fires_the_precision_plugin_hooks() -> None:
     on_before_backward / on_after_backward must still fire once per step, with the gradients there."""
     for calls in run_distributed(_backward_hooks, 2, init_process_group=False, timeout_s=300):
         assert calls == {"on_before_backward": 3, "on_after_backward": 3, "grads_seen_after_backward": 3}
+
+
+def _plain_validation_step() -> str:
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import quiet_trainer
+
+    class PlainEval(_model_class()):
+        def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+            self(batch["input"])  # what one writes without a pipeline
+
+    model = PlainEval(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
+    strategy = HybridStrategy(pipeline_parallel=2, pipeline_schedule="gpipe", embedding_sharding={"item_id": "row_wise"})
+    try:
+        quiet_trainer(strategy=strategy, devices=2, max_epochs=1, limit_val_batches=1).fit(model, datamodule=SequenceDataModule(**DATA))
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_a_plain_validation_step_under_a_pipeline_says_what_to_write() -> None:
+    """Calling the module whole under pipeline_parallel > 1 names what runs elsewhere and the fix
+    (evaluate through the runner, or with pipeline_parallel=1), on every rank."""
+    for message in run_distributed(_plain_validation_step, 2, init_process_group=False, timeout_s=120):
+        assert "runs on pipeline rank" in message, message
+        assert "pipeline_runner(self)" in message and "pipeline_parallel=1" in message

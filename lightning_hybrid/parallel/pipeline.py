@@ -9,7 +9,8 @@ builds the stages and a schedule and runs one training step or one forward pass.
 Stages and ranks: the blocks are cut into ``pp * virtual_stages`` contiguous stages; rank ``r`` of
 the pp group runs stages ``r, r + pp, r + 2 pp, ...`` (one stage per rank for GPipe and 1F1B,
 several for the interleaved and zero-bubble schedules). Each rank keeps only its own blocks (the
-others are replaced by ``nn.Identity``), the first stage's rank keeps ``first_modules`` and the
+others are replaced by `ElsewhereInThePipeline` placeholders, which hold nothing and, if called,
+say how to evaluate under a pipeline), the first stage's rank keeps ``first_modules`` and the
 last stage's rank ``last_modules``: weights, gradients and optimizer state exist once per pp group.
 
 Embedding tables and the pipeline: torchrec shards the tables over *all* ranks, and its lookups
@@ -194,6 +195,28 @@ def slice_microbatch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
     return batch
 
 
+class ElsewhereInThePipeline(nn.Module):
+    """Stands in for a block or module another pipeline rank runs: no parameters (checkpoints and
+    optimizers see only this rank's), and a clear error when called, e.g. by a ``validation_step``
+    that runs ``self(batch)`` as it would without a pipeline."""
+
+    def __init__(self, name: str, stage_rank: int | None) -> None:
+        super().__init__()
+        self.name = name
+        self.stage_rank = stage_rank
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        where = f"pipeline rank {self.stage_rank}" if self.stage_rank is not None else "another pipeline rank"
+        raise RuntimeError(
+            f"HybridStrategy(pipeline_parallel > 1): {self.name!r} runs on {where}, not here, so the module cannot be "
+            "called whole on this rank. Under a pipeline, evaluate through the stages: in validation_step / test_step / "
+            "predict_step write `runner = lightning_hybrid.specs.pipeline_runner(self)` and, when it is not None, "
+            "`hidden = runner.forward(batch, batch_size)` (the last block's output on the last stage's ranks, None on the "
+            "others, which then skip their metric update); see SASRec.validation_step. Or evaluate the checkpoint "
+            "with pipeline_parallel=1 (checkpoints reshard on load)."
+        )
+
+
 class _Stage(nn.Module):
     """One pipeline stage: (first part) + its blocks.
 
@@ -360,14 +383,16 @@ class PipelineRunner:
     def _prune(self, ranges: list[range]) -> None:
         """Drop the blocks and first/last modules this rank does not run (memory, checkpoints)."""
         local = {i for s in self.local_stage_ids for i in ranges[s]}
+        owner = {i: s % self.pp for s, r in enumerate(ranges) for i in r}
         for i in range(len(self.spec.blocks)):
             if i not in local:
-                self.spec.blocks[i] = nn.Identity()
+                self.spec.blocks[i] = ElsewhereInThePipeline(f"block {i}", owner[i])
         drop = [*(() if self.is_first_rank else self.spec.first_modules), *(() if self.is_last_rank else self.spec.last_modules)]
         for name in drop:
             parent_name, _, attr = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, attr, None)
+            first = name in self.spec.first_modules
+            setattr(parent, attr, ElsewhereInThePipeline(name, 0 if first else (self.num_stages - 1) % self.pp))
 
     def _shared_parameters(self, exclude: Sequence[str]) -> list[nn.Parameter]:
         owned = {id(p) for p in self.stage_parameters()}
