@@ -39,6 +39,21 @@ class HybridCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # one thread per rank unless the user chose otherwise: ranks share the machine's cores
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        self._follow_checkpoint_item_ids()
+
+    def _follow_checkpoint_item_ids(self) -> None:
+        """With --ckpt_path, a data module that can follow a checkpoint's id -> row mapping
+        (SequenceDataModule(item_ids_from=...)) follows that checkpoint's, unless told otherwise."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        ckpt = config.get("ckpt_path") if config is not None else None
+        init_args = config.get("data", {}).get("init_args") if config is not None and config.get("data") else None
+        if not ckpt or init_args is None or "item_ids_from" not in init_args or init_args.get("item_ids_from"):
+            return
+        if os.path.exists(str(ckpt)):
+            from lightning_hybrid.data.sequences import saved_item_ids
+
+            if saved_item_ids(str(ckpt)) is not None:
+                init_args["item_ids_from"] = str(ckpt)
 
 
 def main(args: list[str] | None = None) -> None:

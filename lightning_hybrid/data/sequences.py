@@ -60,6 +60,45 @@ def _remap(users: dict[str, list[str]], times: dict[str, list[int]] | None = Non
     return SequenceData(sequences=sequences, user_ids=user_ids, item_ids=raw_items, times=aligned_times)
 
 
+def follow_item_ids(data: SequenceData, known: Sequence[str], *, capacity: int | None = None) -> SequenceData:
+    """``data`` with its items renumbered so that every raw id in ``known`` (a checkpoint's
+    mapping: ``known[i - 1]`` is row i) keeps its row; items ``known`` lacks get the rows after
+    it, in the data's order. ``capacity`` (the model's item rows) makes more items an error."""
+    index = {raw: k + 1 for k, raw in enumerate(known)}
+    new = [raw for raw in data.item_ids if raw not in index]
+    for raw in new:
+        index[raw] = len(index) + 1
+    if capacity is not None and len(index) > capacity:
+        raise ValueError(
+            f"The data has {len(new)} items the checkpoint's id mapping does not know (first: {new[:5]}), and the model's "
+            f"item table has rows for {capacity} items ({len(known)} known). Train a model with num_items >= {len(index)} "
+            "(fine-tune from this checkpoint's weights into a larger table), or drop the new items from the data."
+        )
+    translate = [0] + [index[raw] for raw in data.item_ids]
+    item_ids = [""] * len(index)
+    for raw, row in index.items():
+        item_ids[row - 1] = raw
+    sequences = [[translate[i] for i in seq] for seq in data.sequences]
+    return SequenceData(sequences=sequences, user_ids=data.user_ids, item_ids=item_ids, times=data.times)
+
+
+def saved_item_ids(checkpoint: str | os.PathLike[str]) -> list[str] | None:
+    """The raw item ids (row order) a checkpoint was trained with: from a HybridStrategy checkpoint
+    directory, a converted single file, or any Lightning checkpoint of a SequenceDataModule run;
+    None when it has none."""
+    import torch
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        from lightning_hybrid.checkpoint import load_meta
+
+        state = load_meta(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    entry = state.get(SequenceDataModule.__qualname__) if isinstance(state, dict) else None
+    return list(entry["item_ids"]) if isinstance(entry, dict) and "item_ids" in entry else None
+
+
 def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:
     """Read ``user item item ...`` lines (whitespace separated, integers, time-ordered)."""
     path = Path(path)
@@ -381,6 +420,11 @@ class SequenceDataModule(pl.LightningDataModule):
         text_len, text_vocab_size: tokens per item and the word vocabulary cap.
         time_bucket_days, max_time_buckets: time side feature: interactions are bucketed by age in
             units of ``time_bucket_days`` since the data's first interaction (formats with timestamps).
+        item_ids_from: a checkpoint (directory or file) whose raw-id -> row mapping the items follow:
+            known items keep their rows, new items get the rows after them (an error when the model
+            has no rows for them). Checkpoints store the mapping; resuming or predicting on a
+            refreshed data file without this option is refused when the mapping would differ
+            (``lightning-hybrid fit/test/predict --ckpt_path`` sets it for you).
     """
 
     def __init__(
@@ -404,6 +448,7 @@ class SequenceDataModule(pl.LightningDataModule):
         text_vocab_size: int = 20000,
         time_bucket_days: int = 30,
         max_time_buckets: int = 512,
+        item_ids_from: str | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or eval_batch_size < 1:
@@ -420,6 +465,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.time_bucket_days, self.max_time_buckets = time_bucket_days, max_time_buckets
         self._text_tokens: torch.Tensor | None = None
         self._text_vocab_size = 0
+        self.item_ids_from = item_ids_from
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -441,6 +487,15 @@ class SequenceDataModule(pl.LightningDataModule):
             data = load_movielens(self.path)
         else:
             data = load_sasrec_lines(self.path)
+        if self.item_ids_from is not None:
+            known = saved_item_ids(self.item_ids_from)
+            if known is None:
+                raise ValueError(
+                    f"SequenceDataModule(item_ids_from={self.item_ids_from!r}): that checkpoint holds no item id mapping "
+                    "(written before mappings were saved, or not by a SequenceDataModule run). Drop item_ids_from."
+                )
+            # (rows for the model's items: num_items if given, else the checkpoint's table)
+            data = follow_item_ids(data, known, capacity=self.expected_items or len(known))
         if self.expected_items is not None and data.num_items > self.expected_items:
             raise ValueError(
                 f"The data has {data.num_items} distinct items but the model is configured for num_items="
@@ -452,6 +507,26 @@ class SequenceDataModule(pl.LightningDataModule):
     @property
     def num_items(self) -> int:
         return self.load().num_items
+
+    # -- the id mapping in checkpoints -------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning stores it under the class name): the raw item id of
+        each table row, so a resume, ``predict`` or a served export maps ids to the same rows."""
+        return {"item_ids": list(self.load().item_ids)} if self.data is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("item_ids")
+        if saved is None or self.data is None or list(self.data.item_ids[: len(saved)]) == list(saved):
+            return  # every saved row holds the same item (rows after them: items new since)
+        moved = sum(1 for a, b in zip(saved, self.data.item_ids, strict=False) if a != b) + abs(len(saved) - len(self.data.item_ids))
+        raise ValueError(
+            f"SequenceDataModule: the checkpoint's items map to other table rows than this data's ({moved} of "
+            f"{max(len(saved), len(self.data.item_ids))} rows differ: a refreshed data file, or another file). Loading "
+            "would silently give every such item another item's embedding. Pass "
+            "SequenceDataModule(item_ids_from=<the checkpoint>) (data.init_args.item_ids_from) so the items follow the "
+            "checkpoint's rows and new items get new ones."
+        )
 
     def _load_text_tokens(self) -> None:
         data = self.load()
