@@ -15,7 +15,12 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_hybrid.data.sequences import SequenceData, SequenceDataModule, follow_item_ids, load_sasrec_lines
+from lightning_hybrid.data.sequences import (
+    SequenceData,
+    SequenceDataModule,
+    follow_item_ids,
+    load_sasrec_lines,
+)
 from lightning_hybrid.testing import run_distributed
 
 OLD = "1 10 20 30 40\n2 20 30 40 50\n3 30 40 50 10\n4 40 50 10 20\n"
