@@ -53,6 +53,13 @@ def replica_group(mesh: DeviceMesh) -> torch.distributed.ProcessGroup:
     return mine
 
 
+def _dp_rank_lists(mesh: DeviceMesh) -> list[list[int]]:
+    """The global ranks of every dp group of the mesh, in one fixed order (every rank must create
+    groups in the same order)."""
+    grid = mesh.mesh  # [pp, dp, tp]
+    return [[int(r) for r in grid[p, :, t]] for p in range(grid.shape[0]) for t in range(grid.shape[2])]
+
+
 def data_parallel_node_groups(mesh: DeviceMesh, local_world_size: int) -> tuple[Any, Any]:
     """This rank's (within-node, across-node) subgroups of its dp group, a node being
     ``local_world_size`` consecutive ranks. Collective: every rank creates every dp group's."""
@@ -60,13 +67,10 @@ def data_parallel_node_groups(mesh: DeviceMesh, local_world_size: int) -> tuple[
 
     me = torch.distributed.get_rank()
     mine: tuple[Any, Any] = (None, None)
-    grid = mesh.mesh  # [pp, dp, tp]
-    for p in range(grid.shape[0]):
-        for t in range(grid.shape[2]):
-            ranks = [int(r) for r in grid[p, :, t]]
-            groups = node_groups(ranks, local_world_size)
-            if me in ranks:
-                mine = groups
+    for ranks in _dp_rank_lists(mesh):
+        groups = node_groups(ranks, local_world_size)
+        if me in ranks:
+            mine = groups
     return mine
 
 
@@ -79,12 +83,9 @@ def separate_data_parallel_group(mesh: DeviceMesh) -> torch.distributed.ProcessG
 
     me = dist.get_rank()
     mine = None
-    grid = mesh.mesh  # [pp, dp, tp]
-    for p in range(grid.shape[0]):
-        for t in range(grid.shape[2]):
-            ranks = [int(r) for r in grid[p, :, t]]
-            group = dist.new_group(ranks)
-            if me in ranks:
-                mine = group
+    for ranks in _dp_rank_lists(mesh):
+        group = dist.new_group(ranks)
+        if me in ranks:
+            mine = group
     assert mine is not None
     return mine

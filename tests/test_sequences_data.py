@@ -177,3 +177,13 @@ def test_resumable_loader_skips_the_trained_batches_once() -> None:
     persistent.load_state_dict({"batches_done": 1})
     assert [b.tolist() for b in persistent] == [[2, 3], [4, 5], [6, 7]]
     assert [b.tolist() for b in persistent] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_loaders_pin_memory_only_when_the_job_trains_on_cuda() -> None:
+    from types import SimpleNamespace
+
+    from lightning_hybrid.data.resumable import pin_memory_for
+
+    assert pin_memory_for(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0))))
+    assert not pin_memory_for(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu"))))
+    assert not pin_memory_for(None)

@@ -40,6 +40,15 @@ class _SkipFirst:
         return len(self.sampler)
 
 
+def pin_memory_for(trainer: Any) -> bool:
+    """Page-locked batches when the job trains on CUDA (host-to-device copies can then overlap)."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    try:
+        return strategy is not None and strategy.root_device.type == "cuda"
+    except Exception:  # noqa: BLE001 - no device decided yet (outside a Trainer)
+        return False
+
+
 class ResumableDataLoader(DataLoader):
     """``torch.utils.data.DataLoader`` whose position within the epoch is part of checkpoints."""
 

@@ -32,7 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lightning_hybrid.data.resumable import ResumableDataLoader
+from lightning_hybrid.data.resumable import ResumableDataLoader, pin_memory_for
 
 FormatName = Literal["auto", "sasrec", "movielens", "synthetic"]
 
@@ -616,12 +616,14 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # resumable: a checkpoint written mid-epoch continues with the next batch, not the first
-        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, num_workers=self.num_workers)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last,
+                                   num_workers=self.num_workers, pin_memory=pin_memory_for(self.trainer))
 
     def _eval_loader(self, dataset: EvalSequences) -> DataLoader:
         rank, size = self._dp()
         sampler = EvenShardSampler(dataset, num_replicas=size, rank=rank)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate_eval, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate_eval,
+                          num_workers=self.num_workers, pin_memory=pin_memory_for(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
