@@ -116,3 +116,46 @@ def test_tensor_parallel_from_the_model_s_own_plan_matches_one_process(arch: str
     assert set(state) == set(reference["state"])
     for key, value in reference["state"].items():
         assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _fit_adam(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int) -> dict[str, Any]:
+    """The module as a Hugging Face user writes it: Adam(self.parameters()), accumulation 2."""
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import LossRecorder, quiet_trainer
+
+    class AdamRec(_module_class()):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    model = AdamRec("llama")
+    recorder = LossRecorder()
+    common = dict(max_epochs=3, limit_val_batches=0, callbacks=[recorder], accumulate_grad_batches=2)
+    strategy = "auto" if strategy_kwargs is None else HybridStrategy(**strategy_kwargs)
+    trainer = quiet_trainer(strategy=strategy, devices=devices, **common)
+    trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=16 // (2 * dp)))  # the global batch: every user
+    state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": recorder.losses, "state": state}
+
+
+def _fit_adam_layouts() -> dict[str, Any]:
+    # (the backbone's token embedding is unused with inputs_embeds: DDP needs to know, as with strategy="ddp")
+    return {"dp2": _fit_adam({"find_unused_parameters": True}, 2, 2), "tp2": _fit_adam({"tensor_parallel": 2}, 2, 1)}
+
+
+def test_adam_and_accumulation_on_a_sequence_table_train_like_one_process() -> None:
+    """strategy='hybrid' on the first try: the EmbeddingCollection table cannot be sharded with Adam
+    or accumulation by torchrec 1.8, so it stays whole and trains with the user's Adam (a warning
+    says so) - equal to one process, with dp=2 and with tensor_parallel=2 (the backbone's own plan)."""
+    reference = _fit_adam(None, 1, 1)
+    ref_steps = torch.tensor(reference["losses"]).view(-1, 2).mean(1)
+    ranks = run_distributed(_fit_adam_layouts, 2, init_process_group=False, timeout_s=600)
+    for layout, replicas in (("dp2", [0, 1]), ("tp2", [0])):
+        steps = torch.stack([torch.tensor(ranks[r][layout]["losses"]).view(-1, 2).mean(1) for r in replicas]).mean(0)
+        assert_close(steps, ref_steps, rtol=1e-4, atol=1e-5, msg=lambda m, lay=layout: f"{lay}: {m}")
+        state = ranks[0][layout]["state"]
+        for key, value in reference["state"].items():
+            assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, lay=layout: f"{lay} {k}: {m}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,9 @@ class TableOptimizerChoice:
     fused: dict[str, FusedTableOptimizer]
     #: table -> why it uses the dense kernel (empty when it was asked for or accumulation needs it)
     dense_reasons: dict[str, str]
+    #: sequence table -> why it stays whole on every rank (its module is not sharded; see
+    #: ``keep_unshardable_whole``)
+    replicated: dict[str, str] = field(default_factory=dict)
 
 
 LAZY_ADAM = (
@@ -114,8 +117,14 @@ def choose_table_optimizers(
     forced_kernels: Mapping[str, str],
     data_parallel_tables: Sequence[str] = (),
     sequence_tables: Sequence[str] = (),
+    keep_unshardable_whole: Sequence[str] = (),
 ) -> TableOptimizerChoice:
-    """Decide fused vs dense per table from the user's optimizers (built on the unsharded model)."""
+    """Decide fused vs dense per table from the user's optimizers (built on the unsharded model).
+
+    ``keep_unshardable_whole``: sequence tables the user placed no constraint on. One that cannot
+    run fused (its optimizer has no fused equivalent here, or gradients accumulate) is reported in
+    ``replicated`` instead of refused: its module then stays whole on every rank and trains with
+    the user's optimizer like any dense weight (torchrec 1.8's dense kernel cannot shard it)."""
     from lightning_hybrid.optim import GroupedOptimizer
 
     # id(param) -> (index of the optimizer, index of the group in its param_groups, the torch
@@ -130,6 +139,7 @@ def choose_table_optimizers(
     kernels: dict[str, str] = {}
     fused: dict[str, FusedTableOptimizer] = {}
     reasons: dict[str, str] = {}
+    replicated: dict[str, str] = {}
     for table, weight in table_weights.items():
         if id(weight) not in owner:
             raise ValueError(
@@ -153,6 +163,9 @@ def choose_table_optimizers(
                 why = translated
             elif accumulate_grad_batches > 1:
                 why = f"accumulate_grad_batches={accumulate_grad_batches} needs the dense kernel (fused tables update every micro-batch)"
+            if why is not None and table in keep_unshardable_whole:
+                replicated[table] = why
+                continue
             if why is not None:
                 raise ValueError(
                     f"EmbeddingCollection table {table!r} can only use torchrec's fused kernel (its dense kernel is "
@@ -182,7 +195,7 @@ def choose_table_optimizers(
         kernels[table] = FUSED
         cls, kwargs = translated
         fused[table] = FusedTableOptimizer(optimizer_class=cls, kwargs=kwargs, source=(opt_idx, group_idx))
-    return TableOptimizerChoice(kernels=kernels, fused=fused, dense_reasons=reasons)
+    return TableOptimizerChoice(kernels=kernels, fused=fused, dense_reasons=reasons, replicated=replicated)
 
 
 def apply_fused_optimizers(table_weights: Mapping[str, nn.Parameter], choice: TableOptimizerChoice) -> None:

@@ -9,6 +9,7 @@ comes back as `ShardedTables`; the strategy keeps it and exposes it read-only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +144,20 @@ def apply_embedding_sharding(
             forced_kernels=spec.compute_kernels,
             data_parallel_tables=dp_tables,
             sequence_tables=[info.table_name for info in infos if not info.pooled],
+            keep_unshardable_whole=[
+                info.table_name for info in infos
+                if not info.pooled and info.table_name not in spec.sharding_types and info.table_name not in spec.compute_kernels
+                and info.table_name not in spec.constraints
+            ],
         )
+        if choice.replicated:
+            lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.replicated.items()))
+            rank_zero_warn(
+                "HybridStrategy: these EmbeddingCollection tables stay whole on every rank (not sharded) and train with "
+                f"your optimizer like any dense weight, since torchrec 1.8 can only shard them on its fused kernel:\n{lines}\n"
+                "To shard them, give them an SGD or Adagrad param group (on CUDA also Adam/AdamW with "
+                "embedding_kernels={table: 'fused'}) and accumulate_grad_batches=1."
+            )
         if choice.dense_reasons:
             lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.dense_reasons.items()))
             rank_zero_warn(
@@ -152,19 +166,38 @@ def apply_embedding_sharding(
                 "To use the fused kernel, give the tables an SGD or Adagrad param group (Adam/AdamW on CUDA), "
                 "or set HybridStrategy(embedding_kernels={table: 'fused'}) where that is possible."
             )
+        if choice.replicated:
+            # a module holding such a table stays whole: none of its tables is fused (an optimizer
+            # in backward on a whole table would update it a second time, besides the user's)
+            whole_modules = {info.module_fqn for info in infos if info.table_name in choice.replicated}
+            kept = {info.table_name for info in infos if info.module_fqn in whole_modules}
+            choice = dataclasses.replace(
+                choice, fused={t: f for t, f in choice.fused.items() if t not in kept},
+                replicated={**choice.replicated, **{t: "in the same EmbeddingCollection" for t in kept if t not in choice.replicated}},
+            )
         emb_optim.apply_fused_optimizers(weights, choice)
-        kernels = choice.kernels
+        # (tables that stay whole get a placeholder kernel: planned with the rest, then dropped)
+        kernels = {**{t: emb_optim.FUSED for t in choice.replicated}, **choice.kernels}
     else:
         kernels = {
             info.table_name: spec.compute_kernels.get(info.table_name, emb_optim.DENSE if info.table_name in dp_tables else emb_optim.FUSED)
             for info in infos
         }
+    # modules holding a table that must stay whole are not sharded at all (all their tables stay whole)
+    whole = {info.module_fqn for info in infos if choice is not None and info.table_name in choice.replicated}
+    if whole and all(info.module_fqn in whole for info in infos):
+        return ShardedTables(choice=choice)
     constraints = emb.build_constraints(infos, spec, kernels)
     env = ShardingEnv.from_process_group(dist.group.WORLD)
     plan = emb.plan_sharding_on_rank0(
         model, env=env, device=device, constraints=constraints, local_world_size=local_world_size,
         memory_per_rank_bytes=spec.memory_per_rank_bytes,
     )
+    for fqn in whole:
+        plan.plan.pop(fqn, None)
+    infos = [info for info in infos if info.module_fqn not in whole]
+    if not plan.plan:
+        return ShardedTables(choice=choice)
     summary = emb.plan_summary(plan)
     if fitting:
         refuse_multi_shard_dense_state(summary, kernels, user_optimizers, dist.get_rank())
