@@ -50,7 +50,7 @@ class HybridCLI(LightningCLI):
         if not ckpt or init_args is None or "item_ids_from" not in init_args or init_args.get("item_ids_from"):
             return
         if os.path.exists(str(ckpt)):
-            from lightning_hybrid.data.sequences import saved_item_ids
+            from lightning_hybrid.data.item_ids import saved_item_ids
 
             if saved_item_ids(str(ckpt)) is not None:
                 init_args["item_ids_from"] = str(ckpt)

@@ -32,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_hybrid.data.item_ids import follow_item_ids, saved_item_ids
 from lightning_hybrid.data.resumable import ResumableDataLoader, pin_memory_for
 
 FormatName = Literal["auto", "sasrec", "movielens", "synthetic"]
@@ -58,45 +59,6 @@ def _remap(users: dict[str, list[str]], times: dict[str, list[int]] | None = Non
     sequences = [[index[i] for i in users[u]] for u in user_ids]
     aligned_times = [times[u] for u in user_ids] if times is not None else None
     return SequenceData(sequences=sequences, user_ids=user_ids, item_ids=raw_items, times=aligned_times)
-
-
-def follow_item_ids(data: SequenceData, known: Sequence[str], *, capacity: int | None = None) -> SequenceData:
-    """``data`` with its items renumbered so that every raw id in ``known`` (a checkpoint's
-    mapping: ``known[i - 1]`` is row i) keeps its row; items ``known`` lacks get the rows after
-    it, in the data's order. ``capacity`` (the model's item rows) makes more items an error."""
-    index = {raw: k + 1 for k, raw in enumerate(known)}
-    new = [raw for raw in data.item_ids if raw not in index]
-    for raw in new:
-        index[raw] = len(index) + 1
-    if capacity is not None and len(index) > capacity:
-        raise ValueError(
-            f"The data has {len(new)} items the checkpoint's id mapping does not know (first: {new[:5]}), and the model's "
-            f"item table has rows for {capacity} items ({len(known)} known). Train a model with num_items >= {len(index)} "
-            "(fine-tune from this checkpoint's weights into a larger table), or drop the new items from the data."
-        )
-    translate = [0] + [index[raw] for raw in data.item_ids]
-    item_ids = [""] * len(index)
-    for raw, row in index.items():
-        item_ids[row - 1] = raw
-    sequences = [[translate[i] for i in seq] for seq in data.sequences]
-    return SequenceData(sequences=sequences, user_ids=data.user_ids, item_ids=item_ids, times=data.times)
-
-
-def saved_item_ids(checkpoint: str | os.PathLike[str]) -> list[str] | None:
-    """The raw item ids (row order) a checkpoint was trained with: from a HybridStrategy checkpoint
-    directory, a converted single file, or any Lightning checkpoint of a SequenceDataModule run;
-    None when it has none."""
-    import torch
-
-    path = Path(checkpoint)
-    if path.is_dir():
-        from lightning_hybrid.checkpoint import load_meta
-
-        state = load_meta(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    entry = state.get(SequenceDataModule.__qualname__) if isinstance(state, dict) else None
-    return list(entry["item_ids"]) if isinstance(entry, dict) and "item_ids" in entry else None
 
 
 def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:

@@ -575,30 +575,3 @@ class PipelineRunner:
         self._lookups = None
         self._batch = None
         return out if self.is_last_rank else None
-
-
-# -- gradients across Lightning's closure ------------------------------------------------------
-# Lightning zeroes gradients after training_step (or not at all while accumulating) and then
-# calls backward; a schedule runs forward *and* backward inside training_step. So the gradients
-# already there are set aside before the schedule, this step's are stashed after it, and
-# `add_stashed` puts them back in the strategy's backward.
-
-
-def set_aside_gradients(params: Sequence[nn.Parameter]) -> dict[nn.Parameter, torch.Tensor]:
-    before = {p: p.grad for p in params if p.grad is not None}
-    for p in before:
-        p.grad = None
-    return before
-
-
-def stash_gradients(params: Sequence[nn.Parameter], before: dict[nn.Parameter, torch.Tensor], *, keep: bool) -> dict[nn.Parameter, torch.Tensor]:
-    """This step's gradients (dropped when not ``keep``), with the earlier ones back in place."""
-    stash = {p: p.grad for p in params if p.grad is not None} if keep else {}
-    for p in params:
-        p.grad = before.get(p)
-    return stash
-
-
-def add_stashed(stash: dict[nn.Parameter, torch.Tensor]) -> None:
-    for param, grad in stash.items():
-        param.grad = grad if param.grad is None else param.grad + grad

@@ -10,7 +10,7 @@ the precision plugin's pre- and post-backward hooks, so ``on_before_backward`` /
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ class PipelineStep:
         ``check_loss(loss) -> skip`` is the NaN/inf policy (a skipped batch keeps no gradients)."""
         size = pipeline.batch_size_of(batch)
         params = list(module.parameters())
-        before = pipeline.set_aside_gradients(params)
+        before = set_aside_gradients(params)
         skipped = False
 
         def check(loss: Tensor) -> bool:
@@ -42,7 +42,7 @@ class PipelineStep:
             # Lightning divides the returned loss by the accumulated batches before backward; the
             # schedule backpropagates itself, so it applies the same factor
             loss = self.runner.train_step(batch, size, loss_scale=1.0 / module.trainer.accumulate_grad_batches, skip_lookup_backward=check)
-        self.stash = pipeline.stash_gradients(params, before, keep=not skipped)
+        self.stash = stash_gradients(params, before, keep=not skipped)
         if self.spec.log_name:
             module.log(self.spec.log_name, loss, prog_bar=True, batch_size=size)
         metrics = self.runner.stage_metrics()  # per-stage busy time, bubble, imbalance (collective)
@@ -55,8 +55,37 @@ class PipelineStep:
         module = strategy.lightning_module
         strategy.pre_backward(closure_loss)
         closure_loss = strategy.precision_plugin.pre_backward(closure_loss, module)
-        pipeline.add_stashed(self.stash)
+        add_stashed(self.stash)
         self.stash = {}
         closure_loss = strategy.precision_plugin.post_backward(closure_loss, module)
         strategy.post_backward(closure_loss)
         return closure_loss
+
+
+# -- gradients across Lightning's closure ------------------------------------------------------
+# Lightning zeroes gradients after training_step (or not at all while accumulating) and then
+# calls backward; a schedule runs forward *and* backward inside training_step. So the gradients
+# already there are set aside before the schedule, this step's are stashed after it, and
+# `add_stashed` puts them back in the strategy's backward.
+
+
+def set_aside_gradients(params: Sequence[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.Tensor]:
+    before = {p: p.grad for p in params if p.grad is not None}
+    for p in before:
+        p.grad = None
+    return before
+
+
+def stash_gradients(
+    params: Sequence[torch.nn.Parameter], before: dict[torch.nn.Parameter, torch.Tensor], *, keep: bool
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """This step's gradients (dropped when not ``keep``), with the earlier ones back in place."""
+    stash = {p: p.grad for p in params if p.grad is not None} if keep else {}
+    for p in params:
+        p.grad = before.get(p)
+    return stash
+
+
+def add_stashed(stash: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    for param, grad in stash.items():
+        param.grad = grad if param.grad is None else param.grad + grad
