@@ -21,7 +21,7 @@ import itertools
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -415,7 +415,3 @@ def run_world(cells: list[Cell], directory: str) -> dict[str, Any]:
     for cell in cells:
         results[cell.id] = _run_one(cell, os.path.join(directory, cell.id))
     return results
-
-
-def cell_rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    return [{"id": c.id, **{k: v for k, v in asdict(c).items()}} for c in cells]

@@ -44,11 +44,14 @@ def layout_options(layout: Any, options: HybridOptions, table_name: str | None) 
     return out
 
 
-def merge(layout: Any, options: HybridOptions, table_name: str | None) -> tuple[HybridOptions | None, str]:
+def merge(
+    layout: Any, options: HybridOptions, table_name: str | None, explicit: set[str] | None = None
+) -> tuple[HybridOptions | None, str]:
     """``options`` with the layout's choices where the user made none; (None, why) when the layout
-    contradicts an explicit option or the merged options are invalid."""
+    contradicts an explicit option or the merged options are invalid. ``explicit``: the options
+    the user set (default ``options.explicit()``; pass it when merging many layouts)."""
     planned = layout_options(layout, options, table_name)
-    explicit = options.explicit() & set(PLANNED)
+    explicit = (options.explicit() if explicit is None else explicit) & set(PLANNED)
     flat = options.flat()
     conflicts = [name for name in sorted(explicit) if name in planned and planned[name] != flat[name]]
     if conflicts:
@@ -106,8 +109,9 @@ def choose_layout(
     ranked = search(cost, spec)
     table_name = "item_id" if hasattr(module, "item_tables") else None  # the reference recommender's table
     skipped: list[str] = []
+    explicit = options.explicit()
     for estimate in ranked:
-        merged, why = merge(estimate.layout, options, table_name)
+        merged, why = merge(estimate.layout, options, table_name, explicit)
         if merged is not None:
             per_replica = global_batch // estimate.layout.dp
             datamodule.batch_size = per_replica

@@ -65,6 +65,12 @@ class ShardedTables:
             self.byte_counter = None
 
 
+def _warn_tables(reasons: dict[str, str], what: str, fix: str) -> None:
+    if reasons:
+        lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(reasons.items()))
+        rank_zero_warn(f"HybridStrategy: {what}:\n{lines}\n{fix}")
+
+
 def sharding_spec(options: Any) -> Any:
     """The `EmbeddingShardingSpec` of the strategy's `EmbeddingOptions`."""
     from lightning_hybrid.parallel.embedding import EmbeddingShardingSpec
@@ -132,6 +138,7 @@ def apply_embedding_sharding(
     weights = {info.table_name: model.get_parameter(info.weight_fqn) for info in infos}
     dp_tables = [t for t, s in spec.sharding_types.items() if s == "data_parallel"]
     choice = None
+    whole: set[str] = set()
     user_optimizers: list[Any] = []
     if fitting:
         probe, _ = _init_optimizers_and_lr_schedulers(model)
@@ -150,31 +157,29 @@ def apply_embedding_sharding(
                 and info.table_name not in spec.constraints
             ],
         )
-        if choice.replicated:
-            lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.replicated.items()))
-            rank_zero_warn(
-                "HybridStrategy: these EmbeddingCollection tables stay whole on every rank (not sharded) and train with "
-                f"your optimizer like any dense weight, since torchrec 1.8 can only shard them on its fused kernel:\n{lines}\n"
-                "To shard them, give them an SGD or Adagrad param group (on CUDA also Adam/AdamW with "
-                "embedding_kernels={table: 'fused'}) and accumulate_grad_batches=1."
-            )
-        if choice.dense_reasons:
-            lines = "\n".join(f"  - {t}: {why}" for t, why in sorted(choice.dense_reasons.items()))
-            rank_zero_warn(
-                "HybridStrategy: these embedding tables use the dense kernel so that your optimizer updates them "
-                f"exactly (slower and more memory than fbgemm's fused kernel):\n{lines}\n"
-                "To use the fused kernel, give the tables an SGD or Adagrad param group (Adam/AdamW on CUDA), "
-                "or set HybridStrategy(embedding_kernels={table: 'fused'}) where that is possible."
-            )
-        if choice.replicated:
+        whole = {info.module_fqn for info in infos if info.table_name in choice.replicated}
+        if whole:
             # a module holding such a table stays whole: none of its tables is fused (an optimizer
             # in backward on a whole table would update it a second time, besides the user's)
-            whole_modules = {info.module_fqn for info in infos if info.table_name in choice.replicated}
-            kept = {info.table_name for info in infos if info.module_fqn in whole_modules}
+            kept = {info.table_name for info in infos if info.module_fqn in whole}
             choice = dataclasses.replace(
                 choice, fused={t: f for t, f in choice.fused.items() if t not in kept},
-                replicated={**choice.replicated, **{t: "in the same EmbeddingCollection" for t in kept if t not in choice.replicated}},
+                replicated={t: choice.replicated.get(t, "in the same EmbeddingCollection") for t in kept},
             )
+        _warn_tables(
+            choice.replicated,
+            "these EmbeddingCollection tables stay whole on every rank (not sharded) and train with your optimizer "
+            "like any dense weight, since torchrec 1.8 can only shard them on its fused kernel",
+            "To shard them, give them an SGD or Adagrad param group (on CUDA also Adam/AdamW with "
+            "embedding_kernels={table: 'fused'}) and accumulate_grad_batches=1.",
+        )
+        _warn_tables(
+            choice.dense_reasons,
+            "these embedding tables use the dense kernel so that your optimizer updates them exactly (slower and more "
+            "memory than fbgemm's fused kernel)",
+            "To use the fused kernel, give the tables an SGD or Adagrad param group (Adam/AdamW on CUDA), or set "
+            "HybridStrategy(embedding_kernels={table: 'fused'}) where that is possible.",
+        )
         emb_optim.apply_fused_optimizers(weights, choice)
         # (tables that stay whole get a placeholder kernel: planned with the rest, then dropped)
         kernels = {**{t: emb_optim.FUSED for t in choice.replicated}, **choice.kernels}
@@ -183,8 +188,7 @@ def apply_embedding_sharding(
             info.table_name: spec.compute_kernels.get(info.table_name, emb_optim.DENSE if info.table_name in dp_tables else emb_optim.FUSED)
             for info in infos
         }
-    # modules holding a table that must stay whole are not sharded at all (all their tables stay whole)
-    whole = {info.module_fqn for info in infos if choice is not None and info.table_name in choice.replicated}
+    # modules holding a table that must stay whole are not sharded at all
     if whole and all(info.module_fqn in whole for info in infos):
         return ShardedTables(choice=choice)
     constraints = emb.build_constraints(infos, spec, kernels)
