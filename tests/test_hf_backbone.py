@@ -47,6 +47,7 @@ def _module_class() -> type:
                 tables=[EmbeddingConfig(name="item_table", embedding_dim=hidden, num_embeddings=num_items + 1, feature_names=["item"])]
             )
             self.head = nn.Linear(hidden, num_items + 1)
+            self.val_losses: list[float] = []
 
         def forward(self, items: torch.Tensor) -> torch.Tensor:
             batch, length = items.shape
@@ -60,6 +61,14 @@ def _module_class() -> type:
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             logits = self(batch["input"])
             return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1), ignore_index=0)
+
+        def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+            # plain Lightning: the same self(batch) as in training, also under a pipeline
+            valid = batch["valid"]
+            logits = self(batch["input"])[:, -1][valid]
+            loss = nn.functional.cross_entropy(logits, batch["target"][valid])
+            self.log("val_loss", loss, sync_dist=True, batch_size=logits.shape[0])
+            self.val_losses.append(float(loss))
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -118,8 +127,9 @@ def test_tensor_parallel_from_the_model_s_own_plan_matches_one_process(arch: str
         assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def _fit_adam(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int) -> dict[str, Any]:
-    """The module as a Hugging Face user writes it: Adam(self.parameters()), accumulation 2."""
+def _fit_adam(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int, validate: bool = False) -> dict[str, Any]:
+    """The module as a Hugging Face user writes it: Adam(self.parameters()), accumulation 2;
+    with ``validate``, its plain validation_step runs after every epoch."""
     warnings.simplefilter("ignore")
     os.environ.pop("PL_GLOBAL_SEED", None)
     from lightning_hybrid import HybridStrategy
@@ -133,29 +143,57 @@ def _fit_adam(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int) -> 
 
     model = AdamRec("llama")
     recorder = LossRecorder()
-    common = dict(max_epochs=3, limit_val_batches=0, callbacks=[recorder], accumulate_grad_batches=2)
+    common = dict(max_epochs=3, limit_val_batches=None if validate else 0, callbacks=[recorder], accumulate_grad_batches=2)
     strategy = "auto" if strategy_kwargs is None else HybridStrategy(**strategy_kwargs)
     trainer = quiet_trainer(strategy=strategy, devices=devices, **common)
     trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=16 // (2 * dp)))  # the global batch: every user
     state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"losses": recorder.losses, "state": state}
+    return {"losses": recorder.losses, "state": state, "val_losses": model.val_losses}
 
 
 def _fit_adam_layouts() -> dict[str, Any]:
     # (the backbone's token embedding is unused with inputs_embeds: DDP needs to know, as with strategy="ddp")
-    return {"dp2": _fit_adam({"find_unused_parameters": True}, 2, 2), "tp2": _fit_adam({"tensor_parallel": 2}, 2, 1)}
+    return {
+        "dp2": _fit_adam({"find_unused_parameters": True}, 2, 2),
+        "tp2": _fit_adam({"tensor_parallel": 2}, 2, 1),
+        # no pipeline_spec(): the backbone's base_model_pp_plan names the layers; validation_step unchanged
+        "pp2": _fit_adam({"pipeline_parallel": 2}, 2, 1, validate=True),
+    }
 
 
 def test_adam_and_accumulation_on_a_sequence_table_train_like_one_process() -> None:
     """strategy='hybrid' on the first try: the EmbeddingCollection table cannot be sharded with Adam
     or accumulation by torchrec 1.8, so it stays whole and trains with the user's Adam (a warning
-    says so) - equal to one process, with dp=2 and with tensor_parallel=2 (the backbone's own plan)."""
-    reference = _fit_adam(None, 1, 1)
+    says so) - equal to one process, with dp=2, with tensor_parallel=2 (the backbone's own plan)
+    and with pipeline_parallel=2 (no spec: the layers split by the backbone's base_model_pp_plan,
+    the module's own forward and validation_step routed through the stages)."""
+    reference = _fit_adam(None, 1, 1, validate=True)
     ref_steps = torch.tensor(reference["losses"]).view(-1, 2).mean(1)
     ranks = run_distributed(_fit_adam_layouts, 2, init_process_group=False, timeout_s=600)
-    for layout, replicas in (("dp2", [0, 1]), ("tp2", [0])):
+    for rank in ranks:  # every pp rank ran validation_step and got the one-process value
+        assert len(rank["pp2"]["val_losses"]) == len(reference["val_losses"]) > 0
+        assert_close(torch.tensor(rank["pp2"]["val_losses"]), torch.tensor(reference["val_losses"]), rtol=1e-4, atol=1e-5)
+    for layout, replicas in (("dp2", [0, 1]), ("tp2", [0]), ("pp2", [0, 1])):
         steps = torch.stack([torch.tensor(ranks[r][layout]["losses"]).view(-1, 2).mean(1) for r in replicas]).mean(0)
         assert_close(steps, ref_steps, rtol=1e-4, atol=1e-5, msg=lambda m, lay=layout: f"{lay}: {m}")
         state = ranks[0][layout]["state"]
         for key, value in reference["state"].items():
             assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, lay=layout: f"{lay} {k}: {m}")
+
+
+def _fit_adam_tp2_pp2() -> dict[str, Any]:
+    return _fit_adam({"tensor_parallel": 2, "pipeline_parallel": 2}, 4, 1, validate=True)
+
+
+def test_tensor_and_pipeline_parallel_together_from_the_model_s_own_plans() -> None:
+    """tp=2 x pp=2 on 4 processes, neither plan nor spec written: each stage's layers split by the
+    backbone's base_model_tp_plan, the stages cut by its base_model_pp_plan; Adam, accumulation 2,
+    plain validation_step - equal to one process."""
+    reference = _fit_adam(None, 1, 1, validate=True)
+    ranks = run_distributed(_fit_adam_tp2_pp2, 4, init_process_group=False, timeout_s=600)
+    steps = torch.tensor(ranks[0]["losses"]).view(-1, 2).mean(1)
+    assert_close(steps, torch.tensor(reference["losses"]).view(-1, 2).mean(1), rtol=1e-4, atol=1e-5)
+    for rank in ranks:
+        assert_close(torch.tensor(rank["val_losses"]), torch.tensor(reference["val_losses"]), rtol=1e-4, atol=1e-5)
+    for key, value in reference["state"].items():
+        assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

@@ -83,3 +83,23 @@ def check_divisible(module: nn.Module, degree: int) -> None:
                     f"HybridStrategy(tensor_parallel={degree}): {type(model).__name__} has {name}={value}, which does not "
                     f"split over {degree} ranks. Use a tensor_parallel that divides {value}."
                 )
+
+
+def pipeline_layers_of(module: nn.Module) -> str | None:
+    """The path (relative to ``module``) of the layer stack a ``transformers`` model's
+    ``config.base_model_pp_plan`` names (its ``nn.ModuleList`` entry, e.g. ``backbone.layers``);
+    None when no model inside ``module`` has one. Raises ValueError when several do."""
+    found: list[str] = []
+    for path, model in pretrained_models(module):
+        rel, base = _base_model(model)
+        pp_plan = getattr(base.config, "base_model_pp_plan", None) or getattr(model.config, "base_model_pp_plan", None) or {}
+        submodules = dict(base.named_modules())
+        for name in pp_plan:
+            if isinstance(submodules.get(name), nn.ModuleList):
+                found.append(".".join(p for p in (path, rel, name) if p))
+    if len(found) > 1:
+        raise ValueError(
+            f"HybridStrategy(pipeline_parallel > 1): the module holds several Hugging Face layer stacks {found}; say which "
+            "one to split with HybridStrategy(pipeline_layers=...)."
+        )
+    return found[0] if found else None

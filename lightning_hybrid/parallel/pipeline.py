@@ -78,6 +78,26 @@ class PipelineSpec:
     log_name: str | None = None
 
 
+def sum_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """All-reduce (sum) the gradients of ``params`` over ``group`` in one flat buffer; a missing
+    gradient counts as zero. DTensor gradients are summed shard by shard."""
+    if not params:
+        return
+    from torch.distributed.tensor import DTensor
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def pipeline_runner(module: nn.Module) -> PipelineRunner | None:
     """The runner HybridStrategy attached to ``module`` (None when it is not pipelined).
 
@@ -407,23 +427,9 @@ class PipelineRunner:
 
     def _sum_shared_gradients(self) -> None:
         """Every pp rank's copy of a parameter held outside the stages gets the sum of the
-        copies' gradients (only the first stage's is non-zero): one all-reduce for all of them."""
-        if not self.shared_params or self.pp == 1:
-            return
-        from torch.distributed.tensor import DTensor
-
-        locals_ = []
-        for p in self.shared_params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grad = p.grad
-            locals_.append(grad.to_local() if isinstance(grad, DTensor) else grad)
-        flat = torch.cat([g.reshape(-1) for g in locals_])
-        dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for g in locals_:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        copies' gradients (only the first stage's is non-zero)."""
+        if self.pp > 1:
+            sum_gradients(self.shared_params, self.group)
 
     def stage_parameters(self) -> list[nn.Parameter]:
         """Parameters of this rank's stages (what its optimizer steps, besides sharded tables)."""

@@ -60,18 +60,17 @@ def apply_pipeline(
     device: torch.device,
     sharded: list[str],
     first_batch: Callable[[], Any],
-) -> tuple[pipeline.PipelineRunner, Any, dict[str, Any] | None]:
-    """Step 3: this rank's stages from the module's ``pipeline_spec()``; returns (runner, spec,
-    the balancer's report when ``pipeline_split="balanced"``)."""
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Step 3: this rank's stages. From the module's ``pipeline_spec()``: returns (PipelineRunner,
+    spec, the balancer's report when ``pipeline_split="balanced"``); without one, the layer stack
+    named by ``pipeline_layers`` or a Hugging Face model's ``base_model_pp_plan`` is split and the
+    module's forward routed through it: returns (LayerPipeline, None, None)."""
     pp = mesh["pp"].size()
     make_spec = getattr(model, "pipeline_spec", None)
-    if make_spec is None:
-        raise ValueError(
-            f"HybridStrategy(pipeline_parallel={pp}) needs {type(model).__name__}.pipeline_spec() returning a "
-            "lightning_hybrid.parallel.pipeline.PipelineSpec (its blocks, what runs before and after them)."
-        )
-    spec = make_spec()
     opts = options.pipeline
+    if make_spec is None:
+        return _layer_pipeline(model, options, mesh, sharded), None, None
+    spec = make_spec()
     split, report = opts.pipeline_split, None
     if split == "balanced":
         from lightning_hybrid.balance import balanced_split_for
@@ -91,6 +90,41 @@ def apply_pipeline(
         f"{runner.microbatches} microbatches), blocks per stage {runner.blocks_per_stage}{predicted}"
     )
     return runner, spec, report
+
+
+def _layer_pipeline(model: torch.nn.Module, options: HybridOptions, mesh: DeviceMesh, sharded: list[str]) -> Any:
+    from lightning_hybrid.parallel import hf
+    from lightning_hybrid.parallel.layer_pipeline import LayerPipeline
+
+    pp, opts = mesh["pp"].size(), options.pipeline
+    path = opts.pipeline_layers or hf.pipeline_layers_of(model)
+    if path is None:
+        raise ValueError(
+            f"HybridStrategy(pipeline_parallel={pp}) needs to know what to cut into stages: define "
+            f"{type(model).__name__}.pipeline_spec() returning a lightning_hybrid.parallel.pipeline.PipelineSpec (a scheduled "
+            "pipeline), pass HybridStrategy(pipeline_layers='path.to.ModuleList') to split that layer stack with the "
+            "module's own forward routed through it, or hold a Hugging Face model whose config has a base_model_pp_plan."
+        )
+    unsupported = {
+        "pipeline_split='balanced'": opts.pipeline_split == "balanced",
+        f"pipeline_microbatches={opts.pipeline_microbatches}": opts.pipeline_microbatches is not None,
+        f"pipeline_virtual_stages={opts.pipeline_virtual_stages}": opts.pipeline_virtual_stages != 1,
+        f"pipeline_schedule={opts.pipeline_schedule!r}": "pipeline_schedule" in options.explicit(),
+    }
+    refused = [name for name, bad in unsupported.items() if bad]
+    if refused:
+        raise ValueError(
+            f"HybridStrategy(pipeline_parallel={pp}, {', '.join(refused)}): {type(model).__name__} has no pipeline_spec(), "
+            f"so its layers {path!r} run one stage after another through its own forward (no schedule, no microbatches). "
+            "Drop these options (pipeline_split may be 'even' or a list), or define pipeline_spec() for a scheduled pipeline."
+        )
+    split = None if opts.pipeline_split == "even" else list(opts.pipeline_split)
+    layers = LayerPipeline(model, path, pp_group=mesh["pp"].get_group(), blocks_per_stage=split, shared_exclude=sharded)
+    rank_zero_info(
+        f"HybridStrategy pipeline: the layers {path!r} split over pp={pp} ({layers.blocks_per_stage} per stage), the "
+        f"module's forward routed through them (no pipeline_spec(): stages run in turn, no microbatches)"
+    )
+    return layers
 
 
 def apply_data_parallel(

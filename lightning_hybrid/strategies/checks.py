@@ -76,3 +76,10 @@ def check_replica_batch(batch: Any, group: dist.ProcessGroup, device: torch.devi
             "same batch: sample over the data-parallel axis only, with num_replicas and rank from "
             "trainer.strategy.distributed_sampler_kwargs (Lightning does this when it adds the sampler)."
         )
+
+
+PREDICT_UNDER_PIPELINE = (
+    "HybridStrategy: predict with pipeline_parallel > 1 and a pipeline_spec() is not supported (its stages run only "
+    "inside a schedule). Checkpoints reshard on load: predict from the checkpoint with pipeline_parallel=1 (e.g. "
+    "--trainer.strategy.init_args.pipeline_parallel=1)."
+)

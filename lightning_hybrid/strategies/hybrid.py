@@ -9,8 +9,8 @@ techniques in one fixed order, and the order matters:
    split weights (and the optimizer-state layout follows from them);
 2. embedding sharding: it replaces submodules, and the optimizer spec for fused tables must be
    attached to the *unsharded* table parameters before torchrec builds kernels;
-3. pipeline stages: each rank keeps only its own blocks (after TP, so stages hold split blocks;
-   after sharding, so the tables stay spread over every rank);
+3. pipeline stages (a ``pipeline_spec()`` schedule, else the layers routed: `parallel.layer_pipeline`):
+   each rank keeps its own blocks (after TP: split blocks; after sharding: tables on every rank);
 4. data parallelism over what is left dense, on the mesh's ``dp`` axis: FSDP2, DDP (tp = pp = 1,
    sync; it must not see sharded table parameters), or the explicit exchange (DDP cannot hook
    DTensor parameters; local SGD / async communicate when they decide);
@@ -58,6 +58,7 @@ from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_l
 from lightning_hybrid.mesh import build_device_mesh, replica_group
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.parallel import pipeline
+from lightning_hybrid.parallel.layer_pipeline import LayerPipeline
 from lightning_hybrid.parallel.pipeline import ScheduleName
 from lightning_hybrid.plan import AxisSize, ParallelPlan
 from lightning_hybrid.strategies import apply, checkpointing, checks
@@ -103,6 +104,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         pipeline_microbatches: int | None = None,
         pipeline_virtual_stages: int = 1,
         pipeline_split: list[int] | PipelineSplitName = "even",
+        pipeline_layers: str | None = None,
         gradient_compression: GradientCompression | None = None,
         data_parallel_mode: DataParallelMode = "sync",
         local_sgd_period: int = 4,
@@ -146,6 +148,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         self._replica_pg: dist.ProcessGroup | None = None
         self._tables = ShardedTables()
         self._pipeline: pipeline.PipelineRunner | None = None
+        self._layers: LayerPipeline | None = None  # pipeline_parallel without a pipeline_spec()
         self._exchange: DenseExchange | None = None
         self._async_saver: ckpt.AsyncSaver | None = None
         self._tp_applied = False
@@ -333,12 +336,15 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             )
         sharded = list(self._tables.modules)
         # 3. pipeline stages
-        if layout.pipeline_parallel > 1 and self._pipeline is None:
-            self._pipeline, spec, self.balance_report = apply.apply_pipeline(
+        if layout.pipeline_parallel > 1 and self._pipeline is None and self._layers is None:
+            built, spec, self.balance_report = apply.apply_pipeline(
                 model, options=options, mesh=self.device_mesh, device=self.root_device, sharded=sharded,
                 first_batch=lambda: self.batch_to_device(next(iter(_train_loader(trainer)))),
             )
-            self._pipeline_step = PipelineStep(self._pipeline, spec)
+            if spec is None:  # no pipeline_spec(): the module's own forward routed through the layers
+                self._layers = built
+            else:
+                self._pipeline, self._pipeline_step = built, PipelineStep(built, spec)
         # 4. data parallelism over the dense rest
         if fitting:
             self.model, self._exchange = apply.apply_data_parallel(
@@ -358,7 +364,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         apply.check_loss_scaling(
-            self.precision_plugin, pipelined=self._pipeline is not None, world_size=self.world_size, tables=self._tables,
+            self.precision_plugin, pipelined=self._pipeline is not None or self._layers is not None, world_size=self.world_size, tables=self._tables,
             optimizers=self.optimizers if fitting else (),
         )
         if fitting:
@@ -367,7 +373,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
             apply.apply_clipping(
                 self.precision_plugin, tables=self._tables, layout=layout, options=options, mesh=self.device_mesh,
-                runner=self._pipeline, clip_val=trainer.gradient_clip_val,
+                runner=self._pipeline or self._layers, clip_val=trainer.gradient_clip_val,
             )
 
     def _unwrapped_optimizers(self) -> list[Optimizer]:
@@ -464,7 +470,9 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         if self._skip_backward:
             return closure_loss  # nonfinite_loss="skip": no gradients, so the optimizer changes nothing
         with self._loss_parallel_context():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            scale = self._layers.loss_scale if self._layers is not None else 1.0  # (parallel.layer_pipeline)
+            super().backward(closure_loss * scale if scale != 1.0 else closure_loss, optimizer, *args, **kwargs)
+            return closure_loss
 
     def _eval_step(self, method: str, context: Any, *args: Any, **kwargs: Any) -> Any:
         if self._is_fsdp():
@@ -482,16 +490,15 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         if self._pipeline is not None:
-            raise RuntimeError(
-                "HybridStrategy: predict with pipeline_parallel > 1 is not supported. Checkpoints reshard on load: "
-                "predict from the checkpoint with pipeline_parallel=1 (e.g. --trainer.strategy.init_args.pipeline_parallel=1)."
-            )
+            raise RuntimeError(checks.PREDICT_UNDER_PIPELINE)
         return self._eval_step("predict_step", self.precision_plugin.predict_step_context(), *args, **kwargs)
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         # (replicated "data_parallel" tables need nothing here: torchrec wraps their lookup in its
         # own DDP over the whole world)
+        if not self._grad_sync_blocked and self._layers is not None:
+            self._layers.sum_shared_gradients()
         if not self._grad_sync_blocked and self._exchange is not None:
             self._exchange.after_backward()
 
@@ -536,12 +543,8 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
 
     @override
     def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[self.root_device.index])
-        else:
-            dist.barrier()
+        if _distributed_is_initialized():
+            dist.barrier(device_ids=[self.root_device.index]) if dist.get_backend() == "nccl" else dist.barrier()
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:

@@ -50,7 +50,9 @@ class LayoutOptions:
         "with ``dense_parallel=\"fsdp\"``, free each block's gathered weights after its forward (less memory, one more "
         "all-gather in backward).", True)
     pipeline_parallel: AxisSize = _doc(
-        "pipeline stages on the ``pp`` axis (the model provides ``pipeline_spec()``; see `lightning_hybrid.parallel.pipeline`).", 1)
+        "pipeline stages on the ``pp`` axis: a scheduled pipeline from the model's ``pipeline_spec()`` "
+        "(`lightning_hybrid.parallel.pipeline`), or without one its layer stack split, its own forward routed through it "
+        "(``pipeline_layers``).", 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +68,10 @@ class PipelineOptions:
     pipeline_split: list[int] | PipelineSplitName = _doc(
         "blocks per stage: ``\"even\"``, ``\"balanced\"`` (profile each block on this hardware, then cut where the "
         "slowest stage is fastest; `lightning_hybrid.balance`), or an explicit list such as ``[3, 1]``.", "even")
+    pipeline_layers: str | None = _doc(
+        "for a module without ``pipeline_spec()``: the dotted path of the ``nn.ModuleList`` whose layers are split over "
+        "the pp ranks, the module's own forward routed through them (default: the layer stack a Hugging Face model's "
+        "``base_model_pp_plan`` names; `lightning_hybrid.parallel.layer_pipeline`).", None)
 
 
 @dataclass(frozen=True, kw_only=True)
