@@ -456,6 +456,16 @@ def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     ride along under ``lightning_hybrid_state``, so `to_sharded` can turn it back into a
     resumable directory.
     """
+    checkpoint = read_whole(src)
+    save_file_atomically(checkpoint, dst)
+    return checkpoint
+
+
+def read_whole(src: str | os.PathLike[str]) -> dict[str, Any]:
+    """A sharded checkpoint directory as the dict `to_single_file` writes (every weight whole), or
+    a checkpoint file as it is; in one process."""
+    if not is_distributed_checkpoint(src):
+        return torch.load(src, map_location="cpu", weights_only=False)
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
@@ -466,12 +476,15 @@ def to_single_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     checkpoint["state_dict"] = state.pop("model", {})
     checkpoint.setdefault("optimizer_states", [])
     checkpoint[EXTRA_KEY] = state
+    return checkpoint
+
+
+def save_file_atomically(obj: Any, dst: str | os.PathLike[str]) -> None:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.partial-{uuid.uuid4().hex[:12]}")
-    torch.save(checkpoint, tmp)
+    torch.save(obj, tmp)
     tmp.replace(dst)  # atomic: never a half-written file under the real name
-    return checkpoint
 
 
 def to_sharded(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:

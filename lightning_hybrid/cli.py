@@ -3,6 +3,7 @@
     lightning-hybrid fit -c recipes/dlrm_quickstart.yaml
     lightning-hybrid fit -c recipes/dlrm_quickstart.yaml --print_config   # every option, resolved
     lightning-hybrid convert runs/x/last.ckpt model.ckpt     # sharded directory -> one file (and back)
+    lightning-hybrid export runs/x/last.ckpt serving.pt      # one file for serving: model + item embeddings by raw id
     lightning-hybrid plan -c recipes/quickstart.yaml --cluster cpu-2core --out plan.yaml   # choose a layout
 
 Models and data modules are given by ``class_path`` (any LightningModule / LightningDataModule),
@@ -21,11 +22,12 @@ from lightning.pytorch.cli import LightningCLI
 
 import lightning_hybrid  # noqa: F401 - registers strategy="hybrid"
 
-USAGE = """usage: lightning-hybrid {fit,validate,test,predict,convert,plan} ...
+USAGE = """usage: lightning-hybrid {fit,validate,test,predict,convert,export,plan} ...
 
   fit, validate, test, predict   LightningCLI subcommands (-c recipe.yaml; `lightning-hybrid fit --help`
                                  lists every option, HybridStrategy's included)
   convert SRC DST                sharded checkpoint directory <-> one Lightning checkpoint file
+  export SRC DST                 one file for serving: the whole model, item embeddings keyed by raw id
   plan -c recipe.yaml            rank the parallel layouts of a recipe on a cluster (--cluster, --out)
 
 See the module docstring of lightning_hybrid.cli and docs/getting-started.md.
@@ -66,6 +68,11 @@ def main(args: list[str] | None = None) -> None:
         from lightning_hybrid.checkpoint import convert_main
 
         convert_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        from lightning_hybrid.export import export_main
+
+        export_main(argv[1:])
         return
     if argv and argv[0] == "plan":
         from lightning_hybrid.planner.cli import main as plan_main

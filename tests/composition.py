@@ -176,7 +176,6 @@ def construction_refusal(cell: Cell) -> str | None:
 #: before the first step): cell predicate -> a fragment of the error
 SETUP_RULES = {
     "data_parallel sharding of an EmbeddingCollection": (lambda c: c.tables == "data_parallel", "data_parallel (it fails inside torchrec)"),
-    "accumulation with fused sequence tables": (lambda c: c.accumulate > 1 and table_is_sharded(c), "accumulate_grad_batches=2"),
 }
 
 
@@ -277,6 +276,8 @@ EXTRA_CELLS = [
     Cell(tables="replicated", layout="pp2", schedule="1f1b"),
     Cell(tables="replicated", layout="pp2xdp2", schedule="gpipe", compression="none", dp_mode="sync", clip=0.05),
     Cell(plan="auto", layout="dp2", compression="none", dp_mode="sync"),
+    # sequence table on the dense kernel under a pipeline, accumulating (exact)
+    Cell(tables="table_wise", layout="pp2", schedule="gpipe", accumulate=2),
 ]
 
 

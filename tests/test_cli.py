@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from lightning_hybrid.cli import main
@@ -90,6 +91,30 @@ def test_sequential_recommender_fit_then_predict_through_the_cli(tmp_path: Path)
     assert users == {str(u) for u in range(96)}  # every user exactly once ...
     assert len(rows) == 96 * 10  # ... with top_k=10 items each
     assert all(1 <= int(r[2]) <= 40 for r in rows)
+
+    # export: one file that serves in one process, with the item embeddings keyed by raw id
+    main(["export", f"{tmp_path}/ckpt/last.ckpt", f"{tmp_path}/serving.pt"])
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from lightning_hybrid.export import load_serving
+
+    serving = load_serving(tmp_path / "serving.pt")
+    assert serving["model_class"] == "lightning_hybrid.models.sasrec.SASRec"
+    data = SequenceDataModule(format="synthetic", synthetic_users=96, synthetic_items=40)
+    assert serving["item_ids"] == list(data.load().item_ids)
+    whole = torch.load(tmp_path / "serving.pt", weights_only=False)["state_dict"]
+    table = "item_tables.embeddings.item_id.weight"
+    assert {table, "output.weight"} <= set(serving["item_tensors"])
+    assert torch.equal(serving["item_tensors"][table], whole[table][1:41])  # row k + 1 <-> item_ids[k]
+    # the same recommendations from the export in one process (default strategy) as from the
+    # sharded checkpoint on 2 processes
+    single = [a.replace("/pred", "/pred1") for a in common + [callbacks]]
+    main(["predict", *single, "--trainer.devices=1", "--trainer.strategy=auto", f"--ckpt_path={tmp_path}/serving.pt"])
+    lines1 = (tmp_path / "pred1" / "recommendations.csv").read_text().splitlines()
+    ranked = {(r[0], r[1]): (r[2], float(r[3])) for r in rows}
+    ranked1 = {(r[0], r[1]): (r[2], float(r[3])) for r in (line.split(",") for line in lines1[1:])}
+    assert ranked.keys() == ranked1.keys()
+    assert all(abs(ranked[k][1] - ranked1[k][1]) < 1e-4 for k in ranked)
+    assert sum(ranked[k][0] == ranked1[k][0] for k in ranked) >= 0.99 * len(ranked)  # (ties may swap)
 
 
 def _fit_shrunk_recipe(name: str, tmp_path: Path, batch_size: int) -> None:

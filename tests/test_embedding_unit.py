@@ -208,17 +208,38 @@ def test_grouped_optimizer_tables_follow_their_sub_optimizer() -> None:
     assert choice.fused["t_item"].source == (0, 1)  # group 1 of the grouped optimizer: the Adagrad group
 
 
-def test_sequence_tables_cannot_fall_back_to_the_dense_kernel() -> None:
+def test_sequence_tables_fall_back_to_the_dense_kernel_like_pooled_ones() -> None:
     model = TinyRec(kind="ec")
     infos = emb.table_infos(emb.find_embedding_modules(model))
     weights = {i.table_name: model.get_parameter(i.weight_fqn) for i in infos}
-    with pytest.raises(ValueError, match=r"EmbeddingCollection table 't_user' can only use torchrec's fused kernel.*no fused Adam on cpu"):
-        emb_optim.choose_table_optimizers(
-            optimizers=[torch.optim.Adam(model.parameters())], table_weights=weights, device_type="cpu",
-            accumulate_grad_batches=1, forced_kernels={}, sequence_tables=list(weights),
-        )
-    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2"):
-        emb_optim.choose_table_optimizers(
-            optimizers=[torch.optim.SGD(model.parameters(), lr=0.1)], table_weights=weights, device_type="cpu",
-            accumulate_grad_batches=2, forced_kernels={}, sequence_tables=list(weights),
-        )
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[torch.optim.Adam(model.parameters())], table_weights=weights, device_type="cpu",
+        accumulate_grad_batches=1, forced_kernels={},
+    )
+    assert set(choice.kernels.values()) == {"dense"} and "no fused Adam on cpu" in choice.dense_reasons["t_user"]
+    choice = emb_optim.choose_table_optimizers(
+        optimizers=[torch.optim.SGD(model.parameters(), lr=0.1)], table_weights=weights, device_type="cpu",
+        accumulate_grad_batches=2, forced_kernels={},
+    )
+    assert set(choice.kernels.values()) == {"dense"} and "accumulate_grad_batches=2" in choice.dense_reasons["t_user"]
+
+
+def test_pipeline_gradient_hand_over_keeps_dense_table_slices_apart() -> None:
+    """torchrec's dense-kernel table parameters are TableBatchedEmbeddingSlice views whose grad
+    setter copies into the live gradient: restoring the earlier gradient must not overwrite the
+    stashed one (it did: from the second step on, pipelined dense tables trained on stale grads)."""
+    from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+
+    from lightning_hybrid.strategies.steps import add_stashed, set_aside_gradients, stash_gradients
+
+    flat = torch.zeros(12, requires_grad=True)
+    table = TableBatchedEmbeddingSlice(flat.data, 0, 12, 3, 4)
+    table._original_tensor = flat
+    flat.grad = torch.full((12,), 1.0)  # the previous step's gradient, still there
+    before = set_aside_gradients([table])
+    flat.grad = torch.full((12,), 2.0)  # this step's, computed inside training_step
+    stash = stash_gradients([table], before, keep=True)
+    assert torch.equal(table.grad, torch.full((3, 4), 1.0))  # the earlier one is back in place
+    table.grad = None  # Lightning's zero_grad
+    add_stashed(stash)
+    assert torch.equal(table.grad, torch.full((3, 4), 2.0))  # this step's, not the earlier one

@@ -148,7 +148,12 @@ def _fit_adam(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int, val
     trainer = quiet_trainer(strategy=strategy, devices=devices, **common)
     trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=16 // (2 * dp)))  # the global batch: every user
     state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"losses": recorder.losses, "state": state, "val_losses": model.val_losses}
+    kernels = {}
+    if strategy_kwargs is not None and trainer.strategy.sharding_plan is not None:
+        from lightning_hybrid.parallel.embedding import plan_summary
+
+        kernels = {t: s["compute_kernel"] for t, s in plan_summary(trainer.strategy.sharding_plan).items()}
+    return {"losses": recorder.losses, "state": state, "val_losses": model.val_losses, "kernels": kernels}
 
 
 def _fit_adam_layouts() -> dict[str, Any]:
@@ -162,11 +167,11 @@ def _fit_adam_layouts() -> dict[str, Any]:
 
 
 def test_adam_and_accumulation_on_a_sequence_table_train_like_one_process() -> None:
-    """strategy='hybrid' on the first try: the EmbeddingCollection table cannot be sharded with Adam
-    or accumulation by torchrec 1.8, so it stays whole and trains with the user's Adam (a warning
-    says so) - equal to one process, with dp=2, with tensor_parallel=2 (the backbone's own plan)
-    and with pipeline_parallel=2 (no spec: the layers split by the backbone's base_model_pp_plan,
-    the module's own forward and validation_step routed through the stages)."""
+    """strategy='hybrid' on the first try: the EmbeddingCollection table is sharded on the dense
+    kernel (torch lookup on the local shards) and trains with the user's Adam and accumulation -
+    equal to one process, with dp=2, with tensor_parallel=2 (the backbone's own plan) and with
+    pipeline_parallel=2 (no spec: the layers split by the backbone's base_model_pp_plan, the
+    module's own forward and validation_step routed through the stages)."""
     reference = _fit_adam(None, 1, 1, validate=True)
     ref_steps = torch.tensor(reference["losses"]).view(-1, 2).mean(1)
     ranks = run_distributed(_fit_adam_layouts, 2, init_process_group=False, timeout_s=600)
@@ -174,6 +179,7 @@ def test_adam_and_accumulation_on_a_sequence_table_train_like_one_process() -> N
         assert len(rank["pp2"]["val_losses"]) == len(reference["val_losses"]) > 0
         assert_close(torch.tensor(rank["pp2"]["val_losses"]), torch.tensor(reference["val_losses"]), rtol=1e-4, atol=1e-5)
     for layout, replicas in (("dp2", [0, 1]), ("tp2", [0]), ("pp2", [0, 1])):
+        assert ranks[0][layout]["kernels"] == {"item_table": "dense"}, layout  # sharded, the user's Adam
         steps = torch.stack([torch.tensor(ranks[r][layout]["losses"]).view(-1, 2).mean(1) for r in replicas]).mean(0)
         assert_close(steps, ref_steps, rtol=1e-4, atol=1e-5, msg=lambda m, lay=layout: f"{lay}: {m}")
         state = ranks[0][layout]["state"]

@@ -40,6 +40,11 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "ec-table_wise": ("ec", {"embedding_sharding": {"t_user": "table_wise", "t_item": "table_wise", "t_category": "table_wise"}}, {}, {}),
     "ec-row_wise": ("ec", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "row_wise"}}, {}, {}),
     "ec-column_wise": ("ec", {"column_wise_min_partition": 4}, {}, {}),
+    # the dense kernel of sequence tables (torch lookup on the local shards): Adam, accumulation
+    "ec-table_wise-adam-dense": ("ec", {"embedding_sharding": {"t_user": "table_wise", "t_item": "table_wise", "t_category": "table_wise"}}, {"optimizer": "adam", "lr": 0.01}, {}),
+    "ec-row_wise-adam-dense": ("ec", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "row_wise"}}, {"optimizer": "adam", "lr": 0.01}, {}),
+    "ec-column_wise-adam-dense": ("ec", {"column_wise_min_partition": 8}, {"optimizer": "adam", "lr": 0.01}, {}),
+    "ec-row_wise-accumulate": ("ec", {"embedding_sharding": {"t_user": "row_wise", "t_item": "table_wise", "t_category": "row_wise"}}, {}, {"accumulate_grad_batches": 2}),
     # Adam for the network, fused Adagrad for the tables, one LR scheduler over both
     "ec-row_wise-grouped-optimizer": ("ec", {"embedding_sharding": {"t_user": "row_wise", "t_item": "row_wise", "t_category": "table_wise"}}, {"optimizer": "grouped", "lr": 0.01, "scheduler": True}, {}),
 }

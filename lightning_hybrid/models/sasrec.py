@@ -126,8 +126,9 @@ class SASRec(pl.LightningModule):
         negative_sampling: ``"uniform"`` or ``"popularity"`` (training-set item frequencies,
             read from the data module when it offers ``item_counts()``).
         lr, weight_decay: Adam(W) for the network.
-        table_optimizer, table_lr: optimizer of the item table (``adagrad`` runs fused on CPU and
-            GPU; ``adam`` is fused on GPU only, so on CPU it is an error for an EmbeddingCollection).
+        table_optimizer, table_lr: optimizer of the item table (``adagrad`` runs fused inside
+            backward on CPU and GPU; ``adam`` puts the table on the dense kernel with torch's Adam,
+            or fbgemm's lazy Adam on CUDA with ``embedding_kernels={"item_id": "fused"}``).
         text_tower: fuse each item's id embedding with a small transformer encoding of its text
             tokens (token table also in a torchrec EmbeddingCollection); the data module must offer
             ``item_text_tokens`` (``SequenceDataModule(item_text=True)``).
@@ -464,7 +465,7 @@ class SASRec(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Adam(W) for the network; the item table gets `table_optimizer`: Adagrad runs fused inside
-        # backward on CPU and GPU, Adam only on GPU (fbgemm has no fused Adam on CPU).
+        # backward on CPU and GPU; Adam runs on the dense kernel (torch's rule) unless fused is asked for
         tables = list(self.item_tables.parameters())
         if self.hparams.text_tower:
             tables += list(self.text_tables.parameters())

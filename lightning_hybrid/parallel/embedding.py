@@ -8,6 +8,10 @@ What this module adds on top of torchrec's ``shard_modules``:
   cannot be placed raises the same clear error on every rank instead of hanging a broadcast;
 * sharders that allow ``row_wise`` on CPU (torchrec's default CPU sharder refuses it although the
   fused and dense CPU kernels compute it exactly) and the dense kernel for model-parallel tables;
+* EmbeddingCollection tables on the dense kernel look up their local shard with torch
+  (`use_torch_sequence_lookup`): fbgemm 1.8's dense unpooled lookup returns the wrong number of
+  rows on CPU ("Split sizes doesn't match" in the output all-to-all, or heap corruption), so
+  sequence tables could only run fused, with fbgemm's optimizers and no accumulation;
 * weights survive sharding (torchrec re-initialises sharded tables; we load the pre-sharding state
   back, which splits full tensors into local shards);
 * the pooled output keeps the unsharded key order (sharding reorders a KeyedTensor's keys, which
@@ -28,6 +32,7 @@ from torch import nn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
+    from fbgemm_gpu.split_embedding_configs import SparseType
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -389,12 +394,48 @@ def shard_embeddings_in_place(
         warnings.simplefilter("ignore")
         shard_modules(model, env=env, device=device, plan=plan, sharders=sharders or default_sharders())
     sharded = {fqn: model.get_submodule(fqn) for fqn in plan.plan}
+    for module in sharded.values():
+        use_torch_sequence_lookup(module)
     for fqn, module in sharded.items():
         # torchrec initialises sharded tables afresh; put the user's values back (full -> local shards).
         module.load_state_dict(saved[fqn], strict=False)
         if fqn in key_orders:
             module.register_forward_hook(_restore_key_order(key_orders[fqn]))
     return sharded
+
+
+def _torch_sequence_lookup(kernel: nn.Module, features: KeyedJaggedTensor) -> torch.Tensor:
+    """What fbgemm's dense lookup with ``PoolingMode.NONE`` computes: one row per id, in the order
+    of ``features.values()`` (key by key), read from this rank's shards by ``F.embedding`` on views
+    of the kernel's flat weight, so the gradient lands in that weight's ``.grad``."""
+    emb = kernel._emb_module
+    weights = emb.weights
+    out = []
+    for f, ids in enumerate(features.values().split(features.length_per_key())):
+        rows, dim = emb.embedding_specs[kernel._feature_table_map[f]]
+        offset = int(emb.weights_physical_offsets[kernel._feature_table_map[f]])
+        out.append(nn.functional.embedding(ids.long(), weights[offset : offset + rows * dim].view(rows, dim)))
+    if not out:
+        return weights.new_zeros(0, 0)
+    return torch.cat(out).to(torch.float32 if emb.output_dtype == SparseType.FP32.as_int() else weights.dtype)
+
+
+def use_torch_sequence_lookup(module: nn.Module) -> int:
+    """Route the dense-kernel lookups of a sharded EmbeddingCollection through
+    `_torch_sequence_lookup` (the module docstring says why); returns how many were changed.
+    Fused kernels and pooled (EmbeddingBagCollection) lookups are left to fbgemm."""
+    import types
+
+    from torchrec.distributed.batched_embedding_kernel import BatchedDenseEmbedding
+
+    changed = 0
+    for lookup in getattr(module, "_lookups", []):
+        inner = getattr(lookup, "module", lookup)  # (a lookup may be wrapped in DDP)
+        for kernel in getattr(inner, "_emb_modules", []):
+            if isinstance(kernel, BatchedDenseEmbedding):
+                kernel.forward = types.MethodType(_torch_sequence_lookup, kernel)
+                changed += 1
+    return changed
 
 
 class ReorderedKeyedTensor(KeyedTensor):

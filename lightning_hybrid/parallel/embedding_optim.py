@@ -18,6 +18,8 @@ SGD at lr 0.01. Here we read which torch optimizer and parameter group holds eac
   names each such table and the reason, e.g. fbgemm has no fused Adam on CPU.
 
 Gradient accumulation also forces the dense kernel: fused tables would update every micro-batch.
+Sequence (EmbeddingCollection) tables follow the same rules: their dense kernel looks up with torch
+(`lightning_hybrid.parallel.embedding.use_torch_sequence_lookup`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,9 +58,6 @@ class TableOptimizerChoice:
     fused: dict[str, FusedTableOptimizer]
     #: table -> why it uses the dense kernel (empty when it was asked for or accumulation needs it)
     dense_reasons: dict[str, str]
-    #: sequence table -> why it stays whole on every rank (its module is not sharded; see
-    #: ``keep_unshardable_whole``)
-    replicated: dict[str, str] = field(default_factory=dict)
 
 
 LAZY_ADAM = (
@@ -116,15 +115,10 @@ def choose_table_optimizers(
     accumulate_grad_batches: int,
     forced_kernels: Mapping[str, str],
     data_parallel_tables: Sequence[str] = (),
-    sequence_tables: Sequence[str] = (),
-    keep_unshardable_whole: Sequence[str] = (),
 ) -> TableOptimizerChoice:
     """Decide fused vs dense per table from the user's optimizers (built on the unsharded model).
-
-    ``keep_unshardable_whole``: sequence tables the user placed no constraint on. One that cannot
-    run fused (its optimizer has no fused equivalent here, or gradients accumulate) is reported in
-    ``replicated`` instead of refused: its module then stays whole on every rank and trains with
-    the user's optimizer like any dense weight (torchrec 1.8's dense kernel cannot shard it)."""
+    Pooled and sequence (EmbeddingCollection) tables alike: the dense kernel of sequence tables
+    looks up with torch (`lightning_hybrid.parallel.embedding.use_torch_sequence_lookup`)."""
     from lightning_hybrid.optim import GroupedOptimizer
 
     # id(param) -> (index of the optimizer, index of the group in its param_groups, the torch
@@ -139,7 +133,6 @@ def choose_table_optimizers(
     kernels: dict[str, str] = {}
     fused: dict[str, FusedTableOptimizer] = {}
     reasons: dict[str, str] = {}
-    replicated: dict[str, str] = {}
     for table, weight in table_weights.items():
         if id(weight) not in owner:
             raise ValueError(
@@ -153,26 +146,6 @@ def choose_table_optimizers(
             kernels[table] = DENSE
             continue
         translated = _translate(optimizer, optimizers[opt_idx].param_groups[group_idx], device_type, allow_lazy=forced == FUSED)
-        if table in sequence_tables:
-            # torchrec 1.8's dense kernel for EmbeddingCollection corrupts memory or fails on
-            # CPU ("Split sizes doesn't match"): these tables must run fused.
-            why = None
-            if forced == DENSE:
-                why = "it was asked for the dense kernel"
-            elif isinstance(translated, str):
-                why = translated
-            elif accumulate_grad_batches > 1:
-                why = f"accumulate_grad_batches={accumulate_grad_batches} needs the dense kernel (fused tables update every micro-batch)"
-            if why is not None and table in keep_unshardable_whole:
-                replicated[table] = why
-                continue
-            if why is not None:
-                raise ValueError(
-                    f"EmbeddingCollection table {table!r} can only use torchrec's fused kernel (its dense kernel is "
-                    f"broken in torchrec 1.8), but {why}. Give the table an SGD or Adagrad optimizer (on CUDA also "
-                    f"Adam/AdamW with embedding_kernels={{{table!r}: 'fused'}}: fbgemm's lazy Adam), e.g. configure_optimizers returning lightning_hybrid.optim.GroupedOptimizer(["
-                    f"Adam(dense_params), Adagrad(table_params)]), and keep accumulate_grad_batches=1."
-                )
         if forced == DENSE:
             kernels[table] = DENSE
             continue
@@ -195,7 +168,7 @@ def choose_table_optimizers(
         kernels[table] = FUSED
         cls, kwargs = translated
         fused[table] = FusedTableOptimizer(optimizer_class=cls, kwargs=kwargs, source=(opt_idx, group_idx))
-    return TableOptimizerChoice(kernels=kernels, fused=fused, dense_reasons=reasons, replicated=replicated)
+    return TableOptimizerChoice(kernels=kernels, fused=fused, dense_reasons=reasons)
 
 
 def apply_fused_optimizers(table_weights: Mapping[str, nn.Parameter], choice: TableOptimizerChoice) -> None:

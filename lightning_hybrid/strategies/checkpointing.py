@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_hybrid import checkpoint as ckpt
+from lightning_hybrid.export import MODEL_CLASS_KEY
 from lightning_hybrid.parallel.data import local_tensor
 from lightning_hybrid.plan import ParallelPlan
 
@@ -198,6 +199,8 @@ class CheckpointHooks:
                 "HybridStrategy.save_checkpoint(storage_options=...) is not supported: checkpoints are written "
                 "with torch.distributed.checkpoint, not a CheckpointIO plugin."
             )
+        cls = type(self.lightning_module)
+        checkpoint[MODEL_CLASS_KEY] = f"{cls.__module__}.{cls.__qualname__}"  # (read by lightning-hybrid export)
         save(
             checkpoint, Path(self.broadcast(str(filepath))), module=self.lightning_module, sharded_modules=self._tables.modules,
             per_rank=self._per_rank_state(), rank=self.global_rank, world_size=self.world_size, plan=self.plan,

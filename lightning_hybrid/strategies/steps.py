@@ -82,6 +82,10 @@ def stash_gradients(
     """This step's gradients (dropped when not ``keep``), with the earlier ones back in place."""
     stash = {p: p.grad for p in params if p.grad is not None} if keep else {}
     for p in params:
+        # None first: torchrec's dense-kernel tables are TableBatchedEmbeddingSlice views whose
+        # grad setter copies into the live gradient when there is one, which would overwrite
+        # the stashed gradient (a view of it) with the earlier one
+        p.grad = None
         p.grad = before.get(p)
     return stash
 

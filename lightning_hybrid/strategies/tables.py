@@ -9,7 +9,6 @@ comes back as `ShardedTables`; the strategy keeps it and exposes it read-only.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +137,6 @@ def apply_embedding_sharding(
     weights = {info.table_name: model.get_parameter(info.weight_fqn) for info in infos}
     dp_tables = [t for t, s in spec.sharding_types.items() if s == "data_parallel"]
     choice = None
-    whole: set[str] = set()
     user_optimizers: list[Any] = []
     if fitting:
         probe, _ = _init_optimizers_and_lr_schedulers(model)
@@ -150,28 +148,6 @@ def apply_embedding_sharding(
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             forced_kernels=spec.compute_kernels,
             data_parallel_tables=dp_tables,
-            sequence_tables=[info.table_name for info in infos if not info.pooled],
-            keep_unshardable_whole=[
-                info.table_name for info in infos
-                if not info.pooled and info.table_name not in spec.sharding_types and info.table_name not in spec.compute_kernels
-                and info.table_name not in spec.constraints
-            ],
-        )
-        whole = {info.module_fqn for info in infos if info.table_name in choice.replicated}
-        if whole:
-            # a module holding such a table stays whole: none of its tables is fused (an optimizer
-            # in backward on a whole table would update it a second time, besides the user's)
-            kept = {info.table_name for info in infos if info.module_fqn in whole}
-            choice = dataclasses.replace(
-                choice, fused={t: f for t, f in choice.fused.items() if t not in kept},
-                replicated={t: choice.replicated.get(t, "in the same EmbeddingCollection") for t in kept},
-            )
-        _warn_tables(
-            choice.replicated,
-            "these EmbeddingCollection tables stay whole on every rank (not sharded) and train with your optimizer "
-            "like any dense weight, since torchrec 1.8 can only shard them on its fused kernel",
-            "To shard them, give them an SGD or Adagrad param group (on CUDA also Adam/AdamW with "
-            "embedding_kernels={table: 'fused'}) and accumulate_grad_batches=1.",
         )
         _warn_tables(
             choice.dense_reasons,
@@ -181,27 +157,18 @@ def apply_embedding_sharding(
             "HybridStrategy(embedding_kernels={table: 'fused'}) where that is possible.",
         )
         emb_optim.apply_fused_optimizers(weights, choice)
-        # (tables that stay whole get a placeholder kernel: planned with the rest, then dropped)
-        kernels = {**{t: emb_optim.FUSED for t in choice.replicated}, **choice.kernels}
+        kernels = dict(choice.kernels)
     else:
         kernels = {
             info.table_name: spec.compute_kernels.get(info.table_name, emb_optim.DENSE if info.table_name in dp_tables else emb_optim.FUSED)
             for info in infos
         }
-    # modules holding a table that must stay whole are not sharded at all
-    if whole and all(info.module_fqn in whole for info in infos):
-        return ShardedTables(choice=choice)
     constraints = emb.build_constraints(infos, spec, kernels)
     env = ShardingEnv.from_process_group(dist.group.WORLD)
     plan = emb.plan_sharding_on_rank0(
         model, env=env, device=device, constraints=constraints, local_world_size=local_world_size,
         memory_per_rank_bytes=spec.memory_per_rank_bytes,
     )
-    for fqn in whole:
-        plan.plan.pop(fqn, None)
-    infos = [info for info in infos if info.module_fqn not in whole]
-    if not plan.plan:
-        return ShardedTables(choice=choice)
     summary = emb.plan_summary(plan)
     if fitting:
         refuse_multi_shard_dense_state(summary, kernels, user_optimizers, dist.get_rank())
