@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"full": {"users": 2048, "items": 2000, "steps": 40, "d_model": 64}, "smoke": {"users": 64, "items": 50, "steps": 3, "d_model": 16}}
+SIZES = {"full": {"users": 4096, "items": 2000, "steps": 120, "d_model": 64}, "smoke": {"users": 64, "items": 50, "steps": 3, "d_model": 16}}
 VARIANTS = {
     "ddp_spawn": None,
     "hybrid": {"embedding_sharding": {"item_id": "row_wise"}},
     # where the difference goes: without the per-step checks, and with the table replicated
+    "hybrid_no_id_check": {"embedding_sharding": {"item_id": "row_wise"}, "validate_inputs": False},
+    "hybrid_no_nan_check": {"embedding_sharding": {"item_id": "row_wise"}, "nonfinite_loss": "off"},
     "hybrid_no_checks": {"embedding_sharding": {"item_id": "row_wise"}, "validate_inputs": False, "nonfinite_loss": "off"},
     "hybrid_replicated": {"shard_embeddings": False, "validate_inputs": False, "nonfinite_loss": "off"},
 }

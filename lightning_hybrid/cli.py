@@ -13,14 +13,8 @@ and ``init_args`` for its options.
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
-
-import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
-
-import lightning_hybrid  # noqa: F401 - registers strategy="hybrid"
 
 USAGE = """usage: lightning-hybrid {fit,validate,test,predict,convert,export,plan} ...
 
@@ -32,30 +26,6 @@ USAGE = """usage: lightning-hybrid {fit,validate,test,predict,convert,export,pla
 
 See the module docstring of lightning_hybrid.cli and docs/getting-started.md.
 """
-
-
-class HybridCLI(LightningCLI):
-    """LightningCLI whose defaults suit multi-process CPU/GPU runs of this package (module level:
-    the spawn launcher pickles it by reference)."""
-
-    def before_instantiate_classes(self) -> None:
-        # one thread per rank unless the user chose otherwise: ranks share the machine's cores
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        self._follow_checkpoint_item_ids()
-
-    def _follow_checkpoint_item_ids(self) -> None:
-        """With --ckpt_path, a data module that can follow a checkpoint's id -> row mapping
-        (SequenceDataModule(item_ids_from=...)) follows that checkpoint's, unless told otherwise."""
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
-        ckpt = config.get("ckpt_path") if config is not None else None
-        init_args = config.get("data", {}).get("init_args") if config is not None and config.get("data") else None
-        if not ckpt or init_args is None or "item_ids_from" not in init_args or init_args.get("item_ids_from"):
-            return
-        if os.path.exists(str(ckpt)):
-            from lightning_hybrid.data.item_ids import saved_item_ids
-
-            if saved_item_ids(str(ckpt)) is not None:
-                init_args["item_ids_from"] = str(ckpt)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -79,14 +49,11 @@ def main(args: list[str] | None = None) -> None:
 
         plan_main(argv[1:])
         return
-    HybridCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    # (Lightning, torchrec and the strategy are imported only here: --help, convert, export and
+    # plan start in a fraction of the time)
+    from lightning_hybrid.lightning_cli import run
+
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,30 @@ def test_top_level_help_lists_every_subcommand(capsys: Any) -> None:
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "convert", "plan"):
         assert command in out
+
+
+def test_the_package_and_the_light_commands_import_nothing_heavy() -> None:
+    """`import lightning_hybrid`, `--help`, `convert`/`export --help` load neither Lightning nor
+    torchrec; strategy="hybrid" is still registered, whichever of the two is imported first."""
+    import subprocess
+    import sys
+
+    light = (
+        "import sys, lightning_hybrid, lightning_hybrid.cli as c\n"
+        "c.main(['--help'])\n"
+        "for argv in (['convert', '--help'], ['export', '--help']):\n"
+        "    try:\n        c.main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = sorted(m for m in ('lightning', 'torchrec', 'lightning_hybrid.strategies') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    orders = {
+        "package first": "import lightning_hybrid\nimport lightning.pytorch as pl\n",
+        "lightning first": "import lightning.pytorch as pl\nimport lightning_hybrid\n",
+    }
+    for code in [light] + [
+        order + "t = pl.Trainer(strategy='hybrid', accelerator='cpu', devices=1, logger=False)\n"
+        "assert type(t.strategy).__name__ == 'HybridStrategy', t.strategy\n"
+        for order in orders.values()
+    ]:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]

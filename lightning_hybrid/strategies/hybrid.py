@@ -414,14 +414,16 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         if self._tables.choice is not None and self._tables.choice.fused:
             # fbgemm reads the learning rate at forward time: LR schedulers must reach it now
             emb_optim.sync_fused_learning_rates(self._tables.fused_optimizers_by_table(), self._tables.choice, self._unwrapped_optimizers())
-        # bytes of the previous optimizer step (logging is allowed here, not in optimizer_step)
+        # bytes of the previous optimizer step (logging is allowed here, not in optimizer_step), on
+        # the steps the loggers write (a self.log call costs more than a small model's step, ~1 ms)
+        writes = getattr(getattr(module.trainer, "_logger_connector", None), "should_update_logs", True)
         for name, value, known in (
             ("comm/dp_bytes_per_step", self.comm_bytes_last_step, self._exchange is not None and self._exchange.compressor.counter.total),
             ("comm/tp_bytes_per_step", self.tp_bytes_last_step, self._tp_bytes is not None and module.trainer.global_step > 0),
             ("comm/embedding_bytes_per_step", self.embedding_bytes_last_step,  # torchrec's all-to-alls, fwd and bwd
              self._tables.byte_counter is not None and module.trainer.global_step > 0),
         ):
-            if known:
+            if known and writes:
                 module.log(name, float(value), on_step=True, on_epoch=False, batch_size=1)
         self._skip_backward = False
         epoch = module.trainer.current_epoch
@@ -457,11 +459,9 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
 
     def _loss_parallel_context(self) -> Any:
         # vocab-parallel logits: torch's cross-entropy on DTensor shards, in forward and backward
-        if not self._loss_parallel:
-            return nullcontext()
         from torch.distributed.tensor.parallel import loss_parallel
 
-        return loss_parallel()
+        return loss_parallel() if self._loss_parallel else nullcontext()
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
