@@ -203,3 +203,61 @@ def test_tensor_and_pipeline_parallel_together_from_the_model_s_own_plans() -> N
         assert_close(torch.tensor(rank["val_losses"]), torch.tensor(reference["val_losses"]), rtol=1e-4, atol=1e-5)
     for key, value in reference["state"].items():
         assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _fit_lora(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int) -> dict[str, Any]:
+    """LoRA on the backbone (peft), item table and head trained fully, Adam: as a user writes it."""
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+    from tests.helpers import LossRecorder, quiet_trainer
+
+    class LoraRec(_module_class()):
+        def __init__(self) -> None:
+            super().__init__("llama")
+            torch.manual_seed(1)
+            self.backbone = get_peft_model(self.backbone, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    model = LoraRec()
+    recorder = LossRecorder()
+    strategy = "auto" if strategy_kwargs is None else HybridStrategy(**strategy_kwargs)
+    trainer = quiet_trainer(strategy=strategy, devices=devices, max_epochs=3, limit_val_batches=0, callbacks=[recorder])
+    try:
+        trainer.fit(model, datamodule=SequenceDataModule(**DATA, batch_size=16 // dp))
+    except ValueError as error:
+        return {"refused": str(error)}
+    state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": recorder.losses, "state": state, "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}
+
+
+def _fit_lora_layouts() -> dict[str, Any]:
+    return {
+        "dp2": _fit_lora({"find_unused_parameters": True}, 2, 2),
+        "pp2": _fit_lora({"pipeline_parallel": 2}, 2, 1),
+        "tp2": _fit_lora({"tensor_parallel": 2}, 2, 1),
+    }
+
+
+def test_lora_through_peft_with_a_sharded_table_trains_like_one_process() -> None:
+    """peft LoRA adapters on the backbone, the torchrec item table sharded: dp=2 and pp=2 (layers
+    split by the base model's pp plan, inside the peft wrapper) equal one process, frozen base
+    weights unchanged; tp=2 is refused naming LoRA and what composes."""
+    pytest.importorskip("peft", reason="peft is an optional extra (requirements/hf.txt)")
+    reference = _fit_lora(None, 1, 1)
+    assert any("lora_A" in n for n in reference["trainable"]) and not any("q_proj.base_layer" in n for n in reference["trainable"])
+    ranks = run_distributed(_fit_lora_layouts, 2, init_process_group=False, timeout_s=600)
+    for layout in ("dp2", "pp2"):
+        result = ranks[0][layout]
+        steps = torch.stack([torch.tensor(r[layout]["losses"]) for r in ranks]).mean(0) if layout == "dp2" else torch.tensor(result["losses"])
+        assert_close(steps, torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5, msg=lambda m, lay=layout: f"{lay}: {m}")
+        for key, value in reference["state"].items():
+            assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, lay=layout: f"{lay} {k}: {m}")
+    for rank in ranks:
+        assert "peft (LoRA) layers" in rank["tp2"]["refused"] and "pipeline_parallel" in rank["tp2"]["refused"]

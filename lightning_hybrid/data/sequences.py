@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_hybrid.data.item_ids import follow_item_ids, saved_item_ids
+from lightning_hybrid.data.item_text import encode_item_texts, load_item_text
 from lightning_hybrid.data.resumable import ResumableDataLoader, pin_memory_for
 
 FormatName = Literal["auto", "sasrec", "movielens", "synthetic"]
@@ -167,44 +168,6 @@ def synthetic_sequences(
     )
 
 
-def load_item_text(directory: str | os.PathLike[str]) -> dict[str, str]:
-    """Raw item id -> text (title and genres) from ``movies.csv``, ``movies.dat`` or ``u.item``."""
-    directory = Path(directory)
-    texts: dict[str, str] = {}
-    if (directory / "movies.csv").is_file():
-        path = directory / "movies.csv"
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:3]] != ["movieId", "title", "genres"]:
-                raise ValueError(f"{path}:1: expected header 'movieId,title,genres', got {header!r}.")
-            for line_no, row in enumerate(reader, start=2):
-                if len(row) < 3:
-                    raise ValueError(f"{path}:{line_no}: expected movieId,title,genres; got {row!r}.")
-                texts[row[0].strip()] = f"{row[1]} {row[2].replace('|', ' ')}"
-    elif (directory / "movies.dat").is_file():
-        path = directory / "movies.dat"
-        with path.open(encoding="latin-1") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                fields = line.rstrip("\n").split("::")
-                if len(fields) < 3:
-                    raise ValueError(f"{path}:{line_no}: expected id::title::genres; got {line.strip()!r}.")
-                texts[fields[0]] = f"{fields[1]} {fields[2].replace('|', ' ')}"
-    elif (directory / "u.item").is_file():
-        path = directory / "u.item"
-        with path.open(encoding="latin-1") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                fields = line.rstrip("\n").split("|")
-                if len(fields) < 2:
-                    raise ValueError(f"{path}:{line_no}: expected id|title|...; got {line.strip()!r}.")
-                texts[fields[0]] = fields[1]
-    else:
-        raise FileNotFoundError(f"No item text beside the ratings in {directory} (movies.csv, movies.dat or u.item).")
-    return texts
-
-
 def load_item_genres(directory: str | os.PathLike[str]) -> dict[str, str]:
     """Raw item id -> first genre, from ``movies.csv``/``movies.dat`` (genres field) or ``u.item`` (flags)."""
     directory = Path(directory)
@@ -235,29 +198,6 @@ def load_item_genres(directory: str | os.PathLike[str]) -> dict[str, str]:
                 genres[fields[0]] = f"genre{first}" if first is not None else ""
         return genres
     raise FileNotFoundError(f"No item genres beside the ratings in {directory} (movies.csv, movies.dat or u.item).")
-
-
-class WordTokenizer:
-    """Lower-cased words and numbers, a vocabulary built from the data (offline, no downloads).
-
-    Id 0 is padding, 1 is unknown; the ``max_vocab - 2`` most frequent words get ids from 2.
-    """
-
-    def __init__(self, texts: Sequence[str], max_vocab: int = 20000) -> None:
-        import re
-        from collections import Counter
-
-        self._split = re.compile(r"[a-z0-9]+")
-        counts = Counter(word for text in texts for word in self._split.findall(text.lower()))
-        self.vocab = {word: i + 2 for i, (word, _) in enumerate(counts.most_common(max(0, max_vocab - 2)))}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab) + 2
-
-    def encode(self, text: str, length: int) -> list[int]:
-        ids = [self.vocab.get(w, 1) for w in self._split.findall(text.lower())][:length]
-        return ids + [0] * (length - len(ids))
 
 
 def _left_pad(items: Sequence[int], length: int) -> list[int]:
@@ -380,6 +320,8 @@ class SequenceDataModule(pl.LightningDataModule):
         item_text: also provide item text tokens (MovieLens: movies.csv / movies.dat / u.item beside
             the ratings; synthetic: generated genre words) for a model's text tower.
         text_len, text_vocab_size: tokens per item and the word vocabulary cap.
+        text_tokenizer: a local directory holding a Hugging Face tokenizer (e.g. the backbone's model
+            directory): item text is tokenized with it instead of the data's own words.
         time_bucket_days, max_time_buckets: time side feature: interactions are bucketed by age in
             units of ``time_bucket_days`` since the data's first interaction (formats with timestamps).
         item_ids_from: a checkpoint (directory or file) whose raw-id -> row mapping the items follow:
@@ -408,6 +350,7 @@ class SequenceDataModule(pl.LightningDataModule):
         item_text: bool = False,
         text_len: int = 16,
         text_vocab_size: int = 20000,
+        text_tokenizer: str | None = None,
         time_bucket_days: int = 30,
         max_time_buckets: int = 512,
         item_ids_from: str | None = None,
@@ -423,7 +366,7 @@ class SequenceDataModule(pl.LightningDataModule):
         self.expected_items = num_items
         self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed)
         self.data: SequenceData | None = None
-        self.item_text, self.text_len, self.max_text_vocab = item_text, text_len, text_vocab_size
+        self.item_text, self.text_len, self.max_text_vocab, self.text_tokenizer = item_text, text_len, text_vocab_size, text_tokenizer
         self.time_bucket_days, self.max_time_buckets = time_bucket_days, max_time_buckets
         self._text_tokens: torch.Tensor | None = None
         self._text_vocab_size = 0
@@ -499,11 +442,9 @@ class SequenceDataModule(pl.LightningDataModule):
             base = Path(self.path)
             raw = load_item_text(base if base.is_dir() else base.parent)
         texts = [raw.get(item, "") for item in data.item_ids]
-        tokenizer = WordTokenizer(texts, max_vocab=self.max_text_vocab)
-        tokens = torch.zeros(data.num_items + 1, self.text_len, dtype=torch.long)
-        for index, text in enumerate(texts, start=1):
-            tokens[index] = torch.tensor(tokenizer.encode(text, self.text_len))
-        self._text_tokens, self._text_vocab_size = tokens, tokenizer.vocab_size
+        self._text_tokens, self._text_vocab_size = encode_item_texts(
+            texts, text_len=self.text_len, max_vocab=self.max_text_vocab, tokenizer_path=self.text_tokenizer
+        )
 
     @property
     def item_text_tokens(self) -> torch.Tensor | None:

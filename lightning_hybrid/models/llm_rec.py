@@ -65,6 +65,10 @@ class LLMRec(SASRec):
             path of a local pretrained model directory (its layer weights are loaded).
         num_items, max_len, loss, num_negatives, negative_sampling, lr, weight_decay,
         table_optimizer, table_lr, eval_ks, exclude_seen, top_k, tensor_parallel_output: as in `SASRec`.
+        text_tower, text_blocks: item text as in `SASRec` (a small encoder over each item's tokens,
+            fused with its id embedding). With ``SequenceDataModule(text_tokenizer=<the backbone's
+            directory>)`` the tokens are the backbone's own, and when the token table has the
+            backbone's vocabulary (plus padding) it starts from the backbone's token embedding.
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class LLMRec(SASRec):
         exclude_seen: bool = False,
         top_k: int = 10,
         tensor_parallel_output: Literal["replicated", "gathered", "vocab_parallel"] = "replicated",
+        text_tower: bool = False,
+        text_blocks: int = 1,
     ) -> None:
         config = backbone_config(backbone)
         super().__init__(
@@ -91,10 +97,11 @@ class LLMRec(SASRec):
             dropout=0.0, loss=loss, num_negatives=num_negatives, negative_sampling=negative_sampling, lr=lr,
             weight_decay=weight_decay, table_optimizer=table_optimizer, table_lr=table_lr, eval_ks=eval_ks,
             exclude_seen=exclude_seen, top_k=top_k, tensor_parallel_output=tensor_parallel_output,
+            text_tower=text_tower, text_blocks=text_blocks,
         )
         # SASRec reads its structure from hparams; LightningCLI records only LLMRec's own arguments
         # (load_from_checkpoint passes LLMRec only the ones its __init__ takes)
-        structure = {"mlp_ratio": 1, "dropout": 0.0, "text_tower": False, "text_blocks": 1, "side_features": None,
+        structure = {"mlp_ratio": 1, "dropout": 0.0, "side_features": None,
                      "sequence_parallel": False, "tables": "torchrec"}
         self.hparams.update({k: v for k, v in structure.items() if k not in self.hparams})
         # the decoder's true shape (what the planner prices)
@@ -117,9 +124,20 @@ class LLMRec(SASRec):
         self.blocks = model.layers
         self.final_norm = model.norm
         self.rotary = model.rotary_emb
+        embed = getattr(model, "embed_tokens", None)
+        # the backbone's token embedding, kept (off the module) to start a text tower's token table
+        self._token_embedding = [embed.weight.detach().clone()] if text_tower and isinstance(embed, nn.Embedding) else []
         del self.position, self.input_dropout
         plan = dict(getattr(config, "base_model_tp_plan", None) or {})
         self._tp_plan = {f"blocks.{k[len('layers.'):]}": v for k, v in plan.items() if k.startswith("layers.")}
+
+    def _build_text_tower(self, tokens: torch.Tensor, vocab_size: int) -> None:
+        super()._build_text_tower(tokens, vocab_size)
+        table = self.text_tables.embeddings["text_token"].weight
+        if self._token_embedding and tuple(self._token_embedding[0].shape) == (vocab_size - 1, table.shape[1]):
+            with torch.no_grad():  # token t of the tokenizer is row t + 1 (row 0: padding)
+                table[1:] = self._token_embedding[0]
+                table[0] = 0.0
 
     def _block_input(self, emb: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return emb * (items != 0).unsqueeze(-1)
@@ -138,6 +156,11 @@ class LLMRec(SASRec):
 
     def pipeline_spec(self) -> PipelineSpec:
         """The decoder layers cut into stages (no spec to write)."""
+        if self.hparams.text_tower:
+            raise ValueError(
+                "LLMRec(text_tower=True) cannot run with pipeline_parallel > 1 yet: the text tower sits inside the "
+                "embedding lookup, which every pipeline rank runs. Use text_tower=False or pipeline_parallel=1."
+            )
         return PipelineSpec(
             blocks=self.blocks,
             lookup=lambda batch: self._embed(batch["input"], batch.get("user"), batch.get("time")),

@@ -196,6 +196,17 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: Plan) ->
     if callable(plan) and not isinstance(plan, Mapping):
         plan(module, tp_mesh)
         return module
+    wrapped = [
+        n for n, sub in module.named_modules()
+        if type(sub).__module__.startswith("peft.") and any(fnmatch.fnmatchcase(n, pattern) for pattern in plan)
+    ]
+    if wrapped:
+        raise ValueError(
+            f"Tensor parallelism: {wrapped[:3]} are peft (LoRA) layers, which torch's tensor-parallel styles cannot split "
+            "(each wraps the frozen base Linear and its low-rank adapters). With LoRA use data_parallel and "
+            "pipeline_parallel (both compose with it and with sharded tables), or merge the adapters "
+            "(model.merge_and_unload()) before training with tensor_parallel."
+        )
     resolved = resolve_plan(module, plan)
     check_divisibility(module, tp_mesh.size())
     # output projections may split unevenly (DTensor pads); split heads and MLP widths may not
