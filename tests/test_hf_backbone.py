@@ -127,6 +127,22 @@ def test_tensor_parallel_from_the_model_s_own_plan_matches_one_process(arch: str
         assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
+@pytest.fixture(scope="module")
+def pp2_results() -> list[dict[str, Any]]:
+    return run_distributed(_fit_all, 2, {"pipeline_parallel": 2}, init_process_group=False, timeout_s=600)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pipeline_parallel_from_the_model_s_own_pp_plan_matches_one_process(arch: str, pp2_results: list[dict[str, Any]]) -> None:
+    """No pipeline_spec(): the layers the config's base_model_pp_plan names are split, the
+    module's forward routed through them; every architecture trains like one process."""
+    reference = _fit(arch, None)
+    for rank in pp2_results:
+        assert_close(torch.tensor(rank[arch]["losses"]), torch.tensor(reference["losses"]), rtol=1e-4, atol=1e-5)
+    for key, value in reference["state"].items():
+        assert_close(pp2_results[0][arch]["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def _fit_adam(strategy_kwargs: dict[str, Any] | None, devices: int, dp: int, validate: bool = False) -> dict[str, Any]:
     """The module as a Hugging Face user writes it: Adam(self.parameters()), accumulation 2;
     with ``validate``, its plain validation_step runs after every epoch."""
