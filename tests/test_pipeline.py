@@ -213,7 +213,7 @@ BAD = {
     "stages": "2 stages but the model has only 1 blocks",
     "virtual": "4 stages (interleaved and zero-bubble schedules run several stages per rank) but the model has only 3 blocks",
     "batch": "the training batch size of 7 samples does not split into pipeline_microbatches=2",
-    "spec": "needs TinyRec.pipeline_spec()",
+    "spec": "needs to know what to cut into stages: define TinyRec.pipeline_spec()",
 }
 
 
