@@ -21,6 +21,7 @@ which sharded lookups require), and the metrics skip them.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_hybrid.data.item_ids import follow_item_ids, saved_item_ids
 from lightning_hybrid.data.item_text import encode_item_texts, load_item_text
+from lightning_hybrid.data.lengths import (
+    LengthGroupedSampler,
+    long_tail_lengths,
+    rows_balanced_over_shards,
+    trim_batch,
+)
 from lightning_hybrid.data.resumable import ResumableDataLoader, pin_memory_for
 
 FormatName = Literal["auto", "sasrec", "movielens", "synthetic"]
@@ -136,10 +143,12 @@ def load_movielens(path: str | os.PathLike[str]) -> SequenceData:
 
 def synthetic_sequences(
     *, num_users: int, num_items: int, min_len: int = 5, max_len: int = 50, num_next: int = 3,
-    follow_prob: float = 0.7, zipf_exponent: float = 1.0, seed: int = 0,
+    follow_prob: float = 0.7, zipf_exponent: float = 1.0, seed: int = 0, lengths: str = "uniform",
 ) -> SequenceData:
     """Users walk a random item graph: with ``follow_prob`` the next item is one of the current
-    item's ``num_next`` successors, otherwise a popular item (Zipf). Learnable, seeded."""
+    item's ``num_next`` successors, otherwise a popular item (Zipf). Learnable, seeded. Sequence
+    lengths are uniform in ``[min_len, max_len]`` or, with ``lengths="long_tail"``, Amazon
+    Beauty-like (median 6, p99 43, clipped to the range; `lightning_hybrid.data.lengths`)."""
     if num_users < 1 or num_items < 2 or min_len < 3 or max_len < min_len:
         raise ValueError(
             f"synthetic_sequences: num_users={num_users}, num_items={num_items}, min_len={min_len}, "
@@ -148,12 +157,17 @@ def synthetic_sequences(
     gen = torch.Generator().manual_seed(seed)
     popularity = 1.0 / torch.arange(1, num_items + 1, dtype=torch.float64) ** zipf_exponent
     successors = torch.randint(1, num_items + 1, (num_items + 1, num_next), generator=gen)
-    lengths = torch.randint(min_len, max_len + 1, (num_users,), generator=gen)
+    if lengths not in ("uniform", "long_tail"):
+        raise ValueError(f"synthetic_sequences(lengths={lengths!r}): use 'uniform' or 'long_tail'.")
+    if lengths == "long_tail":
+        per_user = long_tail_lengths(num_users, min_len=min_len, max_len=max_len, generator=gen)
+    else:
+        per_user = torch.randint(min_len, max_len + 1, (num_users,), generator=gen)
     sequences = []
     for u in range(num_users):
         item = int(torch.multinomial(popularity, 1, generator=gen)) + 1
         seq = [item]
-        for _ in range(int(lengths[u]) - 1):
+        for _ in range(int(per_user[u]) - 1):
             if float(torch.rand(1, generator=gen)) < follow_prob:
                 item = int(successors[item, int(torch.randint(0, num_next, (1,), generator=gen))])
             else:
@@ -217,6 +231,10 @@ class TrainSequences(Dataset):
             (u, list(s), list(buckets[u][: len(s)]) if buckets is not None else None) for u, s in enumerate(sequences) if len(s) >= 2
         ]
         self.max_len = max_len
+
+    def lengths(self) -> list[int]:
+        """Real (unpadded) input positions of each row."""
+        return [min(len(seq), self.max_len + 1) - 1 for _u, seq, _b in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -290,9 +308,17 @@ class EvenShardSampler(DistributedSampler):
         return math.ceil(len(self.dataset) / self.num_replicas)  # type: ignore[arg-type]
 
 
-def collate_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_train(rows: list[dict[str, Any]], multiple: int = 8) -> dict[str, Any]:
+    """Stacked training rows, cut to the batch's longest sequence (`lightning_hybrid.data.lengths`)."""
+    from torch.utils.data import default_collate
+
+    return trim_batch(default_collate(rows), multiple=multiple)
+
+
+def collate_eval(rows: list[dict[str, Any]], multiple: int | None = None) -> dict[str, Any]:
+    """Stacked evaluation rows; with ``multiple``, cut to the batch's longest history."""
     seen_lengths = torch.tensor([len(r["seen"]) for r in rows])
-    return {
+    batch = {
         "input": torch.stack([r["input"] for r in rows]),
         "target": torch.stack([r["target"] for r in rows]),
         "seen_values": torch.cat([r["seen"] for r in rows]) if rows else torch.zeros(0, dtype=torch.long),
@@ -301,6 +327,7 @@ def collate_eval(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "user": torch.stack([r["user"] for r in rows]),
         **({"time": torch.stack([r["time"] for r in rows])} if rows and "time" in rows[0] else {}),
     }
+    return trim_batch(batch, multiple=multiple) if multiple is not None and rows else batch
 
 
 class SequenceDataModule(pl.LightningDataModule):
@@ -317,6 +344,12 @@ class SequenceDataModule(pl.LightningDataModule):
             batch to split into its microbatches).
         num_items: vocabulary size the model is built for; ``None`` takes the data's. Ids beyond it are an error.
         synthetic_users, synthetic_items, synthetic_min_len, synthetic_max_len, seed: the generator.
+        synthetic_lengths: ``"uniform"`` in [min, max], or ``"long_tail"`` (Amazon Beauty-like).
+        batching: ``"jagged"``: each batch is cut to its longest sequence (rounded up to
+            ``pad_multiple``) and training batches group similar lengths, so ``max_len`` is a cap,
+            not a shape; ``"padded"``: every batch is ``max_len`` wide, training batches random
+            (the behaviour before 0.2). Results on real positions are the same
+            (`lightning_hybrid.data.lengths`).
         item_text: also provide item text tokens (MovieLens: movies.csv / movies.dat / u.item beside
             the ratings; synthetic: generated genre words) for a model's text tower.
         text_len, text_vocab_size: tokens per item and the word vocabulary cap.
@@ -329,6 +362,11 @@ class SequenceDataModule(pl.LightningDataModule):
             has no rows for them). Checkpoints store the mapping; resuming or predicting on a
             refreshed data file without this option is refused when the mapping would differ
             (``lightning-hybrid fit/test/predict --ckpt_path`` sets it for you).
+        row_balance_shards: renumber the items so that, with the item table row-wise sharded over
+            this many ranks (usually the world size), each shard serves about the same number of
+            lookups (items by training frequency, `lightning_hybrid.data.lengths.rows_balanced_over_shards`).
+            The mapping is the checkpoint's like any other (training, evaluation, predictions and
+            exports use raw ids); a checkpoint's mapping (``item_ids_from``) takes precedence.
     """
 
     def __init__(
@@ -347,6 +385,9 @@ class SequenceDataModule(pl.LightningDataModule):
         synthetic_min_len: int = 5,
         synthetic_max_len: int = 50,
         seed: int = 0,
+        synthetic_lengths: Literal["uniform", "long_tail"] = "uniform",
+        batching: Literal["jagged", "padded"] = "jagged",
+        pad_multiple: int = 8,
         item_text: bool = False,
         text_len: int = 16,
         text_vocab_size: int = 20000,
@@ -354,6 +395,7 @@ class SequenceDataModule(pl.LightningDataModule):
         time_bucket_days: int = 30,
         max_time_buckets: int = 512,
         item_ids_from: str | None = None,
+        row_balance_shards: int | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1 or eval_batch_size < 1:
@@ -364,13 +406,18 @@ class SequenceDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.drop_last = drop_last
         self.expected_items = num_items
-        self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed)
+        if batching not in ("jagged", "padded") or pad_multiple < 1:
+            raise ValueError(f"SequenceDataModule(batching={batching!r}, pad_multiple={pad_multiple}): use 'jagged' or 'padded', pad_multiple >= 1.")
+        self.batching, self.pad_multiple = batching, pad_multiple
+        self.synthetic = dict(num_users=synthetic_users, num_items=synthetic_items, min_len=synthetic_min_len, max_len=synthetic_max_len, seed=seed,
+                              lengths=synthetic_lengths)
         self.data: SequenceData | None = None
         self.item_text, self.text_len, self.max_text_vocab, self.text_tokenizer = item_text, text_len, text_vocab_size, text_tokenizer
         self.time_bucket_days, self.max_time_buckets = time_bucket_days, max_time_buckets
         self._text_tokens: torch.Tensor | None = None
         self._text_vocab_size = 0
         self.item_ids_from = item_ids_from
+        self.row_balance_shards = row_balance_shards
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -401,6 +448,10 @@ class SequenceDataModule(pl.LightningDataModule):
                 )
             # (rows for the model's items: num_items if given, else the checkpoint's table)
             data = follow_item_ids(data, known, capacity=self.expected_items or len(known))
+        elif self.row_balance_shards:
+            # (the training part: the last two items of each user are validation and test)
+            order = rows_balanced_over_shards([s[:-2] for s in data.sequences], data.num_items, self.row_balance_shards)
+            data = follow_item_ids(data, [data.item_ids[i - 1] for i in order])
         if self.expected_items is not None and data.num_items > self.expected_items:
             raise ValueError(
                 f"The data has {data.num_items} distinct items but the model is configured for num_items="
@@ -519,13 +570,19 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # resumable: a checkpoint written mid-epoch continues with the next batch, not the first
-        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last,
-                                   num_workers=self.num_workers, pin_memory=pin_memory_for(self.trainer))
+        common = dict(batch_size=self.batch_size, drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=pin_memory_for(self.trainer))
+        if self.batching == "padded":
+            return ResumableDataLoader(self.train_set, shuffle=True, **common)
+        rank, size = self._dp()
+        sampler = LengthGroupedSampler(self.train_set, self.train_set.lengths(), batch_size=self.batch_size, num_replicas=size, rank=rank,
+                                       seed=int(os.environ.get("PL_GLOBAL_SEED", 0)), drop_last=self.drop_last)
+        return ResumableDataLoader(self.train_set, sampler=sampler, collate_fn=functools.partial(collate_train, multiple=self.pad_multiple), **common)
 
     def _eval_loader(self, dataset: EvalSequences) -> DataLoader:
         rank, size = self._dp()
         sampler = EvenShardSampler(dataset, num_replicas=size, rank=rank)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate_eval,
+        collate = collate_eval if self.batching == "padded" else functools.partial(collate_eval, multiple=self.pad_multiple)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=self.num_workers, pin_memory=pin_memory_for(self.trainer))
 
     def val_dataloader(self) -> DataLoader:

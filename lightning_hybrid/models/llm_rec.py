@@ -64,7 +64,8 @@ class LLMRec(SASRec):
             ``num_key_value_heads``, ``intermediate_size``) for random initialisation, or the
             path of a local pretrained model directory (its layer weights are loaded).
         num_items, max_len, loss, num_negatives, negative_sampling, lr, weight_decay,
-        table_optimizer, table_lr, eval_ks, exclude_seen, top_k, tensor_parallel_output: as in `SASRec`.
+        table_optimizer, table_lr, eval_ks, exclude_seen, top_k, tensor_parallel_output,
+        loss_normalization: as in `SASRec`.
         text_tower, text_blocks: item text as in `SASRec` (a small encoder over each item's tokens,
             fused with its id embedding). With ``SequenceDataModule(text_tokenizer=<the backbone's
             directory>)`` the tokens are the backbone's own, and when the token table has the
@@ -90,6 +91,7 @@ class LLMRec(SASRec):
         tensor_parallel_output: Literal["replicated", "gathered", "vocab_parallel"] = "replicated",
         text_tower: bool = False,
         text_blocks: int = 1,
+        loss_normalization: Literal["global_tokens", "per_rank"] = "global_tokens",
     ) -> None:
         config = backbone_config(backbone)
         super().__init__(
@@ -97,7 +99,7 @@ class LLMRec(SASRec):
             dropout=0.0, loss=loss, num_negatives=num_negatives, negative_sampling=negative_sampling, lr=lr,
             weight_decay=weight_decay, table_optimizer=table_optimizer, table_lr=table_lr, eval_ks=eval_ks,
             exclude_seen=exclude_seen, top_k=top_k, tensor_parallel_output=tensor_parallel_output,
-            text_tower=text_tower, text_blocks=text_blocks,
+            text_tower=text_tower, text_blocks=text_blocks, loss_normalization=loss_normalization,
         )
         # SASRec reads its structure from hparams; LightningCLI records only LLMRec's own arguments
         # (load_from_checkpoint passes LLMRec only the ones its __init__ takes)

@@ -133,6 +133,13 @@ class SASRec(pl.LightningModule):
             tokens (token table also in a torchrec EmbeddingCollection); the data module must offer
             ``item_text_tokens`` (``SequenceDataModule(item_text=True)``).
         text_blocks: transformer blocks of the text tower.
+        padding_lookups: also look up the padding positions (id 0) in the tables, as before 0.2;
+            only for comparisons (`benchmarks/jagged.py`): the results are the same, the work is not.
+        loss_normalization: ``"global_tokens"``: the training loss is the mean over every target
+            of the global batch (one small all-reduce of the target count over dp per step), so
+            data parallelism equals one process on that batch when ranks hold different numbers of
+            targets; ``"per_rank"``: each rank's own mean (DDP's usual average of means). Not applied
+            under a pipeline_spec() schedule (its microbatch losses are averaged).
         side_features: extra tables in the same sharded EmbeddingCollection, added to each
             position's item embedding: ``user`` (the user id), ``category`` (the item's first
             genre), ``time`` (the interaction's age bucket). Sizes come from the data module.
@@ -170,6 +177,8 @@ class SASRec(pl.LightningModule):
         table_lr: float = 0.05,
         text_tower: bool = False,
         text_blocks: int = 1,
+        padding_lookups: bool = False,
+        loss_normalization: Literal["global_tokens", "per_rank"] = "global_tokens",
         side_features: list[Literal["user", "category", "time"]] | None = None,
         eval_ks: list[int] | None = None,
         exclude_seen: bool = False,
@@ -326,17 +335,21 @@ class SASRec(pl.LightningModule):
                 f"SASRec: item id {int(items.max()) if int(items.max()) > self.num_items else int(items.min())} is outside "
                 f"0..{self.num_items} (num_items={self.num_items}). Set model num_items to the data's item count."
             )
-        per_position = torch.full((batch,), length, dtype=torch.int32, device=items.device)
-        keys, values, lengths = ["item"], [items.reshape(-1)], [per_position]
+        # only real positions are looked up (and sent through the tables' all-to-alls): padding
+        # ids would be lookups of row 0, most of a step's lookups on short sequences, all served
+        # by the rank that owns row 0; `padding_lookups=True` restores them (for comparisons)
+        real = torch.ones_like(items, dtype=torch.bool) if self.hparams.padding_lookups else items != 0
+        per_position = real.sum(1, dtype=torch.int32)
+        keys, values, lengths = ["item"], [items[real]], [per_position]
         if "category" in self.side_features:
             keys.append("category")
-            values.append(self.item_categories[items].reshape(-1))
+            values.append(self.item_categories[items[real]])
             lengths.append(per_position)
         if "time" in self.side_features:
             if time is None:
                 raise ValueError("SASRec(side_features=['time']) needs batch['time'] (time buckets) from the data module.")
             keys.append("time")
-            values.append(time.reshape(-1))
+            values.append(time[real])
             lengths.append(per_position)
         if "user" in self.side_features:
             if user is None:
@@ -350,10 +363,11 @@ class SASRec(pl.LightningModule):
             kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
             jagged = self.item_tables(kjt)
             looked_up = {key: jagged[key].values() for key in keys}
-        emb = looked_up["item"].view(batch, length, -1)
+        emb = looked_up["item"].new_zeros(batch, length, looked_up["item"].shape[-1])
+        emb = emb.index_put((real,), looked_up["item"])
         for feature in ("category", "time"):
             if feature in self.side_features:
-                emb = emb + looked_up[feature].view(batch, length, -1)
+                emb = emb.index_put((real,), looked_up[feature], accumulate=True)
         if "user" in self.side_features:
             emb = emb + looked_up["user"].view(batch, 1, -1)
         if self.hparams.text_tower:
@@ -442,8 +456,29 @@ class SASRec(pl.LightningModule):
             )
         hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))
         loss = self._loss(hidden, batch["target"])
-        self.log("train_loss", loss, prog_bar=True, batch_size=int((batch["target"] != 0).sum()))
+        tokens = int((batch["target"] != 0).sum())
+        self.log("train_loss", loss, prog_bar=True, batch_size=tokens)
+        if self.hparams.loss_normalization == "global_tokens":
+            return loss * self._token_share(tokens)
         return loss
+
+    def _token_share(self, tokens: int) -> float:
+        """``tokens * dp / global tokens``: with it, each rank's mean loss becomes its share of the
+        mean over every target of the global batch, so the gradient data parallelism averages is
+        the one-process gradient of that batch however its targets fall on the ranks."""
+        import torch.distributed as dist
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is None or not dist.is_available() or not dist.is_initialized() or strategy.world_size == 1:
+            return 1.0
+        mesh = getattr(strategy, "device_mesh", None)
+        group = mesh["dp"].get_group() if mesh is not None and "dp" in (mesh.mesh_dim_names or ()) else None
+        size = dist.get_world_size(group)
+        if size == 1:
+            return 1.0
+        count = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(count, group=group)
+        return tokens * size / float(count)
 
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Next-item loss of [B, L, D] final hidden states against [B, L] targets (0 = none)."""

@@ -204,6 +204,13 @@ def batch_size_of(batch: Any) -> int:
     return int(stride()) if callable(stride) else -1
 
 
+def _shapes(batch: Any) -> tuple[Any, ...]:
+    if isinstance(batch, torch.Tensor):
+        return (tuple(batch.shape),)
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    return tuple(s for value in values for s in _shapes(value))
+
+
 def slice_microbatch(batch: Any, index: torch.Tensor, batch_size: int) -> Any:
     """The rows ``index`` of every tensor in ``batch`` whose first dimension is the batch."""
     if isinstance(batch, torch.Tensor):
@@ -452,7 +459,9 @@ class PipelineRunner:
         return None if self._lookups is None else self._lookups[index]
 
     def _schedule(self, batch_size: int, train: bool) -> Any:
-        key = (train, batch_size)
+        # one schedule per batch shape: torch's stages infer the shapes they send once, and jagged
+        # batches (`lightning_hybrid.data.lengths`) come in a few sequence lengths
+        key = (train, batch_size, _shapes(self._batch))
         if key not in self._schedules:
             self._schedules[key] = self._build_schedule(batch_size, train)
         return self._schedules[key]
@@ -516,7 +525,7 @@ class PipelineRunner:
         lookups = self._prepare(batch, batch_size, grad=True)
         index = torch.arange(batch_size, device=self.device)
         losses: list[torch.Tensor] = []
-        first_time = (True, batch_size) not in self._schedules  # includes torch's shape inference
+        first_time = (True, batch_size, _shapes(batch)) not in self._schedules  # includes torch's shape inference
         schedule = self._schedule(batch_size, train=True)
         self.current_microbatches = schedule._n_microbatches
         self.training_step_running = True

@@ -1,0 +1,176 @@
+"""Tier 1: jagged batches compute what the padded ones do, and length-grouped sampling stays correct.
+
+References: the padded computation (today's behaviour) for outputs, losses and gradients on the
+real positions; hand-checkable counts for the sampler (every sample once per epoch across ranks,
+the same batches after a resume); the log-normal's quantiles for the long-tailed generator.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.testing import assert_close
+
+from lightning_hybrid.data.lengths import LengthGroupedSampler, long_tail_lengths, trim_batch
+from lightning_hybrid.data.sequences import SequenceDataModule, collate_train
+
+DATA = dict(format="synthetic", max_len=50, synthetic_users=64, synthetic_items=40, synthetic_min_len=3, synthetic_max_len=120,
+            synthetic_lengths="long_tail", seed=3)
+
+
+def _model(**kwargs: object):  # noqa: ANN202
+    from lightning_hybrid.models.sasrec import SASRec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return SASRec(num_items=40, max_len=50, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, **kwargs)
+
+
+def test_jagged_batch_equals_the_padded_one_on_real_positions() -> None:
+    data = SequenceDataModule(**DATA, batch_size=16)
+    data.setup("fit")
+    rows = [data.train_set[i] for i in range(16)]
+    padded = collate_train(rows, multiple=50)  # (no trimming: 50 columns)
+    jagged = collate_train(rows, multiple=8)
+    width = jagged["input"].shape[1]
+    assert width % 8 == 0 and width < 50 and padded["input"].shape[1] == 50
+    assert not padded["input"][:, : 50 - width].any()  # only padding was dropped
+
+    results = {}
+    for name, batch, kwargs in (("padded", padded, {"padding_lookups": True}), ("jagged", jagged, {})):
+        model = _model(**kwargs)
+        hidden = model.encode(batch["input"])
+        loss = model.training_step(batch, 0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[name] = (hidden[:, -width:][batch["input"][:, -width:] != 0], loss.detach(), grads)
+    (h_pad, loss_pad, g_pad), (h_jag, loss_jag, g_jag) = results["padded"], results["jagged"]
+    assert_close(h_jag, h_pad, rtol=1e-5, atol=1e-6)
+    assert_close(loss_jag, loss_pad, rtol=1e-6, atol=1e-7)
+    assert set(g_jag) == set(g_pad)
+    for name, grad in g_pad.items():
+        assert_close(g_jag[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_trim_keeps_a_multiple_and_leaves_other_tensors() -> None:
+    batch = {"input": torch.tensor([[0, 0, 0, 0, 0, 1, 2], [0, 0, 0, 0, 3, 4, 5]]), "target": torch.tensor([[0] * 5 + [2, 3], [0] * 4 + [4, 5, 6]]),
+             "user": torch.tensor([0, 1])}
+    out = trim_batch(batch, multiple=2)
+    assert out["input"].tolist() == [[0, 0, 1, 2], [0, 3, 4, 5]]
+    assert out["target"].shape == (2, 4) and torch.equal(out["user"], batch["user"])
+
+
+def test_length_grouped_sampler_covers_each_sample_once_and_groups_lengths() -> None:
+    lengths = long_tail_lengths(203, min_len=3, max_len=200, generator=torch.Generator().manual_seed(0)).tolist()
+    dataset = list(range(203))
+    samplers = [LengthGroupedSampler(dataset, lengths, batch_size=8, num_replicas=2, rank=r, seed=5, group=4) for r in range(2)]
+    for epoch in (0, 1):
+        for s in samplers:
+            s.set_epoch(epoch)
+        streams = [list(s) for s in samplers]
+        assert len(streams[0]) == len(streams[1]) == 102  # ceil(203 / 2), as DistributedSampler
+        seen = streams[0] + streams[1]
+        assert set(seen) == set(dataset) and len(seen) - len(set(seen)) == 1  # one repeat pads 203 to 204
+        # rank r's k-th batch: every other sample of the k-th (length-sorted) global batch
+        batches = samplers[0].global_batches()
+        assert streams[0][:8] == batches[0][0::2] and streams[1][:8] == batches[0][1::2]
+    # grouped: the padding a batch of 8 carries (to its longest) is far below that of random batches
+    def waste(order: list[int]) -> float:
+        chunks = [order[k : k + 8] for k in range(0, len(order) - 7, 8)]
+        return sum(max(lengths[i] for i in c) * len(c) - sum(lengths[i] for i in c) for c in chunks) / sum(lengths)
+
+    random_order = torch.randperm(203, generator=torch.Generator().manual_seed(1)).tolist()
+    assert waste(streams[0]) < 0.5 * waste(random_order)
+    # a new epoch is a new order; the same epoch, the same order (what a resume relies on)
+    samplers[0].set_epoch(1)
+    again = list(samplers[0])
+    samplers[0].set_epoch(2)
+    assert again == streams[0] and list(samplers[0]) != again
+
+
+def test_length_grouped_loader_resumes_mid_epoch_with_the_same_batches() -> None:
+    data = SequenceDataModule(**DATA, batch_size=8)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(3)
+    full = [b["input"].clone() for b in loader]
+    resumed = data.train_dataloader()
+    resumed.sampler.set_epoch(3)
+    resumed.load_state_dict({"batches_done": 3})
+    rest = [b["input"] for b in resumed]
+    assert len(rest) == len(full) - 3
+    for a, b in zip(rest, full[3:], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_long_tail_lengths_are_beauty_like() -> None:
+    lengths = long_tail_lengths(20000, min_len=5, max_len=204, generator=torch.Generator().manual_seed(0)).double()
+    assert 5.5 <= lengths.median() <= 7 and 7.5 <= lengths.mean() <= 10
+    assert 36 <= torch.quantile(lengths, 0.99) <= 50 and lengths.max() <= 204
+
+
+def _fit_tokens(strategy_kwargs: dict | None, normalization: str) -> dict:
+    import os
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.checkpoint import full_state_dict
+    from tests.helpers import LossRecorder, quiet_trainer, sgd_sasrec_class
+
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    torch.manual_seed(0)
+    model = sgd_sasrec_class()(num_items=40, max_len=50, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, loss_normalization=normalization)
+    # every user in each global batch; random (padded) batching: the ranks hold different numbers of targets
+    data = SequenceDataModule(**{**DATA, "synthetic_users": 24, "synthetic_min_len": 5}, batch_size=24 if strategy_kwargs is None else 12, batching="padded")
+    devices = 1 if strategy_kwargs is None else 2
+    strategy = "auto" if strategy_kwargs is None else HybridStrategy(**strategy_kwargs)
+    trainer = quiet_trainer(strategy=strategy, devices=devices, max_epochs=3, limit_val_batches=0, callbacks=[LossRecorder()])
+    trainer.fit(model, datamodule=data)
+    state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"state": state}
+
+
+def _dp2_both() -> dict:
+    return {n: _fit_tokens({"embedding_sharding": {"item_id": "row_wise"}}, n) for n in ("global_tokens", "per_rank")}
+
+
+def test_global_token_normalisation_makes_dp_equal_one_process() -> None:
+    """dp=2 on long-tailed sequences split at random (unequal targets per rank): with the loss
+    normalised over the global batch's targets the parameters equal one process on that batch;
+    each rank's own mean (per_rank) does not."""
+    from lightning_hybrid.testing import run_distributed
+
+    reference = _fit_tokens(None, "global_tokens")["state"]
+    ranks = run_distributed(_dp2_both, 2, init_process_group=False, timeout_s=300)
+    exact = ranks[0]["global_tokens"]["state"]
+    for key, value in reference.items():
+        assert_close(exact[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    per_rank = ranks[0]["per_rank"]["state"]
+    assert max(float((per_rank[k] - v).abs().max()) for k, v in reference.items()) > 1e-3
+
+
+def test_rows_balanced_over_shards_even_out_the_lookups_each_shard_serves() -> None:
+    """Popularity-skewed ids (Zipf, popular items first, as ids often are): counted from the
+    training batches' ids, the row-wise shards serve over 1.2x the mean on raw rows and within 10%
+    after the remap; the remap keeps every raw id and is what the checkpoint mapping records."""
+    kwargs = dict(format="synthetic", max_len=50, synthetic_users=400, synthetic_items=200, synthetic_min_len=5,
+                  synthetic_max_len=60, seed=1, batch_size=32)
+
+    def served(data: SequenceDataModule, shards: int) -> float:
+        data.setup("fit")
+        block = -(-(data.num_items + 1) // shards)
+        counts = torch.zeros(shards)
+        for batch in data.train_dataloader():
+            ids = batch["input"][batch["input"] != 0]
+            counts += torch.bincount(ids // block, minlength=shards).float()
+        return float(counts.max() / counts.mean())
+
+    for shards in (2, 4):
+        raw = SequenceDataModule(**kwargs)
+        balanced = SequenceDataModule(**kwargs, row_balance_shards=shards)
+        assert served(raw, shards) > 1.2
+        assert served(balanced, shards) <= 1.10
+        assert sorted(balanced.load().item_ids) == sorted(raw.load().item_ids)
+        assert balanced.state_dict()["item_ids"] == list(balanced.load().item_ids) != list(raw.load().item_ids)
