@@ -1,0 +1,192 @@
+"""Simulated nodes on one machine: network namespaces joined by rate-limited veth links.
+
+Every figure measured over loopback hides what hybrid parallelism saves: bytes on slow links
+between nodes. `SimulatedCluster` makes ``nodes`` network namespaces; node ``k`` gets address
+``10.<subnet>.0.<k+1>`` on a veth pair to a bridge namespace, and each veth end is shaped with
+``tc``'s token-bucket filter (``tbf``) to ``rate_mbit``. Traffic between ranks of one node stays on
+that namespace's own loopback (fast, unshaped); traffic between nodes crosses two shaped veths.
+(``netem`` is not available here, so links have a rate but no added delay.)
+
+Ranks are started per node with the launcher users run across nodes: `SimulatedCluster.torchrun`
+runs ``torchrun --nnodes N --node-rank k --rdzv-backend c10d --rdzv-endpoint <node 0>`` inside
+each namespace, so the strategy's node detection, hierarchical reduction and fault tolerance see
+real node boundaries. Needs root and ``ip``/``tc``; `unavailable_reason` says why not otherwise
+(tests skip with it). Everything the cluster creates is removed on exit, also on failure; only
+namespaces it made are touched.
+
+    with SimulatedCluster(nodes=2, rate_mbit=1000) as cluster:
+        cluster.torchrun(["-m", "lightning_hybrid.cli", "fit", "-c", "recipes/quickstart.yaml"], nproc_per_node=1)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def unavailable_reason() -> str | None:
+    """None when simulated nodes can be made here, else why not."""
+    if sys.platform != "linux":
+        return "simulated nodes need Linux network namespaces"
+    if os.geteuid() != 0:
+        return "simulated nodes need root (network namespaces, veth pairs, tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"simulated nodes need the `{tool}` command (iproute2)"
+    probe = f"lhprobe{uuid.uuid4().hex[:6]}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace here: {made.stderr.strip()}"
+    try:
+        inside = subprocess.run(["ip", "netns", "exec", probe, "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+        veth = subprocess.run(["ip", "-n", probe, "link", "add", "lhp0", "type", "veth", "peer", "name", "lhp1"], capture_output=True, text=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    for step, done in (("run a command inside a network namespace", inside), ("create a veth pair", veth)):
+        if done.returncode != 0:
+            return f"cannot {step} here: {done.stderr.strip()}"
+    return None
+
+
+def _run(*args: str) -> None:
+    done = subprocess.run(list(args), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"SimulatedCluster: `{' '.join(args)}` failed: {done.stderr.strip()}")
+
+
+class SimulatedCluster:
+    """``nodes`` network namespaces on a bridge, every node's link shaped to ``rate_mbit``."""
+
+    def __init__(self, *, nodes: int = 2, rate_mbit: float | None = 1000.0, subnet: int | None = None, burst_kbyte: int = 512) -> None:
+        if nodes < 2:
+            raise ValueError(f"SimulatedCluster(nodes={nodes}): a cluster needs at least 2 nodes.")
+        if rate_mbit is not None and rate_mbit <= 0:
+            raise ValueError(f"SimulatedCluster(rate_mbit={rate_mbit}) must be positive (or None: unshaped).")
+        self.nodes, self.rate_mbit, self.burst_kbyte = nodes, rate_mbit, burst_kbyte
+        tag = uuid.uuid4().hex[:6]
+        self.bridge_ns = f"lhbr{tag}"
+        self.names = [f"lhn{k}{tag}" for k in range(nodes)]
+        self.subnet = subnet if subnet is not None else 100 + int(tag[:2], 16) % 100
+        self._made: list[str] = []
+
+    def address(self, node: int) -> str:
+        return f"10.{self.subnet}.0.{node + 1}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> SimulatedCluster:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"SimulatedCluster: {reason}.")
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _create(self) -> None:
+        _run("ip", "netns", "add", self.bridge_ns)
+        self._made.append(self.bridge_ns)
+        _run("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        for k, ns in enumerate(self.names):
+            _run("ip", "netns", "add", ns)
+            self._made.append(ns)
+            inner, outer = "eth0", f"v{k}"
+            # the pair is made inside the node's namespace, then one end moves to the bridge's
+            _run("ip", "-n", ns, "link", "add", inner, "type", "veth", "peer", "name", outer)
+            _run("ip", "-n", ns, "link", "set", outer, "netns", self.bridge_ns)
+            _run("ip", "-n", ns, "addr", "add", f"{self.address(k)}/24", "dev", inner)
+            _run("ip", "-n", ns, "link", "set", inner, "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", self.bridge_ns, "link", "set", outer, "master", "br0")
+            _run("ip", "-n", self.bridge_ns, "link", "set", outer, "up")
+            if self.rate_mbit is not None:
+                # both directions: egress of the node's end and of the bridge's end
+                for where, dev in ((ns, inner), (self.bridge_ns, outer)):
+                    _run("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                         "rate", f"{self.rate_mbit}mbit", "burst", f"{self.burst_kbyte}kb", "latency", "20ms")
+
+    def close(self) -> None:
+        """Remove every namespace this cluster made (their veths and qdiscs go with them)."""
+        for ns in reversed(self._made):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                subprocess.run(["kill", "-9", pid], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._made.clear()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def popen(self, node: int, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None, **kwargs: Any) -> subprocess.Popen:
+        """Start ``argv`` inside node ``node``'s namespace."""
+        return subprocess.Popen(["ip", "netns", "exec", self.names[node], *argv], env=env, cwd=cwd, **kwargs)
+
+    def torchrun(
+        self, args: Sequence[str], *, nproc_per_node: int = 1, port: int = 29517, env: dict[str, str] | None = None,
+        cwd: str | Path | None = None, timeout_s: float = 600.0,
+    ) -> list[subprocess.CompletedProcess]:
+        """``python -m torch.distributed.run <args>`` on every node (one agent per node, c10d
+        rendezvous on node 0); returns each node's completed process (stdout and stderr captured)."""
+        environment = {**os.environ, **(env or {}), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        rdzv = f"{self.address(0)}:{port}"
+        procs = []
+        for k in range(self.nodes):
+            # (ranks of one node reach each other's eth0 address over the namespace's loopback: unshaped)
+            node_env = {**environment, "GLOO_SOCKET_IFNAME": "eth0"}
+            argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--nproc-per-node={nproc_per_node}",
+                    f"--node-rank={k}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv}", f"--rdzv-id=lh{self.subnet}",
+                    f"--local-addr={self.address(k)}",
+                    # node 0 hosts the rendezvous store (torchrun would compare the endpoint with the
+                    # machine's host name, which every namespace shares)
+                    f"--rdzv-conf=is_host={'true' if k == 0 else 'false'}", *args]
+            procs.append(self.popen(k, argv, env=node_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        results = []
+        for p in procs:
+            try:
+                out, err = p.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return results
+
+
+def _probe(megabytes: float, repeats: int) -> None:
+    """Under torchrun: time a gloo all-reduce of ``megabytes`` between ranks 0 and the last
+    (``python -m lightning_hybrid.testing.netns probe``); rank 0 prints JSON with Mbit/s."""
+    import json
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    tensor = torch.ones(int(megabytes * 2**20) // 4)
+    dist.all_reduce(tensor)  # warm-up (connections)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        times.append(time.perf_counter() - start)
+    best = sorted(times)[len(times) // 2]
+    if dist.get_rank() == 0:
+        print(json.dumps({"seconds": best, "mbit_per_s": tensor.numel() * 4 * 8 / best / 1e6, "world": dist.get_world_size()}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["probe"]:
+        _probe(float(sys.argv[2]) if len(sys.argv) > 2 else 16.0, int(sys.argv[3]) if len(sys.argv) > 3 else 5)
