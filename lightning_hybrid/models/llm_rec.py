@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from lightning_hybrid.models.sasrec import SASRec
-from lightning_hybrid.specs import PipelineSpec
 
 
 def backbone_config(backbone: dict[str, Any] | str) -> Any:
@@ -155,23 +154,6 @@ class LLMRec(SASRec):
         for block in self.blocks:
             x = self._block(block, x, items)
         return self.final_norm(x)
-
-    def pipeline_spec(self) -> PipelineSpec:
-        """The decoder layers cut into stages (no spec to write)."""
-        if self.hparams.text_tower:
-            raise ValueError(
-                "LLMRec(text_tower=True) cannot run with pipeline_parallel > 1 yet: the text tower sits inside the "
-                "embedding lookup, which every pipeline rank runs. Use text_tower=False or pipeline_parallel=1."
-            )
-        return PipelineSpec(
-            blocks=self.blocks,
-            lookup=lambda batch: self._embed(batch["input"], batch.get("user"), batch.get("time")),
-            first=lambda mb, emb: self._block_input(emb, mb["input"]),
-            block_forward=lambda block, x, mb: self._block(block, x, mb["input"]),
-            last=lambda hidden, mb: self._loss(self.final_norm(hidden), mb["target"]),
-            last_modules=("final_norm", "output"),
-            log_name="train_loss",
-        )
 
     def tensor_parallel_plan(self) -> dict[str, str]:
         """The decoder config's own ``base_model_tp_plan``, on ``blocks`` (translated to our styles)."""

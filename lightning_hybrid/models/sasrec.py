@@ -386,19 +386,23 @@ class SASRec(pl.LightningModule):
 
         if self.hparams.text_tower:
             raise ValueError(
-                "SASRec(text_tower=True) cannot run with pipeline_parallel > 1 yet: the text tower's dense layers sit "
-                "inside the embedding lookup, which every pipeline rank runs. Use text_tower=False or pipeline_parallel=1."
+                f"{type(self).__name__}(text_tower=True) cannot run with pipeline_parallel > 1 yet: the text tower's dense "
+                "layers sit inside the embedding lookup, which every pipeline rank runs. Use text_tower=False or pipeline_parallel=1."
             )
         return PipelineSpec(
             blocks=self.blocks,
             lookup=lambda batch: self._embed(batch["input"], batch.get("user"), batch.get("time")),
             first=lambda mb, emb: self._block_input(emb, mb["input"]),
-            block_forward=lambda block, x, mb: block(x, causal_padding_mask(mb["input"])),
+            block_forward=lambda block, x, mb: self._block(block, x, mb["input"]),
             last=lambda hidden, mb: self._loss(self.final_norm(hidden), mb["target"]),
-            first_modules=("position",),
+            first_modules=("position",) if hasattr(self, "position") else (),
             last_modules=("final_norm", "output"),
             log_name="train_loss",
         )
+
+    def _block(self, block: nn.Module, x: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """One block on hidden ``x`` of the sequences ``items`` (subclasses change the call)."""
+        return block(x, causal_padding_mask(items))
 
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
