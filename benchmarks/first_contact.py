@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.fresh_interpreter import run_in_fresh_interpreter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"full": {"users": 4096, "items": 2000, "steps": 120, "d_model": 64}, "smoke": {"users": 64, "items": 50, "steps": 3, "d_model": 16}}
@@ -44,7 +45,7 @@ VARIANTS = {
 }
 
 
-def _child(variant: str, size: str, out: str, started: float) -> None:
+def _child(variant: str, size: str, started: float, out: str) -> None:
     """Runs in a fresh interpreter: train, record step end times, write them to ``out``."""
     import warnings
 
@@ -68,15 +69,7 @@ def _child(variant: str, size: str, out: str, started: float) -> None:
 
 
 def run_variant(variant: str, size: str) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "times.json")
-        started = time.time()
-        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.first_contact import _child; _child({variant!r}, {size!r}, {out!r}, {started!r})"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise SystemExit(f"{variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        times = json.loads(Path(out).read_text())
+    times = run_in_fresh_interpreter("benchmarks.first_contact", "_child", [variant, size, time.time()], what=variant, timeout_s=900)
     ends = times["ends"]
     steps = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
     return {

@@ -24,16 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.fresh_interpreter import run_in_fresh_interpreter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 2  # the item table, row-wise over the 2 processes
@@ -81,7 +82,7 @@ class Probe(Callback):
             Path(self.out).write_text(json.dumps(self.rows[self.warmup :]))
 
 
-def _child(batching: str, max_len: int, size: str, out: str, balance_rows: bool = False) -> None:
+def _child(batching: str, max_len: int, size: str, balance_rows: bool, out: str) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
@@ -106,14 +107,7 @@ def _child(batching: str, max_len: int, size: str, out: str, balance_rows: bool 
 
 
 def run_variant(batching: str, max_len: int, size: str, balance_rows: bool = False) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.jagged import _child; _child({batching!r}, {max_len}, {size!r}, {out!r}, {balance_rows!r})"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0 or not os.path.exists(out):
-            raise SystemExit(f"{batching} max_len={max_len} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        rows = json.loads(Path(out).read_text())
+    rows = run_in_fresh_interpreter("benchmarks.jagged", "_child", [batching, max_len, size, balance_rows], what=f"{batching} max_len={max_len}")
     step = statistics.median(r["step_s"] for r in rows)
     mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
     return {
