@@ -42,8 +42,8 @@ def trim_batch(batch: dict[str, Any], *, multiple: int = 8, key: str = "input") 
     if items.dim() != 2 or items.shape[1] == 0:
         return batch
     full = items.shape[1]
-    real = items != 0
-    longest = int((full - real.int().argmax(dim=1)).masked_fill(~real.any(dim=1), 0).max()) if items.numel() else 0
+    used = (items != 0).any(dim=0)  # columns with a real item in some row (left padding: a suffix)
+    longest = full - int(used.int().argmax()) if bool(used.any()) else 0
     keep = min(full, max(multiple, math.ceil(max(longest, 1) / multiple) * multiple))
     if keep == full:
         return batch
@@ -95,7 +95,7 @@ class LengthGroupedSampler(DistributedSampler):
         order = torch.randperm(n, generator=gen).tolist()
         per_rank = self.num_samples  # (DistributedSampler: ceil or floor of n / replicas)
         total = per_rank * self.num_replicas
-        order = (order + order * math.ceil(total / max(n, 1)))[:total]  # pad by repeating, or drop the tail
+        order = (order * (total // max(n, 1) + 1))[:total]  # pad by repeating, or drop the tail
         width = self.batch_size * self.num_replicas
         batches: list[list[int]] = []
         for start in range(0, total, width * self.group):

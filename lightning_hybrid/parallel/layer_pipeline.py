@@ -44,7 +44,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_hybrid.parallel.pipeline import check_stage_count, even_split, stage_ranges, sum_gradients
+from lightning_hybrid.parallel.pipeline import (
+    check_stage_count,
+    even_split,
+    parameters_outside,
+    stage_ranges,
+    sum_gradients,
+)
 
 
 class RoutedElsewhere(nn.Module):
@@ -196,13 +202,7 @@ class LayerPipeline:
                 layer.register_forward_hook(self._send_hook)
             if i == last:
                 layer.register_forward_hook(self._broadcast_hook)
-        owned = {id(p) for p in layers.parameters()}
-        prefixes = tuple(f"{name}." for name in shared_exclude if name)
-        self.shared_params = (
-            []
-            if "" in shared_exclude
-            else [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned and not n.startswith(prefixes)]
-        )
+        self.shared_params = parameters_outside(model, {id(p) for p in layers.parameters()}, shared_exclude)
 
     def _anchor_arg(self) -> torch.Tensor | None:
         return self._anchor if torch.is_grad_enabled() else None

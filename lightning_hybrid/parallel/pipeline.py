@@ -78,6 +78,16 @@ class PipelineSpec:
     log_name: str | None = None
 
 
+def parameters_outside(model: nn.Module, owned: set[int], exclude: Sequence[str]) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that are not in ``owned`` (ids of this rank's stage
+    parameters) nor under the submodules named in ``exclude`` (torchrec-sharded tables, whose
+    lookup backward already runs on every rank): one copy per pp rank, kept equal by `sum_gradients`."""
+    if "" in exclude:  # the model itself is sharded: nothing of it is ours to share
+        return []
+    prefixes = tuple(f"{name}." for name in exclude if name)
+    return [p for name, p in model.named_parameters() if p.requires_grad and id(p) not in owned and not name.startswith(prefixes)]
+
+
 def sum_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup) -> None:
     """All-reduce (sum) the gradients of ``params`` over ``group`` in one flat buffer; a missing
     gradient counts as zero. DTensor gradients are summed shard by shard."""
@@ -422,15 +432,7 @@ class PipelineRunner:
             setattr(parent, attr, ElsewhereInThePipeline(name, 0 if first else (self.num_stages - 1) % self.pp))
 
     def _shared_parameters(self, exclude: Sequence[str]) -> list[nn.Parameter]:
-        owned = {id(p) for p in self.stage_parameters()}
-        prefixes = tuple(f"{name}." for name in exclude if name)
-        if "" in exclude:  # the model itself is sharded: nothing of it is ours to share
-            return []
-        return [
-            p
-            for name, p in self.model.named_parameters()
-            if p.requires_grad and id(p) not in owned and not name.startswith(prefixes)
-        ]
+        return parameters_outside(self.model, {id(p) for p in self.stage_parameters()}, exclude)
 
     def _sum_shared_gradients(self) -> None:
         """Every pp rank's copy of a parameter held outside the stages gets the sum of the
