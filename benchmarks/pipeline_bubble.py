@@ -16,13 +16,12 @@ import argparse
 import json
 import statistics
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
+from lightning_hybrid.testing import run_distributed  # noqa: E402
 
 SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2}  # name -> stages per rank
 FULL = {"d": 256, "hidden": 1024, "blocks": 8, "batch": 512, "microbatches": [2, 4, 8], "steps": 8, "warmup": 2}
@@ -30,17 +29,13 @@ SMOKE = {"d": 16, "hidden": 32, "blocks": 4, "batch": 16, "microbatches": [2, 4]
 
 
 def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    warnings.simplefilter("ignore")
     import torch
     import torch.distributed as dist
 
     from lightning_hybrid.parallel.pipeline import PipelineRunner
-    from lightning_hybrid.testing.toy_pipeline import ToyPipelineModel, toy_batch
+    from lightning_hybrid.testing.toy_pipeline import ToyPipelineModel, one_core_worker
 
-    rank = dist.get_rank()
-    pin_to_core(rank)
-    torch.set_num_threads(1)
-    batch = toy_batch(cfg["batch"], cfg["d"])
+    _, batch = one_core_worker(cfg["batch"], cfg["d"])
     out: dict[str, Any] = {}
     for schedule, virtual in SCHEDULES.items():
         for m in cfg["microbatches"]:

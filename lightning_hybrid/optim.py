@@ -57,13 +57,7 @@ class GroupedOptimizer(Optimizer):
         if not optimizers or not all(isinstance(o, Optimizer) for o in optimizers):
             raise TypeError(f"GroupedOptimizer needs a non-empty list of torch optimizers, got {optimizers!r}.")
         self.optimizers = list(optimizers)
-        self._owner: dict[int, Optimizer] = {}
-        for optimizer in self.optimizers:
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if id(param) in self._owner:
-                        raise ValueError("GroupedOptimizer: a parameter appears in two optimizers; give each parameter to one.")
-                    self._owner[id(param)] = optimizer
+        self.reindex()
         # deliberately not calling Optimizer.__init__: groups and state belong to the sub-optimizers
         self.defaults = {}
         self._optimizer_step_pre_hooks = {}  # type: ignore[assignment]
@@ -72,6 +66,17 @@ class GroupedOptimizer(Optimizer):
         self._optimizer_state_dict_post_hooks = {}  # type: ignore[assignment]
         self._optimizer_load_state_dict_pre_hooks = {}  # type: ignore[assignment]
         self._optimizer_load_state_dict_post_hooks = {}  # type: ignore[assignment]
+
+    def reindex(self) -> None:
+        """Learn again which sub-optimizer holds each parameter (after parameters were added to or
+        removed from their groups, e.g. by `lightning_hybrid.balance.adaptive`)."""
+        self._owner: dict[int, Optimizer] = {}
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if id(param) in self._owner:
+                        raise ValueError("GroupedOptimizer: a parameter appears in two optimizers; give each parameter to one.")
+                    self._owner[id(param)] = optimizer
 
     def optimizer_of(self, param: torch.Tensor) -> Optimizer:
         return self._owner[id(param)]

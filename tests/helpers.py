@@ -175,7 +175,7 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-def sgd_sasrec_class() -> type:
+def sgd_sasrec_class(momentum: float = 0.0, slow_pp_rank: int | None = None) -> type:
     """The reference SASRec with SGD everywhere and a reference-side clipping that skips the
     tables, for parity tests against HybridStrategy.
 
@@ -183,6 +183,8 @@ def sgd_sasrec_class() -> type:
     Adam (or Adagrad's first step, lr * sign(grad)) would turn its rounding noise into full-size
     steps that differ run to run. Clipping: HybridStrategy's fused tables update inside backward,
     unclipped, so the single-process reference clips the same set of gradients.
+
+    ``slow_pp_rank``: see `with_slow_pp_rank`.
     """
     from lightning_hybrid.models.sasrec import SASRec
     from lightning_hybrid.optim import GroupedOptimizer
@@ -202,9 +204,26 @@ def sgd_sasrec_class() -> type:
             tables = list(self.item_tables.parameters())
             ids = {id(p) for p in tables}
             dense = [p for p in self.parameters() if id(p) not in ids]
-            return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5), torch.optim.SGD(tables, lr=0.1)])
+            return GroupedOptimizer([torch.optim.SGD(dense, lr=0.5, momentum=momentum), torch.optim.SGD(tables, lr=0.1)])
 
-    return SGDSASRec
+    return SGDSASRec if slow_pp_rank is None else with_slow_pp_rank(SGDSASRec, slow_pp_rank)
+
+
+def with_slow_pp_rank(cls: type, rank: int) -> type:
+    """``cls`` (a SASRec) whose blocks sleep 5 ms per call on pipeline rank ``rank``: a slow
+    device, for the adaptive balancer (`lightning_hybrid.balance.adaptive`); numerics unchanged."""
+    import time
+
+    from lightning_hybrid.specs import pipeline_runner
+
+    class SlowRank(cls):  # type: ignore[misc, valid-type]
+        def _block(self, block: Any, x: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            runner = pipeline_runner(self)
+            if runner is not None and runner.pp_rank == rank:
+                time.sleep(0.005)
+            return super()._block(block, x, items)
+
+    return SlowRank
 
 
 class LossRecorder(pl.Callback):

@@ -32,6 +32,28 @@ def test_partition_hand_computed_cases() -> None:
     assert stage_costs([1, 2, 3], [1, 2], first_cost=1, last_cost=1) == [2, 6]
 
 
+def test_adaptive_proposals_tell_a_slow_rank_from_noise() -> None:
+    """`balance.adaptive.propose_split` on hand-made measurements (seconds per part)."""
+    from lightning_hybrid.balance.adaptive import MeasuredCosts, propose_split
+
+    # alike blocks, pp rank 1 runs them 3x slower: its speed is read from its blocks, and the
+    # best split gives rank 0 three blocks (work 3 vs 1 x 3 = 3) - predicted 2x faster than now (6)
+    slow = MeasuredCosts(block_s=[1, 1, 3, 3], first_s=0.0, last_s=0.0, rank_busy_s=[2, 6])
+    assert slow.imbalance == 1.5
+    split, predicted, now = propose_split(slow, [2, 2], pp=2, alike=True)
+    assert (split, predicted, now) == ([3, 1], 3.0, 6.0)
+    # the same numbers for blocks that differ: equal speeds, the expensive blocks 2 and 3 split up
+    assert propose_split(slow, [2, 2], pp=2, alike=False)[0] == [3, 1]
+    # a heavy loss head on the last stage: blocks move to the first (work 3 | 1 + 2)
+    head = MeasuredCosts(block_s=[1, 1, 1, 1], first_s=0.0, last_s=2.0, rank_busy_s=[2, 4])
+    assert propose_split(head, [2, 2], pp=2, alike=True)[0] == [3, 1]
+    # balanced already: the proposal is the current split
+    even = MeasuredCosts(block_s=[1.0, 1.02, 0.99, 1.01], first_s=0.0, last_s=0.0, rank_busy_s=[2.02, 2.0])
+    assert propose_split(even, [2, 2], pp=2, alike=True)[0] == [2, 2] and even.imbalance < 1.01
+    # four stages over two ranks (interleaved): stage s runs on rank s % 2
+    assert propose_split(MeasuredCosts([1] * 8, 0.0, 0.0, [4, 4]), [2, 2, 2, 2], pp=2, alike=True)[0] == [2, 2, 2, 2]
+
+
 def test_partition_errors() -> None:
     with pytest.raises(ValueError, match="3 stages but only 2 blocks"):
         partition_blocks([1, 1], 3)

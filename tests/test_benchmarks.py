@@ -65,6 +65,15 @@ def test_pipeline_bubble_smoke(tmp_path: Path) -> None:
     assert "| gpipe | 1 | 2 |" in stdout
 
 
+def test_rebalance_benchmark_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("rebalance.py", tmp_path / "rebalance.json")
+    rows = result["results"]
+    assert set(rows) == {"even", "even+rebalance", "slow", "slow+rebalance"}
+    assert [rows[v]["checks"] for v in rows] == [0, 3, 0, 3]  # 6 steps, a check every 2
+    assert all(row["step_ms"] > 0 and sum(row["split"]) == 4 for row in rows.values())
+    assert "rebalanced_speedup" in stdout
+
+
 def test_compression_benchmark_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("compression.py", tmp_path / "compression.json", "--variants", "topk-1%")
     rows = result["results"]

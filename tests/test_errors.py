@@ -67,7 +67,7 @@ def _fit_and_capture(case: str) -> dict[str, Any]:
     elif case == "pp_no_spec":
         strategy_kwargs["pipeline_parallel"] = 2
     elif case == "pp_layers_balanced":
-        strategy_kwargs.update(pipeline_parallel=2, pipeline_layers="mlp", pipeline_split="balanced")
+        strategy_kwargs.update(pipeline_parallel=2, pipeline_layers="mlp", pipeline_split="balanced", pipeline_rebalance_every=8)
     elif case == "bad_id":
         data = loader(8, n=32, ranks=2, bad_id_at=3)  # sample 3 is rank 1's second sample
     start = time.monotonic()
@@ -89,7 +89,7 @@ def _fit_and_capture(case: str) -> dict[str, Any]:
         ("tp_bad_pattern", r"pattern 'mlp.9' matches no module of TinyRec"),
         ("tp_too_big", r"world size 2 is not divisible by tensor_parallel=4"),
         ("pp_no_spec", r"pipeline_parallel=2\) needs to know what to cut.*TinyRec.pipeline_spec\(\).*pipeline_layers="),
-        ("pp_layers_balanced", r"pipeline_split='balanced'\): TinyRec has no pipeline_spec\(\).*Drop these options"),
+        ("pp_layers_balanced", r"pipeline_split='balanced', pipeline_rebalance_every\): TinyRec has no pipeline_spec\(\).*Drop these options"),
         ("tp_mixed_batches", r"ranks \[0, 1\] of one tensor/pipeline-parallel replica got different training batches"),
     ],
 )

@@ -23,13 +23,15 @@ from lightning_hybrid.testing import run_distributed
 DATA = dict(format="synthetic", max_len=8, batch_size=64, synthetic_users=24, synthetic_items=30, synthetic_min_len=10, synthetic_max_len=10, seed=2)
 
 
-def _model_class() -> type:
+def _model_class(**kwargs: Any) -> type:
     from tests.helpers import sgd_sasrec_class
 
-    return sgd_sasrec_class()
+    return sgd_sasrec_class(**kwargs)
 
 
-def _fit(devices: int, strategy_kwargs: dict[str, Any] | None, clip: float = 0.0, epochs: int = 3, accumulate: int = 1) -> dict[str, Any]:
+def _fit(
+    devices: int, strategy_kwargs: dict[str, Any] | None, clip: float = 0.0, epochs: int = 3, accumulate: int = 1, model: dict[str, Any] | None = None
+) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     os.environ.pop("PL_GLOBAL_SEED", None)
     import lightning.pytorch as pl
@@ -46,7 +48,7 @@ def _fit(devices: int, strategy_kwargs: dict[str, Any] | None, clip: float = 0.0
             losses.append(float(outputs["loss"]))
 
     torch.manual_seed(0)
-    model = _model_class()(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
+    model = _model_class(**(model or {}))(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
     common = dict(max_epochs=epochs, limit_val_batches=0, gradient_clip_val=clip or None, callbacks=[Losses()], accumulate_grad_batches=accumulate)
     if strategy_kwargs is None:
         trainer = quiet_trainer(devices=1, **common)
@@ -54,7 +56,10 @@ def _fit(devices: int, strategy_kwargs: dict[str, Any] | None, clip: float = 0.0
         trainer = quiet_trainer(strategy=HybridStrategy(**strategy_kwargs), devices=devices, **common)
     trainer.fit(model, datamodule=SequenceDataModule(**dict(DATA, batch_size=DATA["batch_size"] // accumulate)))
     state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"losses": losses, "state": state}
+    optimizer = trainer.optimizers[0]
+    momentum = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
+    runner = getattr(trainer.strategy, "pipeline_runner", None)
+    return {"losses": losses, "state": state, "momentum": momentum, "rebalances": list(runner.rebalances) if runner else []}
 
 
 def _check(reference: dict[str, Any], ranks: list[dict[str, Any]], replicas: list[int]) -> None:
@@ -99,17 +104,32 @@ def test_pp2_matches_single_process(schedule: str) -> None:
     _check(_single_process_reference(), ranks, replicas=[0])
 
 
+# pp2xdp2: also rebalanced mid-training. Pipeline rank 1 runs its blocks 5 ms slower (a slow
+# device); after step 2 the adaptive balancer moves block 2 (weights and momentum) to rank 0, and
+# the run must still equal one process, momentum buffers included
+SLOW_RANK = {"momentum": 0.9, "slow_pp_rank": 1}
+
+
 @pytest.mark.parametrize(
-    ("extra", "replicas", "clip"),
-    [({"data_parallel": 2}, [0, 1], 0.05), ({"tensor_parallel": 2}, [0], 0.0)],
-    ids=["pp2xdp2-clipped", "pp2xtp2"],
+    ("extra", "replicas", "clip", "model"),
+    [({"data_parallel": 2, "pipeline_rebalance_every": 2}, [0, 1], 0.05, SLOW_RANK), ({"tensor_parallel": 2}, [0], 0.0, None)],
+    ids=["pp2xdp2-clipped-rebalanced", "pp2xtp2"],
 )
-def test_pp2_with_dp2_or_tp2_on_4_processes(extra: dict[str, Any], replicas: list[int], clip: float) -> None:
-    reference = _fit(1, None, clip=clip)
+def test_pp2_with_dp2_or_tp2_on_4_processes(extra: dict[str, Any], replicas: list[int], clip: float, model: dict[str, Any] | None) -> None:
+    reference = _fit(1, None, clip=clip, model=model)
     kwargs = {"pipeline_parallel": 2, "pipeline_schedule": "1f1b", "embedding_sharding": {"item_id": "row_wise"}, **extra}
-    ranks = run_distributed(_fit, 4, 4, kwargs, clip, init_process_group=False, timeout_s=300)
+    ranks = run_distributed(_fit, 4, 4, kwargs, clip, 3, 1, model, init_process_group=False, timeout_s=300)
     # mesh (pp, dp, tp): with dp=2 ranks 0 and 1 are the two replicas of stage 0
     _check(reference, ranks, replicas=replicas)
+    if "pipeline_rebalance_every" in extra:
+        for rank in ranks:
+            assert [(r.step, r.before, r.after, r.moved) for r in rank["rebalances"]] == [(2, [2, 2], [3, 1], [2])]
+        assert any(k.startswith("blocks.2.") for k in ranks[0]["momentum"])  # block 2 now lives on stage 0's ranks
+        assert not any(k.startswith("blocks.2.") for k in ranks[2]["momentum"])
+        held = {**ranks[2]["momentum"], **ranks[0]["momentum"]}
+        assert set(held) == set(reference["momentum"])
+        for name, value in reference["momentum"].items():
+            assert_close(held[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=name: f"momentum of {k}: {m}")
 
 
 def _fit_validate_resume(tmp: str, pipeline_parallel: int) -> dict[str, Any]:
@@ -157,27 +177,32 @@ def _resume(tmp: str) -> dict[str, Any]:
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.data.sequences import SequenceDataModule
     from lightning_hybrid.models.sasrec import SASRec
-    from tests.helpers import LossRecorder, quiet_trainer
+    from tests.helpers import LossRecorder, quiet_trainer, with_slow_pp_rank
 
-    def run(seed: int, callbacks: list[Any], ckpt: str | None) -> list[float]:
+    def run(seed: int, callbacks: list[Any], ckpt: str | None) -> tuple[list[float], list[Any]]:
         recorder = LossRecorder()
         torch.manual_seed(seed)
-        # the default optimizers: Adam for the network, fused Adagrad for the table (state to restore)
-        model = SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0)
-        strategy = HybridStrategy(pipeline_parallel=2, pipeline_schedule="gpipe", embedding_sharding={"item_id": "row_wise"})
+        # the default optimizers: Adam for the network, fused Adagrad for the table (state to restore);
+        # pp rank 1 is slow, so block 2 moves to rank 0 after step 2 and the epoch-0 checkpoint holds
+        # the split [3, 1]; the resumed run starts from the even split [2, 2] (DCP reshards by name)
+        model = with_slow_pp_rank(SASRec, 1)(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, dropout=0.0)
+        strategy = HybridStrategy(
+            pipeline_parallel=2, pipeline_schedule="gpipe", embedding_sharding={"item_id": "row_wise"}, pipeline_rebalance_every=2
+        )
         trainer = quiet_trainer(
             strategy=strategy, devices=2, max_epochs=2, limit_val_batches=0, callbacks=[recorder, *callbacks], enable_checkpointing=bool(callbacks)
         )
         trainer.fit(model, datamodule=SequenceDataModule(**dict(DATA, batch_size=8)), ckpt_path=ckpt)
-        return recorder.losses
+        return recorder.losses, [(r.step, r.after) for r in strategy.pipeline_runner.rebalances if r.moved]
 
-    uninterrupted = run(0, [ModelCheckpoint(dirpath=tmp, save_top_k=-1, every_n_epochs=1, filename="{epoch}")], None)
-    resumed = run(7, [], os.path.join(tmp, "epoch=0.ckpt"))
-    return {"uninterrupted": uninterrupted, "resumed": resumed}
+    uninterrupted, moves = run(0, [ModelCheckpoint(dirpath=tmp, save_top_k=-1, every_n_epochs=1, filename="{epoch}")], None)
+    resumed, _ = run(7, [], os.path.join(tmp, "epoch=0.ckpt"))
+    return {"uninterrupted": uninterrupted, "resumed": resumed, "moves": moves}
 
 
 def test_pipeline_checkpoint_resume_is_exact(tmp_path: Any) -> None:
     for result in run_distributed(_resume, 2, str(tmp_path), init_process_group=False, timeout_s=300):
+        assert result["moves"] == [(2, [3, 1])]
         half = len(result["uninterrupted"]) // 2
         assert len(result["resumed"]) == half > 0
         assert_close(torch.tensor(result["resumed"]), torch.tensor(result["uninterrupted"][half:]), rtol=1e-6, atol=1e-7)
@@ -244,6 +269,20 @@ def test_pipeline_option_errors() -> None:
         HybridStrategy(pipeline_parallel=2, dense_parallel="fsdp")
     with pytest.raises(ValueError, match="pipeline_split='lopsided'"):
         HybridStrategy(pipeline_parallel=2, pipeline_split="lopsided")  # type: ignore[arg-type]
+    from lightning_hybrid.comm import GradientCompression
+
+    for kwargs, message in (
+        ({"pipeline_rebalance_every": -1}, r"pipeline_rebalance_every=-1\) must be an integer >= 0"),
+        ({"pipeline_rebalance_every": 4}, "pipeline_parallel=1 has one"),
+        ({"pipeline_parallel": 2, "pipeline_rebalance_every": 4, "pipeline_rebalance_threshold": 0.9}, "use a value >= 1.0"),
+        ({"pipeline_parallel": 2, "tensor_parallel": 2, "pipeline_rebalance_every": 4}, "hold DTensor shards"),
+        (
+            {"pipeline_parallel": 2, "pipeline_rebalance_every": 4, "gradient_compression": GradientCompression(method="powersgd")},
+            "error-feedback state is kept per tensor",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            HybridStrategy(**kwargs)
 
 
 def _precisions() -> dict[str, list[float]]:

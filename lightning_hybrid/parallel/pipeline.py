@@ -38,15 +38,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
-SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
-_MULTI_STAGE = ("interleaved_1f1b", "zero_bubble")
+from lightning_hybrid.parallel.pipeline_checks import (  # noqa: F401 - re-exported: the runner's checks
+    MULTI_STAGE,
+    SCHEDULES,
+    ScheduleName,
+    check_batch_divides,
+    check_loader_batches,
+    check_stage_count,
+    validate_pipeline_options,
+)
 
 
 @dataclass
@@ -124,72 +130,6 @@ def even_split(num_blocks: int, num_stages: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(num_stages)]
 
 
-def check_stage_count(num_blocks: int, num_stages: int, schedule: str | None = None) -> None:
-    if num_stages > num_blocks:
-        hint = " (interleaved and zero-bubble schedules run several stages per rank)" if schedule in _MULTI_STAGE else ""
-        raise ValueError(
-            f"Pipeline: {num_stages} stages{hint} but the model has only {num_blocks} blocks; every stage needs at "
-            f"least one. Lower pipeline_parallel / pipeline_virtual_stages, or use a model with more blocks."
-        )
-
-
-def validate_pipeline_options(
-    *, schedule: str, pipeline_parallel: int, virtual_stages: int, microbatches: int | None
-) -> None:
-    """Checks that need no model (run in the strategy's constructor and again at setup)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"HybridStrategy(pipeline_schedule={schedule!r}): use one of {list(SCHEDULES)}.")
-    if virtual_stages < 1:
-        raise ValueError(f"HybridStrategy(pipeline_virtual_stages={virtual_stages}) must be >= 1.")
-    if schedule in _MULTI_STAGE and virtual_stages < 2:
-        raise ValueError(
-            f"pipeline_schedule={schedule!r} runs several stages per rank: set pipeline_virtual_stages >= 2 "
-            f"(got {virtual_stages}), or use 'gpipe' / '1f1b'."
-        )
-    if schedule not in _MULTI_STAGE and virtual_stages != 1:
-        raise ValueError(
-            f"pipeline_schedule={schedule!r} runs one stage per rank; pipeline_virtual_stages={virtual_stages} needs "
-            f"'interleaved_1f1b' or 'zero_bubble'."
-        )
-    if microbatches is not None and microbatches < 1:
-        raise ValueError(f"HybridStrategy(pipeline_microbatches={microbatches}) must be >= 1.")
-    if microbatches is not None and schedule == "1f1b" and microbatches < pipeline_parallel:
-        raise ValueError(
-            f"pipeline_schedule='1f1b' needs pipeline_microbatches >= pipeline_parallel ({pipeline_parallel}); got "
-            f"{microbatches}. Use more microbatches (fewer means a larger bubble anyway) or 'gpipe'."
-        )
-    if microbatches is not None and schedule in _MULTI_STAGE:
-        rounds = max(1, microbatches // pipeline_parallel)
-        if microbatches % rounds != 0:
-            raise ValueError(
-                f"pipeline_schedule={schedule!r} needs pipeline_microbatches to be a multiple of "
-                f"max(1, microbatches // pipeline_parallel) = {rounds}; got {microbatches}. Use a multiple of {pipeline_parallel}."
-            )
-
-
-def check_batch_divides(batch_size: int, microbatches: int, what: str = "a batch") -> None:
-    if batch_size % microbatches != 0:
-        raise ValueError(
-            f"Pipeline: {what} of {batch_size} samples does not split into pipeline_microbatches={microbatches} equal "
-            f"microbatches. Use a batch size divisible by {microbatches} (and drop_last=True on the training loader, or a "
-            f"data set size that leaves a divisible last batch), or change pipeline_microbatches."
-        )
-
-
-def check_loader_batches(loader: Any, microbatches: int) -> None:
-    """Refuse, before the first step, a training loader whose batches cannot be cut into the
-    pipeline's microbatches (the last batch of an epoch included); loaders whose batch size or
-    length are unknown are checked per batch instead."""
-    batch_size = getattr(loader, "batch_size", None)
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(batch_size, int) or sampler is None or not hasattr(sampler, "__len__"):
-        return
-    check_batch_divides(batch_size, microbatches, "the training batch size")
-    last = len(sampler) % batch_size
-    if last and not getattr(loader, "drop_last", False):
-        check_batch_divides(last, microbatches, f"the last training batch of an epoch ({len(sampler)} samples per replica)")
-
-
 def stage_ranges(blocks_per_stage: Sequence[int]) -> list[range]:
     """Stage index -> the block indices it runs."""
     ranges, start = [], 0
@@ -264,11 +204,12 @@ class _Stage(nn.Module):
     given microbatch 0's rows and not counted.)
     """
 
-    def __init__(self, runner: PipelineRunner, index: int, blocks: list[nn.Module], is_first: bool, is_last: bool) -> None:
+    def __init__(self, runner: PipelineRunner, index: int, block_ids: range, is_first: bool, is_last: bool) -> None:
         super().__init__()
         self._runner = [runner]  # a list: not registered as a submodule
         self.stage_index = index
-        self.blocks = nn.ModuleList(blocks)
+        self.block_ids = list(block_ids)
+        self.blocks = nn.ModuleList(runner.spec.blocks[i] for i in block_ids)
         self.is_first = is_first
         self.is_last = is_last
         self.calls = 0
@@ -291,19 +232,21 @@ class _Stage(nn.Module):
         if not self.inferring:
             self.calls += 1
         mb = runner.microbatch(index)
+        # measuring steps (`lightning_hybrid.balance.adaptive`) time each part's forward
+        timed = runner.timed if runner.measuring and runner.training_step_running and not self.inferring else _untimed
         if self.is_first:
-            x = runner.spec.first(mb, runner.lookups_for(index))
+            x = timed("first", runner.spec.first, mb, runner.lookups_for(index))
         else:
             (x,) = inputs
             if runner.training_step_running and not self.inferring:
                 runner.sent_bytes += x.numel() * x.element_size()  # its gradient goes back in backward
-        for block in self.blocks:
-            x = runner.spec.block_forward(block, x, mb)
+        for i, block in zip(self.block_ids, self.blocks, strict=True):
+            x = timed(i, runner.spec.block_forward, block, x, mb)
         if self.is_last and runner.training_step_running:
             # the loss is computed inside the last stage, not in the schedule's loss_fn: weights
             # used there (final norm, output layer) would otherwise be outside the stage, and the
             # zero-bubble schedules free the stage output that such a loss_fn saves for backward
-            x = runner.spec.last(x, mb) * (runner.loss_scale / runner.current_microbatches)
+            x = timed("last", runner.spec.last, x, mb) * (runner.loss_scale / runner.current_microbatches)
         elif not self.inferring:
             runner.sent_bytes += x.numel() * x.element_size()  # the activation goes to the next stage
         return x
@@ -325,10 +268,13 @@ def _inferring_stage_class() -> type:
                 self.submod.inferring = False
 
         def _timed(self, kind: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            runner = self.submod._runner[0]
+            runner.sync_if_measuring()
             started = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
+                runner.sync_if_measuring()
                 ended = time.perf_counter()
                 self.submod.busy_s += ended - started
                 self.submod.events.append((kind, self.stage_index, started, ended))
@@ -343,6 +289,10 @@ def _inferring_stage_class() -> type:
             return self._timed("W", super().backward_weight_one_chunk, *args, **kwargs)
 
     return InferringStage
+
+
+def _untimed(_key: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def _InferringStage(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory, imported lazily
@@ -390,22 +340,20 @@ class PipelineRunner:
                 f"Pipeline split {blocks_per_stage} must give each of the {self.num_stages} stages at least one block and "
                 f"cover all {num_blocks} blocks exactly."
             )
-        self.blocks_per_stage = blocks_per_stage
         self.microbatches = microbatches or self.num_stages
         validate_pipeline_options(schedule=schedule, pipeline_parallel=self.pp, virtual_stages=virtual_stages, microbatches=self.microbatches)
         self.local_stage_ids = list(range(self.pp_rank, self.num_stages, self.pp))
         self.is_first_rank = 0 in self.local_stage_ids
         self.is_last_rank = (self.num_stages - 1) in self.local_stage_ids
         self.last_rank_global = dist.get_global_rank(pp_group, (self.num_stages - 1) % self.pp)
-        ranges = stage_ranges(blocks_per_stage)
-        self.stages = [
-            _Stage(self, s, [spec.blocks[i] for i in ranges[s]], is_first=s == 0, is_last=s == self.num_stages - 1)
-            for s in self.local_stage_ids
-        ]
-        self._prune(ranges)
+        self.skeletons: dict[int, nn.Module] = {}  # blocks other ranks run, on the meta device (no memory)
+        self.measuring = False  # see `lightning_hybrid.balance.adaptive`
+        self.part_s: dict[Any, float] = {}  # measured forward seconds per part ("first", block index, "last")
+        self.stage_busy_s: dict[int, float] = {}  # measured busy seconds per local stage
+        self.rebalances: list[Any] = []  # the moves `lightning_hybrid.balance.adaptive` made
+        self.lay_out(blocks_per_stage)
         self.shared_params = self._shared_parameters(shared_exclude)
         model.__dict__["_lightning_hybrid_pipeline"] = self  # not an attribute nn.Module would register
-        self._schedules: dict[tuple[bool, int], Any] = {}
         self._batch: Any = None
         self._batch_size = 0
         self.current_microbatches = 1
@@ -417,13 +365,35 @@ class PipelineRunner:
 
     # -- layout --------------------------------------------------------------------------------
 
+    def lay_out(self, blocks_per_stage: Sequence[int]) -> None:
+        """Build this rank's stages for a split: at the start, and again after
+        `lightning_hybrid.balance.adaptive` moved blocks between ranks (``spec.blocks`` then holds
+        every block this rank runs under the new split)."""
+        self.blocks_per_stage = list(blocks_per_stage)
+        ranges = stage_ranges(self.blocks_per_stage)
+        self.stages = [_Stage(self, s, ranges[s], is_first=s == 0, is_last=s == self.num_stages - 1) for s in self.local_stage_ids]
+        self._prune(ranges)
+        self._schedules: dict[tuple[Any, ...], Any] = {}  # (their stages are these)
+
+    def block_owner(self, blocks_per_stage: Sequence[int]) -> dict[int, int]:
+        """Block index -> the pp rank that runs it under ``blocks_per_stage``."""
+        return {i: s % self.pp for s, r in enumerate(stage_ranges(blocks_per_stage)) for i in r}
+
     def _prune(self, ranges: list[range]) -> None:
-        """Drop the blocks and first/last modules this rank does not run (memory, checkpoints)."""
+        """Drop the blocks and first/last modules this rank does not run (memory, checkpoints);
+        a dropped block's structure stays as a skeleton on the meta device, for a later move."""
         local = {i for s in self.local_stage_ids for i in ranges[s]}
-        owner = {i: s % self.pp for s, r in enumerate(ranges) for i in r}
+        owner = self.block_owner(self.blocks_per_stage)
+        dropped = {}
         for i in range(len(self.spec.blocks)):
             if i not in local:
+                if not isinstance(self.spec.blocks[i], ElsewhereInThePipeline):
+                    dropped[i] = self.spec.blocks[i]
                 self.spec.blocks[i] = ElsewhereInThePipeline(f"block {i}", owner[i])
+        kept = {id(p) for p in self.model.parameters()}
+        for i, block in dropped.items():  # (a block sharing weights with what stays cannot move)
+            if not any(id(p) in kept for p in block.parameters()):
+                self.skeletons[i] = block.to("meta")
         drop = [*(() if self.is_first_rank else self.spec.first_modules), *(() if self.is_last_rank else self.spec.last_modules)]
         for name in drop:
             parent_name, _, attr = name.rpartition(".")
@@ -449,6 +419,19 @@ class PipelineRunner:
         return list(seen.values())
 
     # -- microbatches --------------------------------------------------------------------------
+
+    def sync_if_measuring(self) -> None:
+        if self.measuring and self.device.type == "cuda":  # host clocks see GPU work only after a sync
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, key: Any, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, its seconds added to ``part_s[key]`` (measuring steps only)."""
+        self.sync_if_measuring()
+        started = time.perf_counter()
+        out = fn(*args)
+        self.sync_if_measuring()
+        self.part_s[key] = self.part_s.get(key, 0.0) + time.perf_counter() - started
+        return out
 
     def microbatch_rows(self, i: int) -> torch.Tensor:
         size = self._batch_size // self.current_microbatches
@@ -531,6 +514,7 @@ class PipelineRunner:
         schedule = self._schedule(batch_size, train=True)
         self.current_microbatches = schedule._n_microbatches
         self.training_step_running = True
+        measuring, self.measuring = self.measuring, self.measuring and not first_time  # (not torch's set-up step)
         schedule_started = self.schedule_started = time.perf_counter()
         try:
             schedule.step(index, target=index, losses=losses, return_outputs=False)
@@ -549,6 +533,10 @@ class PipelineRunner:
         self._lookups = None
         self._batch = None
         busy = sum(stage.busy_s for stage in self.stages)
+        if self.measuring:
+            for stage in self.stages:
+                self.stage_busy_s[stage.stage_index] = self.stage_busy_s.get(stage.stage_index, 0.0) + stage.busy_s
+        self.measuring = measuring
         self.last_step = {
             "step_s": time.perf_counter() - step_started,
             "schedule_s": schedule_s,
@@ -578,6 +566,7 @@ class PipelineRunner:
         metrics["pipeline/bubble_fraction"] = sum(max(0.0, 1 - b / s) if s > 0 else 0.0 for b, s in zip(busy, spans, strict=True)) / len(busy)
         metrics["pipeline/imbalance"] = max(busy) / mean_busy if mean_busy > 0 else 1.0
         metrics["comm/pp_bytes_per_step"] = self.last_step.get("sent_bytes", 0.0)
+        metrics["pipeline/rebalances"] = float(sum(1 for r in self.rebalances if r.moved))
         metrics["pipeline/theoretical_bubble"] = (self.pp - 1) / (self.current_microbatches * (self.num_stages // self.pp) + self.pp - 1)
         return metrics
 

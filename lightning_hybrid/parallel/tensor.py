@@ -141,6 +141,15 @@ def reference_plan(prefix: str = "blocks", *, sequence_parallel: bool = False, n
     }
 
 
+def loss_parallel_if(enabled: bool) -> Any:
+    """torch's ``loss_parallel()`` (cross-entropy on vocabulary-split DTensor logits) when ``enabled``."""
+    from contextlib import nullcontext
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel() if enabled else nullcontext()
+
+
 def uses_loss_parallel(plan: Any) -> bool:
     """Whether ``plan`` leaves logits split over the vocabulary (needs torch's ``loss_parallel()``)."""
     return isinstance(plan, Mapping) and any(style == "vocab_parallel" for style in plan.values())

@@ -107,6 +107,7 @@ def _layer_pipeline(model: torch.nn.Module, options: HybridOptions, mesh: Device
         )
     unsupported = {
         "pipeline_split='balanced'": opts.pipeline_split == "balanced",
+        "pipeline_rebalance_every": opts.pipeline_rebalance_every > 0,
         f"pipeline_microbatches={opts.pipeline_microbatches}": opts.pipeline_microbatches is not None,
         f"pipeline_virtual_stages={opts.pipeline_virtual_stages}": opts.pipeline_virtual_stages != 1,
         f"pipeline_schedule={opts.pipeline_schedule!r}": "pipeline_schedule" in options.explicit(),
@@ -161,8 +162,7 @@ def apply_data_parallel(
     if layout.tensor_parallel > 1 or layout.pipeline_parallel > 1 or data.data_parallel_mode != "sync":
         # DDP cannot hook DTensor parameters, a pipeline stage's replicas are a sub-group, and
         # local SGD / async decide themselves when to communicate: an explicit exchange
-        names_sharded = set(data_parallel.names_under(model, sharded))
-        params = [p for n, p in model.named_parameters() if p.requires_grad and n not in names_sharded]
+        params = dense_params(model, sharded)
         if data.data_parallel_mode != "sync" and layout.tensor_parallel == 1:  # (DDP would have made the replicas equal)
             data_parallel.broadcast_dense_state(model, ignored_modules=sharded, process_group=dp_group)
         return model, exchange(params)
@@ -177,6 +177,13 @@ def apply_data_parallel(
 
         register_compressor(wrapped, dense.compressor)
     return wrapped, dense
+
+
+def dense_params(model: torch.nn.Module, sharded: list[str]) -> list[torch.nn.Parameter]:
+    """The trainable parameters outside the torchrec-sharded modules ``sharded`` (what the
+    explicit dp exchange all-reduces)."""
+    names_sharded = set(data_parallel.names_under(model, sharded))
+    return [p for n, p in model.named_parameters() if p.requires_grad and n not in names_sharded]
 
 
 def apply_clipping(

@@ -23,7 +23,7 @@ import logging
 import os
 import uuid
 from collections.abc import Generator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -58,6 +58,7 @@ from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_l
 from lightning_hybrid.mesh import build_device_mesh, replica_group
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.parallel import pipeline
+from lightning_hybrid.parallel import tensor as tensor_parallel
 from lightning_hybrid.parallel.layer_pipeline import LayerPipeline
 from lightning_hybrid.parallel.pipeline import ScheduleName
 from lightning_hybrid.plan import AxisSize, ParallelPlan
@@ -105,6 +106,8 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         pipeline_virtual_stages: int = 1,
         pipeline_split: list[int] | PipelineSplitName = "even",
         pipeline_layers: str | None = None,
+        pipeline_rebalance_every: int = 0,
+        pipeline_rebalance_threshold: float = 1.1,
         gradient_compression: GradientCompression | None = None,
         data_parallel_mode: DataParallelMode = "sync",
         local_sgd_period: int = 4,
@@ -344,7 +347,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             if spec is None:  # no pipeline_spec(): the module's own forward routed through the layers
                 self._layers = built
             else:
-                self._pipeline, self._pipeline_step = built, PipelineStep(built, spec)
+                self._pipeline, self._pipeline_step = built, PipelineStep(built, spec, options.pipeline)
         # 4. data parallelism over the dense rest
         if fitting:
             self.model, self._exchange = apply.apply_data_parallel(
@@ -432,7 +435,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             checks.check_replica_batch(args[0] if args else next(iter(kwargs.values())), self._replica_pg, self.root_device)
         if self._pipeline is not None:
             return self._pipeline_step.run(self.lightning_module, self.precision_plugin, args[0], self._check_loss)
-        with self._loss_parallel_context():
+        with tensor_parallel.loss_parallel_if(self._loss_parallel):  # (vocab-split logits: fwd and bwd)
             if self._is_fsdp():
                 output = self._through_fsdp_root("training_step", self.precision_plugin.train_step_context(), *args, **kwargs)
             else:
@@ -457,19 +460,13 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         self._skip_backward = skip and getattr(self.precision_plugin, "scaler", None) is None
         return skip
 
-    def _loss_parallel_context(self) -> Any:
-        # vocab-parallel logits: torch's cross-entropy on DTensor shards, in forward and backward
-        from torch.distributed.tensor.parallel import loss_parallel
-
-        return loss_parallel() if self._loss_parallel else nullcontext()
-
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         if self._pipeline is not None:  # the schedule ran backward already (strategies.steps)
             return self._pipeline_step.hand_over(self, closure_loss)
         if self._skip_backward:
             return closure_loss  # nonfinite_loss="skip": no gradients, so the optimizer changes nothing
-        with self._loss_parallel_context():
+        with tensor_parallel.loss_parallel_if(self._loss_parallel):
             scale = self._layers.loss_scale if self._layers is not None else 1.0  # (parallel.layer_pipeline)
             super().backward(closure_loss * scale if scale != 1.0 else closure_loss, optimizer, *args, **kwargs)
             return closure_loss
@@ -511,6 +508,8 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
             self.embedding_bytes_last_step = self._tables.byte_counter.take_step()
         if self._exchange is not None:
             self._exchange.after_optimizer_step()
+        if self._pipeline is not None and self._pipeline_step.after_optimizer_step(self):
+            self._names_by_id = None  # blocks moved between pp ranks (`balance.adaptive`): new parameters
         return out
 
     @override

@@ -72,6 +72,13 @@ class PipelineOptions:
         "for a module without ``pipeline_spec()``: the dotted path of the ``nn.ModuleList`` whose layers are split over "
         "the pp ranks, the module's own forward routed through them (default: the layer stack a Hugging Face model's "
         "``base_model_pp_plan`` names; `lightning_hybrid.parallel.layer_pipeline`).", None)
+    pipeline_rebalance_every: int = _doc(
+        "re-measure the stages every this many optimizer steps while training (the last <= 3 steps of each period) and "
+        "move blocks, with their optimizer state, between pp ranks when the slowest stage exceeds the mean by "
+        "``pipeline_rebalance_threshold`` (`lightning_hybrid.balance.adaptive`); 0: never.", 0)
+    pipeline_rebalance_threshold: float = _doc(
+        "measured max/mean stage time above which ``pipeline_rebalance_every`` moves blocks (when the new split is "
+        "predicted >= 5% faster).", 1.1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,6 +287,7 @@ def validate(options: HybridOptions, *, torchrec_available: bool = True) -> None
     )
     if isinstance(pipe.pipeline_split, str) and pipe.pipeline_split not in ("even", "balanced"):
         raise ValueError(f"HybridStrategy(pipeline_split={pipe.pipeline_split!r}): use 'even', 'balanced' or a list of blocks per stage.")
+    _validate_rebalance(pipe, layout, data, pp)
     if pp > 1 and layout.dense_parallel == "fsdp":
         raise ValueError(
             "HybridStrategy(pipeline_parallel > 1, dense_parallel='fsdp') is not supported yet: each stage's weights "
@@ -318,6 +326,36 @@ def validate(options: HybridOptions, *, torchrec_available: bool = True) -> None
         raise ValueError(f"HybridStrategy(plan={options.planning.plan!r}): use 'manual' or 'auto'.")
     if reliability.nonfinite_loss not in ("stop", "skip", "warn", "off"):
         raise ValueError(f"HybridStrategy(nonfinite_loss={reliability.nonfinite_loss!r}): use 'stop', 'skip', 'warn' or 'off'.")
+
+
+def _validate_rebalance(pipe: PipelineOptions, layout: LayoutOptions, data: DataParallelOptions, pp: int) -> None:
+    every = pipe.pipeline_rebalance_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"HybridStrategy(pipeline_rebalance_every={every!r}) must be an integer >= 0 (0: never rebalance).")
+    if pipe.pipeline_rebalance_threshold < 1.0:
+        raise ValueError(
+            f"HybridStrategy(pipeline_rebalance_threshold={pipe.pipeline_rebalance_threshold}) is a max/mean ratio: use a value "
+            ">= 1.0 (e.g. 1.1: move blocks when the slowest stage is 10% above the mean)."
+        )
+    if not every:
+        return
+    if layout.pipeline_parallel != "auto" and pp == 1:
+        raise ValueError(
+            f"HybridStrategy(pipeline_rebalance_every={every}) balances pipeline stages, but pipeline_parallel=1 has one. "
+            "Set pipeline_parallel > 1, or drop pipeline_rebalance_every."
+        )
+    if _degree(layout.tensor_parallel) > 1:
+        raise ValueError(
+            f"HybridStrategy(pipeline_rebalance_every={every}, tensor_parallel={layout.tensor_parallel}) is not supported: "
+            "blocks split by tensor parallelism hold DTensor shards, which the balancer does not move. Use "
+            "pipeline_split='balanced' (measured once, at setup) with tensor_parallel, or tensor_parallel=1."
+        )
+    if data.compressing:
+        raise ValueError(
+            f"HybridStrategy(pipeline_rebalance_every={every}, gradient_compression={data.gradient_compression.method!r}) is "
+            "not supported: the compressor's error-feedback state is kept per tensor and would not move with a block. "
+            "Drop one of them (pipeline_split='balanced' balances once, at setup)."
+        )
 
 
 def validate_kwargs(kwargs: dict[str, Any], *, torchrec_available: bool = True) -> HybridOptions:

@@ -20,15 +20,24 @@ from lightning_hybrid.parallel import pipeline
 
 
 class PipelineStep:
-    def __init__(self, runner: pipeline.PipelineRunner, spec: pipeline.PipelineSpec) -> None:
+    def __init__(self, runner: pipeline.PipelineRunner, spec: pipeline.PipelineSpec, options: Any = None) -> None:
+        """``options``: the strategy's `PipelineOptions` (``pipeline_rebalance_every`` > 0 adds an
+        `lightning_hybrid.balance.adaptive.AdaptiveBalancer`)."""
         self.runner = runner
         self.spec = spec
         self.stash: dict[torch.nn.Parameter, Tensor] = {}
+        self.balancer = None
+        if options is not None and options.pipeline_rebalance_every > 0:
+            from lightning_hybrid.balance.adaptive import AdaptiveBalancer
+
+            self.balancer = AdaptiveBalancer(runner, every=options.pipeline_rebalance_every, threshold=options.pipeline_rebalance_threshold)
 
     def run(self, module: Any, precision_plugin: Any, batch: Any, check_loss: Callable[[Tensor], bool]) -> Tensor:
         """Forward and backward of ``batch`` through the schedule; returns the step's loss.
         ``check_loss(loss) -> skip`` is the NaN/inf policy (a skipped batch keeps no gradients)."""
         size = pipeline.batch_size_of(batch)
+        if self.balancer is not None:
+            self.balancer.before_training_step()
         params = list(module.parameters())
         before = set_aside_gradients(params)
         skipped = False
@@ -49,6 +58,25 @@ class PipelineStep:
         if not self.runner.last_step.get("first_time"):
             module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=size)
         return loss
+
+    def after_optimizer_step(self, strategy: Any) -> bool:
+        """The adaptive balancer's turn (a collective at the end of each period); True when blocks
+        moved, after the dp exchange was given the new parameter list."""
+        if self.balancer is None:
+            return False
+        from lightning.pytorch.core.optimizer import LightningOptimizer
+
+        from lightning_hybrid.checkpoint import param_names
+        from lightning_hybrid.strategies.apply import dense_params
+
+        optimizers = [o.optimizer if isinstance(o, LightningOptimizer) else o for o in strategy.optimizers]
+        record = self.balancer.after_optimizer_step(optimizers)
+        if record is None or not record.moved:
+            return False
+        exchange, module = strategy.dense_exchange, strategy.lightning_module
+        if exchange is not None:
+            exchange.params, exchange.names = dense_params(module, list(strategy.sharded_modules)), param_names(module)
+        return True
 
     def hand_over(self, strategy: Any, closure_loss: Tensor) -> Tensor:
         """The strategy's ``backward``: this step's gradients return, between the hooks."""

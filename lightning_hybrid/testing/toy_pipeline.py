@@ -46,3 +46,19 @@ class ToyPipelineModel(nn.Module):
 def toy_batch(batch_size: int, d: int, seed: int = 1) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(batch_size, d, generator=g), "y": torch.randn(batch_size, d, generator=g)}
+
+
+def one_core_worker(batch_size: int, d: int) -> tuple[int, dict[str, Any]]:
+    """For a benchmark's worker process: pin it to the core of its rank, one thread, and return
+    (rank, a toy batch) - the set-up `benchmarks/pipeline_bubble.py` and `rebalance.py` share."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from lightning_hybrid.testing import pin_to_core
+
+    warnings.simplefilter("ignore")
+    rank = dist.get_rank()
+    pin_to_core(rank)
+    torch.set_num_threads(1)
+    return rank, toy_batch(batch_size, d)
