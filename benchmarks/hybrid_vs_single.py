@@ -2,7 +2,11 @@
 
 The reference LLM-style recommender (SASRec: 4 causal transformer blocks, d=64, sampled softmax)
 with a 100k-item table and a 100k-item output layer (6.4M parameters each), synthetic sequences,
-the same global batch. Layouts, on P = 2 and 4 CPU processes (gloo, ranks pinned to cores):
+the same global batch. Sequence lengths (``--lengths``): ``long_tail`` (the default) draws
+Amazon Beauty-like lengths (median 6, p99 ~45, capped at 200) and trains on jagged, length-grouped,
+token-balanced batches (`lightning_hybrid.data.lengths`), ``max_len`` 50 a cap; ``full`` gives
+every user ``max_len`` + 3 items (every batch full width: the earlier headline). Layouts, on P = 2
+and 4 CPU processes (gloo, ranks pinned to cores):
 
 - ``dp``: pure data parallel: the table replicated (``shard_embeddings=False``), everything
   all-reduced by DDP;
@@ -17,7 +21,7 @@ the same global batch. Layouts, on P = 2 and 4 CPU processes (gloo, ranks pinned
   compression);
 - ``hybrid_pp_ddp`` (P = 4): table sharded + pp 2 x dp 2, uncompressed (DDP).
 
-Reported per layout: global samples/s (median over measured steps), utilization (the monitor's
+Reported per layout: global samples/s (median over measured steps) and real tokens/s, utilization (the monitor's
 compute fraction, mean over ranks), bytes sent per step by an average rank on each axis (dp
 exchange, tp layers, pp send/recv, embedding all-to-alls; the strategy's and pipeline's own
 counters, median over measured steps) and their sum, and the ratios of the best hybrid to the best
@@ -32,7 +36,8 @@ chosen automatically when it cannot be imported) the tables are plain ``nn.Embed
 replicated: the dense side only, so the layouts that differ only by table sharding (``mp``,
 ``hybrid_ddp``, ``hybrid``) are left out.
 
-    python benchmarks/hybrid_vs_single.py                       # ~13 min on 2 cores; benchmarks/results/hybrid_vs_single.json
+    python benchmarks/hybrid_vs_single.py                       # ~12 min on 2 cores; benchmarks/results/hybrid_vs_single.json
+    python benchmarks/hybrid_vs_single.py --lengths full --out benchmarks/results/hybrid_vs_single_full_run1.json
     python benchmarks/hybrid_vs_single.py --smoke               # tiny; what the test suite runs
     python benchmarks/hybrid_vs_single.py --accelerator gpu     # benchmarks/results/hybrid_vs_single_gpu.json
 """
@@ -74,7 +79,7 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 SINGLE = ("dp", "mp", "tp", "pp")
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
 AXES = ("dp", "tp", "pp", "embedding")
-FULL = {"items": 100_000, "d_model": 64, "num_blocks": 4, "num_heads": 4, "max_len": 50, "global_batch": 64, "steps": 8, "warmup": 3, "processes": [2, 4]}
+FULL = {"items": 100_000, "d_model": 64, "num_blocks": 4, "num_heads": 4, "max_len": 50, "global_batch": 64, "steps": 16, "warmup": 4, "processes": [2, 4]}
 SMOKE = {"items": 200, "d_model": 16, "num_blocks": 4, "num_heads": 4, "max_len": 8, "global_batch": 16, "steps": 2, "warmup": 1, "processes": [2]}
 
 
@@ -88,7 +93,9 @@ def flops_per_token(cfg: dict[str, Any]) -> float:
     return 3.0 * (cfg["num_blocks"] * per_block + 2 * d * (1 + negatives))
 
 
-def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int, accelerator: str = "cpu", tables: str = "torchrec") -> dict[str, Any]:
+def _worker(
+    cfg: dict[str, Any], layout: dict[str, Any], processes: int, accelerator: str = "cpu", tables: str = "torchrec", lengths: str = "long_tail"
+) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     import logging
 
@@ -117,9 +124,14 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int, acceler
     dp = processes // (tp * pp)
     per_replica = cfg["global_batch"] // dp
     users = cfg["global_batch"] * (cfg["warmup"] + cfg["steps"])
+    shape = (
+        {"synthetic_lengths": "long_tail", "synthetic_min_len": 3, "synthetic_max_len": 200}
+        if lengths == "long_tail"
+        else {"synthetic_min_len": cfg["max_len"] + 3, "synthetic_max_len": cfg["max_len"] + 3}
+    )
     data = SequenceDataModule(
         format="synthetic", max_len=cfg["max_len"], batch_size=per_replica, synthetic_users=users, synthetic_items=cfg["items"],
-        synthetic_min_len=cfg["max_len"] + 3, synthetic_max_len=cfg["max_len"] + 3, drop_last=True,
+        drop_last=True, **shape,
     )
     records: list[dict[str, float]] = []
     bytes_sent: dict[str, list[float]] = {axis: [] for axis in AXES}
@@ -129,7 +141,7 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int, acceler
             monitor = next(c for c in trainer.callbacks if isinstance(c, HybridMonitor))
             records.append(dict(monitor.last))
             strategy = trainer.strategy
-            runner = getattr(strategy, "_pipeline", None)
+            runner = getattr(strategy, "pipeline_runner", None)
             bytes_sent["dp"].append(float(getattr(strategy, "comm_bytes_last_step", 0)))
             bytes_sent["tp"].append(float(getattr(strategy, "tp_bytes_last_step", 0)))
             bytes_sent["pp"].append(float(runner.last_step.get("sent_bytes", 0.0)) if runner is not None and runner.last_step else 0.0)
@@ -152,6 +164,7 @@ def _worker(cfg: dict[str, Any], layout: dict[str, Any], processes: int, acceler
     measured = records[cfg["warmup"] :] or records
     return {
         "samples_per_s": statistics.median(r["throughput/samples_per_s"] for r in measured),
+        "tokens_per_s": statistics.median(r.get("throughput/tokens_per_s", 0.0) for r in measured),
         "step_ms": statistics.median(r["time/step_s"] for r in measured) * 1e3,
         "compute_fraction": statistics.median(r["utilization/compute_fraction"] for r in measured),
         "mfu": statistics.median(r["utilization/mfu"] for r in measured) if "utilization/mfu" in measured[0] else None,
@@ -169,6 +182,8 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--tables", choices=("auto", "torchrec", "torch"), default="auto",
                         help="torchrec EmbeddingCollection (sharded) or plain nn.Embedding (dense side only); auto: torchrec when importable")
+    parser.add_argument("--lengths", choices=("long_tail", "full"), default="long_tail",
+                        help="Beauty-like long-tailed sequences on jagged batches (default), or every sequence max_len long")
     args = parser.parse_args()
     chosen = [n for n in args.layouts.split(",") if n]
     if not chosen or set(chosen) - set(LAYOUTS):
@@ -197,8 +212,8 @@ def main() -> None:
         process_counts = cfg["processes"]
     results: dict[str, Any] = {}
     lines = [
-        "| P | layout | dp x tp x pp | samples/s | step (ms) | utilization | MFU | MB sent / step: dp | tp | pp | emb | total |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| P | layout | dp x tp x pp | samples/s | tokens/s | step (ms) | utilization | MFU | MB sent / step: dp | tp | pp | emb | total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for processes in process_counts:
@@ -210,10 +225,11 @@ def main() -> None:
             if processes == 1 and name != "dp":  # one device: no layout to compare, only the absolute figures
                 continue
             ranks = run_distributed(
-                _worker, processes, cfg, layout, processes, args.accelerator, tables, init_process_group=False, timeout_s=1800
+                _worker, processes, cfg, layout, processes, args.accelerator, tables, args.lengths, init_process_group=False, timeout_s=1800
             )
             row = dict(ranks[0])
             row["samples_per_s"] = min(r["samples_per_s"] for r in ranks)  # the job is as fast as its slowest rank
+            row["tokens_per_s"] = min(r["tokens_per_s"] for r in ranks)
             row["compute_fraction"] = statistics.mean(r["compute_fraction"] for r in ranks)
             # bytes an average rank sends (ranks of a pipeline or a row-wise table differ)
             row["bytes_per_step"] = {axis: statistics.mean(r["bytes_per_step"][axis] for r in ranks) for axis in AXES}
@@ -223,7 +239,7 @@ def main() -> None:
             results[f"P{processes}/{name}"] = row
             lay = row["layout"]
             lines.append(
-                f"| {processes} | {name} | {lay['dp']} x {lay['tp']} x {lay['pp']} | {row['samples_per_s']:.1f} | {row['step_ms']:.0f} | "
+                f"| {processes} | {name} | {lay['dp']} x {lay['tp']} x {lay['pp']} | {row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | {row['step_ms']:.0f} | "
                 f"{row['compute_fraction']:.2f} | {mfu} | {mb} |"
             )
             print(name, processes, row, flush=True)
@@ -245,7 +261,7 @@ def main() -> None:
 
         device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     out.write_text(json.dumps(
-        {"benchmark": "hybrid_vs_single", "accelerator": args.accelerator, "device": device, "tables": tables, "config": cfg,
+        {"benchmark": "hybrid_vs_single", "accelerator": args.accelerator, "device": device, "tables": tables, "lengths": args.lengths, "config": cfg,
          "results": results, "summary": summary},
         indent=2,
     ))

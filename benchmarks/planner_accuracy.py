@@ -48,7 +48,8 @@ def _hybrid_vs_single() -> Any:
 
 def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int]) -> Layout:
     """The planner's Layout of a hybrid_vs_single layout (its strategy options and resolved degrees)."""
-    compression = (strategy.get("gradient_compression") or {}).get("method", "none")
+    # (with dp = 1 there is nothing to compress: the strategy's compressor is a no-op there)
+    compression = (strategy.get("gradient_compression") or {}).get("method", "none") if measured["dp"] > 1 else "none"
     pp = measured["pp"]
     return Layout(
         dp=measured["dp"], tp=measured["tp"], pp=pp, microbatches=max(2, pp) if pp > 1 else 1,
@@ -63,12 +64,16 @@ def cpu_cluster(processes: int) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--measurements", type=Path, default=ROOT / "benchmarks" / "results" / "hybrid_vs_single.json")
+    parser.add_argument("--measurements", type=Path, default=ROOT / "benchmarks" / "results" / "hybrid_vs_single_full_run1.json",
+                        help="hybrid_vs_single.py --lengths full results (the cost model counts max_len positions per sample)")
     parser.add_argument("--measure-choice", action="store_true", help="run the planner's 4-process choice if it was not measured")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "planner_accuracy.json")
     args = parser.parse_args(argv)
     hvs = _hybrid_vs_single()
     data = json.loads(args.measurements.read_text())
+    if data.get("lengths", "full") != "full":
+        parser.error(f"--measurements {args.measurements}: measured with --lengths {data['lengths']}; the planner's cost model "
+                     "counts max_len positions per sample: use hybrid_vs_single.py --lengths full measurements")
     cfg = data["config"]
     model = ModelSpec(num_items=cfg["items"], d_model=cfg["d_model"], num_blocks=cfg["num_blocks"], num_heads=cfg["num_heads"],
                       seq_len=cfg["max_len"], global_batch=cfg["global_batch"], negatives=256)

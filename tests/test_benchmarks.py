@@ -90,6 +90,8 @@ def test_hybrid_vs_single_smoke(tmp_path: Path) -> None:
     rows = result["results"]
     assert set(rows) == {"P2/dp", "P2/pp", "P2/hybrid"}
     assert all(r["samples_per_s"] > 0 and 0 <= r["compute_fraction"] <= 1 for r in rows.values())
+    # the default: Beauty-like lengths on jagged batches (fewer real tokens than 8 per sample)
+    assert result["lengths"] == "long_tail" and all(0 < r["tokens_per_s"] < 8 * r["samples_per_s"] for r in rows.values())
     s = result["summary"]["P2"]
     assert s["best_hybrid"] == "hybrid" and s["best_single"] in {"dp", "pp"}
     assert abs(s["throughput_ratio"] - rows["P2/hybrid"]["samples_per_s"] / rows[f"P2/{s['best_single']}"]["samples_per_s"]) < 1e-9

@@ -8,11 +8,18 @@ the same batches after a resume); the log-normal's quantiles for the long-tailed
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import pytest
 import torch
 from torch.testing import assert_close
 
-from lightning_hybrid.data.lengths import LengthGroupedSampler, long_tail_lengths, trim_batch
+from lightning_hybrid.data.lengths import (
+    LengthGroupedSampler,
+    long_tail_lengths,
+    token_balanced_split,
+    trim_batch,
+)
 from lightning_hybrid.data.sequences import SequenceDataModule, collate_train
 
 DATA = dict(format="synthetic", max_len=50, synthetic_users=64, synthetic_items=40, synthetic_min_len=3, synthetic_max_len=120,
@@ -73,9 +80,10 @@ def test_length_grouped_sampler_covers_each_sample_once_and_groups_lengths() -> 
         assert len(streams[0]) == len(streams[1]) == 102  # ceil(203 / 2), as DistributedSampler
         seen = streams[0] + streams[1]
         assert set(seen) == set(dataset) and len(seen) - len(set(seen)) == 1  # one repeat pads 203 to 204
-        # rank r's k-th batch: every other sample of the k-th (length-sorted) global batch
+        # rank r's k-th batch: its token-balanced share of the k-th global batch
         batches = samplers[0].global_batches()
-        assert streams[0][:8] == batches[0][0::2] and streams[1][:8] == batches[0][1::2]
+        for r in range(2):
+            assert streams[r][:8] == token_balanced_split(batches[0], lengths, 2)[r]
     # grouped: the padding a batch of 8 carries (to its longest) is far below that of random batches
     def waste(order: list[int]) -> float:
         chunks = [order[k : k + 8] for k in range(0, len(order) - 7, 8)]
@@ -88,6 +96,21 @@ def test_length_grouped_sampler_covers_each_sample_once_and_groups_lengths() -> 
     again = list(samplers[0])
     samplers[0].set_epoch(2)
     assert again == streams[0] and list(samplers[0]) != again
+
+
+def test_token_balanced_split_hand_computed() -> None:
+    lengths = [50, 9, 8, 7, 6, 5, 1, 1]
+    # longest first to the lighter rank: 50 | 9, then 8, 7, 6 to rank 1 until it is full (4), then 5, 1, 1 to rank 0
+    assert token_balanced_split(range(8), lengths, 2) == [[0, 5, 6, 7], [1, 2, 3, 4]]
+    # the interleaved split of a length-sorted batch gives 50+8+6+1 = 65 vs 22; balanced 57 vs 30
+    # (rank 0 must take 4 samples and the 50); over 3 ranks the sizes are 3, 3, 2
+    parts = token_balanced_split(range(8), lengths, 3)
+    assert [len(p) for p in parts] == [3, 3, 2] and sorted(i for p in parts for i in p) == list(range(8))
+    # on long-tailed lengths, tokens per rank within 1% over 4 ranks (a batch of 256)
+    tail = long_tail_lengths(1024, min_len=3, max_len=200, generator=torch.Generator().manual_seed(0)).tolist()
+    split = token_balanced_split(range(256), tail, 4)
+    sums = [sum(tail[i] for i in p) for p in split]
+    assert max(sums) / (sum(sums) / 4) <= 1.01 and all(len(p) == 64 for p in split)
 
 
 def test_length_grouped_loader_resumes_mid_epoch_with_the_same_batches() -> None:
@@ -114,9 +137,18 @@ def test_long_tail_lengths_are_beauty_like() -> None:
 def _fit_tokens(strategy_kwargs: dict | None, normalization: str) -> dict:
     import os
 
+    import lightning.pytorch as pl
+
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.checkpoint import full_state_dict
     from tests.helpers import LossRecorder, quiet_trainer, sgd_sasrec_class
+
+    tokens: list[tuple[int, float | None]] = []  # per step: this rank's real tokens, the logged max/mean over ranks
+
+    class Tokens(pl.Callback):  # (after the monitor: this step's numbers)
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            last = next((c.last for c in trainer.callbacks if type(c).__name__ == "HybridMonitor"), {})
+            tokens.append((int((batch["input"] != 0).sum()), last.get("utilization/token_imbalance")))
 
     warnings.simplefilter("ignore")
     os.environ.pop("PL_GLOBAL_SEED", None)
@@ -126,10 +158,13 @@ def _fit_tokens(strategy_kwargs: dict | None, normalization: str) -> dict:
     data = SequenceDataModule(**{**DATA, "synthetic_users": 24, "synthetic_min_len": 5}, batch_size=24 if strategy_kwargs is None else 12, batching="padded")
     devices = 1 if strategy_kwargs is None else 2
     strategy = "auto" if strategy_kwargs is None else HybridStrategy(**strategy_kwargs)
-    trainer = quiet_trainer(strategy=strategy, devices=devices, max_epochs=3, limit_val_batches=0, callbacks=[LossRecorder()])
+    from lightning_hybrid.callbacks import HybridMonitor
+
+    callbacks = [LossRecorder(), HybridMonitor(), Tokens()]
+    trainer = quiet_trainer(strategy=strategy, devices=devices, max_epochs=3, limit_val_batches=0, callbacks=callbacks, log_every_n_steps=1)
     trainer.fit(model, datamodule=data)
     state = full_state_dict(model) if strategy_kwargs is not None else {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"state": state}
+    return {"state": state, "tokens": tokens}
 
 
 def _dp2_both() -> dict:
@@ -149,6 +184,11 @@ def test_global_token_normalisation_makes_dp_equal_one_process() -> None:
         assert_close(exact[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
     per_rank = ranks[0]["per_rank"]["state"]
     assert max(float((per_rank[k] - v).abs().max()) for k, v in reference.items()) > 1e-3
+    # utilization/token_imbalance: max/mean of the two ranks' real tokens, logged on both ranks
+    steps = [(a, b) for a, b in zip(ranks[0]["global_tokens"]["tokens"], ranks[1]["global_tokens"]["tokens"], strict=True)]
+    assert len(steps) == 3 and any(a[0] != b[0] for a, b in steps)
+    for (t0, logged0), (t1, logged1) in steps:
+        assert logged0 == logged1 == pytest.approx(max(t0, t1) / ((t0 + t1) / 2))
 
 
 def test_rows_balanced_over_shards_even_out_the_lookups_each_shard_serves() -> None:

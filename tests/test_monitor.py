@@ -146,6 +146,7 @@ def _fit_sleepy(tmp: str) -> dict[str, Any]:
             return SlowSGD(self.parameters(), lr=0.1)
 
     recorded: list[dict[str, float]] = []
+    served: list[list[float]] = []
     embedding_bytes: list[tuple[int, int]] = []  # (strategy's count, dispatcher count) per step
     import lightning.pytorch as pl
 
@@ -166,12 +167,17 @@ def _fit_sleepy(tmp: str) -> dict[str, Any]:
                 embedding_bytes.append((trainer.strategy.embedding_bytes_last_step, self.mode.sent))
                 self.mode = None
 
+    class Served(pl.Callback):  # (after the monitor: this step's counts)
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            last = next(c for c in trainer.callbacks if type(c).__name__ == "HybridMonitor").last
+            served.append([last[f"embedding/lookups_served_rank{r}"] for r in range(2)] + [last["utilization/lookup_imbalance"]])
+
     from lightning_hybrid.callbacks import HybridMonitor
 
     logger = WandbLogger(save_dir=tmp, offline=True, project="lh-test") if os.environ["RANK"] == "0" else False
     trainer = quiet_trainer(
         strategy=HybridStrategy(embedding_sharding={"t_user": "row_wise", "t_item": "row_wise", "t_category": "table_wise"}),
-        devices=2, max_steps=6, callbacks=[Keep(), HybridMonitor(peak_flops=PEAK)], logger=logger, default_root_dir=tmp,
+        devices=2, max_steps=6, callbacks=[Keep(), HybridMonitor(peak_flops=PEAK), Served()], logger=logger, default_root_dir=tmp,
         log_every_n_steps=1,
     )
     trainer.fit(Sleepy(), train_dataloaders=loader(8, n=96, ranks=2))
@@ -179,7 +185,8 @@ def _fit_sleepy(tmp: str) -> dict[str, Any]:
         logger.experiment.finish()
     return {
         "steps": recorded[2:], "bytes": float(trainer.callback_metrics["comm/dp_bytes_per_step"]), "dp_bytes": trainer.strategy.comm_bytes_last_step,
-        "embedding_bytes": embedding_bytes,
+        "embedding_bytes": embedding_bytes, "served": served,
+        "category_rank": trainer.strategy.sharding_plan.plan["tables"]["t_category"].ranks[0],
     }
 
 
@@ -205,6 +212,25 @@ def test_breakdown_recovers_known_timings_and_wandb_gets_the_keys(tmp_path: Path
         assert len(result["embedding_bytes"]) == 2
         for counted, reference in result["embedding_bytes"]:
             assert counted == reference > 0
+    # lookups served per rank, against a count from the data: rank r trains samples r, r + 2, ...
+    # in batches of 8; row-wise tables split their rows in two equal blocks, t_category is whole on one rank
+    from tests.helpers import TinyClicks
+
+    data = TinyClicks(96, 1)
+    assert len(ranks[0]["served"]) == 6
+    for step, (got0, got1, imbalance) in enumerate(ranks[0]["served"]):
+        expected = [0.0, 0.0]
+        for rank in range(2):
+            for i in range(rank + 2 * 8 * step, rank + 2 * 8 * (step + 1), 2):
+                users, items, categories = data.ids[i]
+                for uid in users.tolist():
+                    expected[uid // 12] += 1
+                for iid in items.tolist():
+                    expected[iid // 20] += 1
+                expected[ranks[0]["category_rank"]] += len(categories)
+        assert [got0, got1] == expected, step
+        assert imbalance == pytest.approx(max(expected) / (sum(expected) / 2))
+    assert ranks[1]["served"] == ranks[0]["served"]
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     data = Path(runs[0]).read_bytes()

@@ -23,12 +23,17 @@ wandb workspace shows one panel section per group:
   ``embedding_bytes_per_step`` (torchrec's input / output all-to-alls and row-wise
   reduce-scatters, forward and backward; `lightning_hybrid.parallel.embedding_comm`), and by the
   pipeline ``pp_bytes_per_step``; ``pipeline/*`` (bubble, imbalance) also come from the pipeline;
-- ``embedding/params_rank{r}``: embedding parameters each rank holds (logged once, at the first step).
+- ``embedding/params_rank{r}``: embedding parameters each rank holds (logged once, at the first step);
+- on the steps the loggers write (every ``log_every_n_steps``; one all-reduce and one all-gather of
+  a few numbers): ``embedding/lookups_served_rank{r}`` (ids the shards on rank ``r`` served this
+  step, forward; the backward sends a gradient row per id to the same shard;
+  `lightning_hybrid.parallel.lookup_load`), ``utilization/lookup_imbalance`` (their max/mean) and
+  ``utilization/token_imbalance`` (max/mean of the real tokens per dp rank).
 
 At the start of fit the resolved plan (mesh, sharding plan, pipeline split, compression) goes to
 every logger's hyper-parameters and the embedding shard load per rank is logged; at the end of fit
 `charts_dir` receives ``shard_balance.png`` (embedding rows per rank, and pipeline busy time per
-stage when pipelined) and ``pipeline_timeline.png`` (each pp rank's forward/backward intervals of
+stage when pipelined, and lookups served per rank over the logged steps when counted) and ``pipeline_timeline.png`` (each pp rank's forward/backward intervals of
 the last step), also sent to a ``WandbLogger`` as images.
 """
 
@@ -91,6 +96,8 @@ class HybridMonitor(pl.Callback):
         self._tp_timer: Any = None
         self._tp_wait_s: float | None = None
         self._logged_load = False
+        self._batches = 0
+        self._balance_step = False
         self.last: dict[str, float] = {}
 
     # -- fit start: hooks, plan, shard load ---------------------------------------------------
@@ -153,6 +160,12 @@ class HybridMonitor(pl.Callback):
         self._tp_wait_s = None
         if self._tp_timer is not None:
             self._tp_timer.take()  # (waits between steps belong to no step)
+        # balance counts on the steps the loggers write: the same steps on every rank (a collective)
+        self._batches += 1
+        self._balance_step = trainer.world_size > 1 and self._batches % max(1, trainer.log_every_n_steps) == 0
+        counter = getattr(trainer.strategy, "lookup_counter", None)
+        if counter is not None:
+            counter.active = self._balance_step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self._opt_start = time.perf_counter()
@@ -193,6 +206,8 @@ class HybridMonitor(pl.Callback):
             metrics["throughput/tokens_per_s"] = tokens * replicas / step_s
         if self.peak_flops and self.flops_per_token:
             metrics["utilization/mfu"] = self.flops_per_token * work * replicas / step_s / (strategy.world_size * self.peak_flops)
+        if self._balance_step:
+            metrics.update(balance_metrics(strategy, tokens))
         if not self._logged_load:
             self._logged_load = True
             for rank, held in enumerate(embedding_rows_per_rank(strategy)):
@@ -204,6 +219,31 @@ class HybridMonitor(pl.Callback):
 
 
 # -- plan description and charts ----------------------------------------------------------------
+
+
+def balance_metrics(strategy: Any, tokens: int | None) -> dict[str, float]:
+    """Lookups served per rank (and their max/mean) and the max/mean of real tokens over dp ranks
+    for this step; a collective: every rank calls it on the same steps."""
+    out: dict[str, float] = {}
+    counter = getattr(strategy, "lookup_counter", None)
+    device = strategy.root_device if strategy.root_device.type == "cuda" else torch.device("cpu")
+    if counter is not None:
+        counter.active = False
+        served = counter.take(device)
+        for rank, value in enumerate(served):
+            out[f"embedding/lookups_served_rank{rank}"] = value
+        mean = sum(served) / len(served)
+        out["utilization/lookup_imbalance"] = max(served) / mean if mean > 0 else 1.0
+    if tokens is not None and dist.is_initialized():
+        mesh = getattr(strategy, "device_mesh", None)
+        group = mesh["dp"].get_group() if mesh is not None else None
+        size = dist.get_world_size(group)
+        mine = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
+        gathered = [torch.zeros_like(mine) for _ in range(size)]
+        dist.all_gather(gathered, mine, group=group)
+        counts = torch.cat(gathered)
+        out["utilization/token_imbalance"] = float(counts.max() / counts.mean()) if counts.mean() > 0 else 1.0
+    return out
 
 
 def describe_plan(strategy: Any) -> dict[str, Any]:
@@ -271,7 +311,9 @@ def write_charts(trainer: pl.Trainer, directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     rows = embedding_rows_per_rank(strategy)
-    panels = 2 if runner is not None else 1
+    counter = getattr(strategy, "lookup_counter", None)
+    served = counter.total.tolist() if counter is not None and counter.total.sum() > 0 else None
+    panels = 1 + (runner is not None) + (served is not None)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.2), squeeze=False)
     axes[0][0].bar(range(len(rows)), rows, color="tab:blue")
     axes[0][0].set_xticks(range(len(rows)))
@@ -284,6 +326,13 @@ def write_charts(trainer: pl.Trainer, directory: Path) -> dict[str, Path]:
         axes[0][1].set_xlabel("pipeline rank")
         axes[0][1].set_ylabel("busy s (last step)")
         axes[0][1].set_title("pipeline stage balance")
+    if served is not None:
+        ax = axes[0][panels - 1]
+        ax.bar(range(len(served)), served, color="tab:green")
+        ax.set_xticks(range(len(served)))
+        ax.set_xlabel("rank")
+        ax.set_ylabel("lookups served (logged steps)")
+        ax.set_title("embedding lookup load")
     fig.tight_layout()
     paths["shard_balance"] = directory / "shard_balance.png"
     fig.savefig(paths["shard_balance"], dpi=110)

@@ -13,8 +13,11 @@ about 3% of the positions computed are real items. Two pieces fix that without c
 - `LengthGroupedSampler`: batches of similar lengths, so trimming leaves little padding. Each
   epoch a seeded permutation (seed + epoch, as ``DistributedSampler``) is cut into chunks of
   ``group`` global batches, each chunk sorted by length and cut into global batches, and the
-  global batches shuffled; dp rank ``r`` takes every ``r``-th sample of each (length-sorted) global
-  batch, so the ranks see the same mix of lengths and about the same number of tokens. So
+  global batches shuffled; each global batch is then split over the dp ranks by `token_balanced_split`
+  (equal sample counts, about equal real tokens: each sample, longest first, goes to the rank with
+  the fewest tokens so far), so the ranks see the same mix of lengths and about the same number of
+  tokens whatever the lengths of that batch (the split is made per step, so it follows lengths that
+  drift over an epoch or between data sets; nothing to re-measure). So
   every sample is seen once per epoch across the ranks (the global batch count is padded to a
   multiple of the ranks by repeating samples, as ``DistributedSampler`` does), the order is random
   and reproducible, and a resumed epoch (`lightning_hybrid.data.resumable`) continues exactly.
@@ -63,6 +66,22 @@ def long_tail_lengths(count: int, *, min_len: int, max_len: int, generator: torc
     return (math.log(median) + sigma * normal).exp().round().clamp(min_len, max_len).long()
 
 
+def token_balanced_split(indices: Sequence[int], lengths: Sequence[int] | torch.Tensor, parts: int) -> list[list[int]]:
+    """Split ``indices`` into ``parts`` lists of equal size (``len(indices) / parts``; the first
+    ones one longer when it does not divide) with about equal sums of ``lengths[i]``: longest first,
+    each to the list with the smallest sum that still has room (ties: the lower rank). Deterministic."""
+    n = len(indices)
+    room = [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
+    order = sorted(indices, key=lambda i: (-int(lengths[i]), i))
+    out: list[list[int]] = [[] for _ in range(parts)]
+    sums = [0] * parts
+    for i in order:
+        r = min((r for r in range(parts) if len(out[r]) < room[r]), key=lambda r: (sums[r], r))
+        out[r].append(i)
+        sums[r] += int(lengths[i])
+    return out
+
+
 class LengthGroupedSampler(DistributedSampler):
     """Indices in length-grouped global batches, this dp rank's slice of each (module docstring).
 
@@ -109,9 +128,8 @@ class LengthGroupedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         for batch in self.global_batches():
-            # every num_replicas-th sample of the length-sorted global batch: the ranks get the
-            # same mix of lengths (about equal tokens per rank, and replicas that see alike data)
-            yield from batch[self.rank :: self.num_replicas]
+            # this rank's share of the global batch: equal samples, about equal tokens
+            yield from token_balanced_split(batch, self.lengths, self.num_replicas)[self.rank]
 
     def __len__(self) -> int:
         return self.num_samples

@@ -154,9 +154,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         self._layers: LayerPipeline | None = None  # pipeline_parallel without a pipeline_spec()
         self._exchange: DenseExchange | None = None
         self._async_saver: ckpt.AsyncSaver | None = None
-        self._tp_applied = False
-        self._tp_bytes: Any = None
-        self._loss_parallel = False
+        self._tp_applied, self._tp_bytes, self._loss_parallel = False, None, False
         self._reset_step_state()
 
     def _reset_step_state(self) -> None:
@@ -165,8 +163,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         self._skip_backward = False
         self._grad_sync_blocked = False
         self._shard_templates: dict[str, Any] | None = None
-        self.tp_bytes_last_step = 0
-        self.embedding_bytes_last_step = 0
+        self.tp_bytes_last_step = self.embedding_bytes_last_step = 0
 
     # -- Public state (what callbacks, the balancer and users read) ----------------------------------
 
@@ -198,6 +195,11 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         return dict(self._tables.modules)
 
     @property
+    def lookup_counter(self) -> Any:
+        """Lookups served per rank (`parallel.lookup_load.LookupCounter`; None before fit, on one process)."""
+        return self._tables.lookup_counter
+
+    @property
     def pipeline_runner(self) -> pipeline.PipelineRunner | None:
         return self._pipeline
 
@@ -216,8 +218,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
 
     @property
     def is_distributed(self) -> bool:
-        # Lightning injects its DistributedSampler only for strategies that say so
-        return True
+        return True  # (Lightning injects its DistributedSampler only for strategies that say so)
 
     @property
     @override

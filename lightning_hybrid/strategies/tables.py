@@ -34,6 +34,7 @@ class ShardedTables:
     choice: Any = None  # emb_optim.TableOptimizerChoice (fitting only)
     dp_table_params: list[torch.nn.Parameter] = field(default_factory=list)
     byte_counter: Any = None
+    lookup_counter: Any = None  # parallel.lookup_load.LookupCounter (fitting on several ranks)
     _fused_by_table: dict[str, Any] | None = None  # fixed once sharded; read every step
 
     def fused_param_ids(self) -> set[int]:
@@ -175,7 +176,13 @@ def apply_embedding_sharding(
     tables = ShardedTables(plan=plan, choice=choice)
     tables.modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=device)
     if fitting and dist.get_world_size() > 1:
+        from lightning_hybrid.parallel.lookup_load import LookupCounter
+
         tables.byte_counter = count_embedding_bytes()
+        features = {f: info.table_name for info in infos for f in info.feature_names}
+        replicas = layout.tensor_parallel * layout.pipeline_parallel  # (ranks that feed one batch)
+        tables.lookup_counter = LookupCounter(plan, features, world=dist.get_world_size(), rank=dist.get_rank(), replicas=replicas)
+        tables.lookup_counter.attach(tables.modules.values())
     for info in infos:
         if summary[info.table_name]["sharding_type"] == "data_parallel":
             tables.dp_table_params.append(model.get_parameter(info.weight_fqn))
