@@ -74,6 +74,17 @@ def test_rebalance_benchmark_smoke(tmp_path: Path) -> None:
     assert "rebalanced_speedup" in stdout
 
 
+def test_compression_overhead_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("compression_overhead.py", tmp_path / "overhead.json", "--rates", "none")
+    loopback = result["runs"]["loopback"]
+    assert set(loopback) >= {"exact", "powersgd-r4", "topk-1%"} and loopback["tensors"] > 0
+    for method in ("exact", "powersgd-r4", "topk-1%"):
+        row = loopback[method]
+        assert row["total_ms"] >= row["comm_ms"] >= 0 and row["compute_ms"] >= 0
+        assert row["speedup"] == loopback["exact"]["total_ms"] / row["total_ms"]
+    assert "| loopback | powersgd-r4 |" in stdout
+
+
 def test_compression_benchmark_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("compression.py", tmp_path / "compression.json", "--variants", "topk-1%")
     rows = result["results"]

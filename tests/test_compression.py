@@ -103,6 +103,19 @@ def _disjoint(density: float) -> list[torch.Tensor]:
     return grads
 
 
+def test_fast_top_k_selects_exactly_what_torch_topk_does() -> None:
+    from lightning_hybrid.comm.compress import top_k_indices
+
+    gen = torch.Generator().manual_seed(0)
+    for n, k in ((200_000, 2000), (100_000, 1), (70_000, 4375), (1000, 10)):
+        magnitude = torch.randn(n, generator=gen).abs()
+        assert set(top_k_indices(magnitude, k).tolist()) == set(magnitude.topk(k).indices.tolist())
+    # the sample misses the few large entries (they sit where no sampled index is): still exact
+    magnitude = torch.zeros(100_000)
+    magnitude[torch.arange(7, 100_000, 10_000)] = 5.0
+    assert set(top_k_indices(magnitude, 10).tolist()) == set(range(7, 100_000, 10_000))
+
+
 def test_topk_decodes_when_ranks_pick_different_indices() -> None:
     expected = torch.zeros(100)
     expected[0:5] = torch.arange(1, 6) / 2

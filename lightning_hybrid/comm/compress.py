@@ -293,7 +293,8 @@ class PowerSGDCompressor(Compressor):
     def _compress_mean(self, grads: list[torch.Tensor], keys: list[Any], iteration: int) -> None:
         mats, slots = [], []
         for g, key in zip(grads, keys, strict=True):
-            m = g.reshape(g.shape[0], -1).float()
+            # (fp32 gradients are viewed, not copied: each is overwritten with its average at the end)
+            m = g.reshape(g.shape[0], -1) if g.dtype == torch.float32 else g.reshape(g.shape[0], -1).float()
             slot = self._slot(key, g.shape)
             r = min(self.config.rank, m.shape[0], m.shape[1])
             if "q" not in slot:
@@ -302,7 +303,7 @@ class PowerSGDCompressor(Compressor):
                 slot["q"] = torch.randn(m.shape[1], r, generator=gen).to(m.device)
                 slot["residual"] = torch.zeros_like(m)
             if self.config.error_feedback:
-                m = m + slot["residual"]
+                m.add_(slot["residual"])  # in place: no new full-size tensor per step
             mats.append(m)
             slots.append(slot)
         # P = M Q, averaged (summed) over ranks in one all-reduce, then orthonormalised
@@ -322,7 +323,7 @@ class PowerSGDCompressor(Compressor):
             offset += q.numel()
             approx = p @ q_avg.t()
             if self.config.error_feedback:
-                slot["residual"] = m - approx
+                torch.sub(m, approx, out=slot["residual"])
             slot["q"] = q_avg.clone()  # warm start for the next step
             g.copy_(approx.view_as(g))
 
@@ -342,24 +343,27 @@ class TopKCompressor(Compressor):
         density = self.density_at(iteration)
         values, indices, offsets, sizes = [], [], [], []
         offset = 0
+        scratch = torch.empty(max(g.numel() for g in grads), device=grads[0].device)  # |acc|, reused per tensor
         for g, key in zip(grads, keys, strict=True):
             flat = g.reshape(-1).float()
             slot = self._slot(key, g.shape)
             if "residual" not in slot:
                 slot["residual"] = torch.zeros_like(flat)
                 slot["velocity"] = torch.zeros_like(flat)
+            # the accumulator is updated in place (the residual, or the velocity, becomes it): no
+            # full-size tensor is allocated per step; values are read before anything is zeroed
             if self.config.momentum > 0:  # momentum correction: accumulate velocities, not gradients
                 slot["velocity"].mul_(self.config.momentum).add_(flat)
-                acc = slot["residual"] + slot["velocity"] if self.config.error_feedback else slot["velocity"].clone()
+                source = slot["velocity"]
             else:
-                acc = slot["residual"] + flat if self.config.error_feedback else flat.clone()
+                source = flat
+            acc = slot["residual"].add_(source) if self.config.error_feedback else source
             k = max(1, math.ceil(density * acc.numel()))
-            idx = acc.abs().topk(k, sorted=False).indices
+            idx = top_k_indices(torch.abs(acc, out=scratch[: acc.numel()]), k)
             values.append(acc[idx])
             indices.append(idx.to(torch.int32) + offset)
             if self.config.error_feedback:
-                acc[idx] = 0.0
-                slot["residual"] = acc
+                acc[idx] = 0.0  # (the residual keeps what was not sent)
             if self.config.momentum > 0:
                 slot["velocity"][idx] = 0.0  # momentum factor masking
             offsets.append(offset)
@@ -373,6 +377,32 @@ class TopKCompressor(Compressor):
         dense /= self.world
         for g, start, n in zip(grads, offsets, sizes, strict=True):
             g.copy_(dense[start : start + n].view_as(g))
+
+
+_SAMPLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def top_k_indices(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The indices of the ``k`` largest entries of the 1-D ``magnitude`` (any order), as
+    ``magnitude.topk(k).indices`` but faster on large tensors: a fixed random sample of up to 8192
+    entries estimates the value above which about 2k entries lie, the entries above it are the
+    candidates, and an exact top-k runs on the candidates only. With fewer than ``k`` candidates
+    (an unlucky sample) it falls back to the full top-k, so the result is always exact."""
+    n = magnitude.numel()
+    if n < 16384 or 16 * k > n:  # small, or dense enough that the full top-k costs no more
+        return magnitude.topk(k, sorted=False).indices
+    key = (n, str(magnitude.device))
+    sample = _SAMPLES.get(key)
+    if sample is None:
+        size = min(8192, n // 4)
+        sample = torch.randint(0, n, (size,), generator=torch.Generator().manual_seed(n)).to(magnitude.device)
+        _SAMPLES[key] = sample
+    want = max(1, math.ceil(2 * k * sample.numel() / n))  # about 2k entries above the threshold
+    threshold = magnitude[sample].topk(want, sorted=False).values.min()
+    candidates = (magnitude >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return magnitude.topk(k, sorted=False).indices
+    return candidates[magnitude[candidates].topk(k, sorted=False).indices]
 
 
 class SignCompressor(Compressor):
