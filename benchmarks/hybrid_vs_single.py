@@ -27,6 +27,16 @@ exchange, tp layers, pp send/recv, embedding all-to-alls; the strategy's and pip
 counters, median over measured steps) and their sum, and the ratios of the best hybrid to the best
 single-mode layout.
 
+Across simulated nodes (``--link-rates 1000,10000``; root and iproute2): the layouts run on 2
+network namespaces joined by links shaped to each rate (`lightning_hybrid.testing.netns`), 1 or 2
+processes per node (``--procs-per-node 1,2``), launched as users launch across nodes (torchrun, one
+agent per node, c10d rendezvous). Added layouts that only differ across nodes: ``hybrid_hier``
+(table sharded, PowerSGD across nodes only, exact inside a node) and ``hybrid_localsgd`` (table
+sharded, local SGD with period 4 across the replicas). Bytes are also measured at the links:
+``inter_node_mb`` is what a node sent on its shaped link per step, ``intra_node_mb`` what its
+ranks sent each other over its loopback (``/proc/net/dev`` inside each namespace), and every rate's
+measured line rate (a 16 MB all-reduce probe) is printed next to the set one.
+
 GPU variant (``--accelerator gpu``): a larger model (500k items, d=512, 8 heads, 200 positions,
 bf16-mixed, NCCL), P = 2, 4, 8 up to the GPUs present, and the model FLOPs utilization against
 the detected peak (FLOPs counted per token: 6 x the block weights, the attention scores and
@@ -40,6 +50,7 @@ replicated: the dense side only, so the layouts that differ only by table shardi
     python benchmarks/hybrid_vs_single.py --lengths full --out benchmarks/results/hybrid_vs_single_full_run1.json
     python benchmarks/hybrid_vs_single.py --smoke               # tiny; what the test suite runs
     python benchmarks/hybrid_vs_single.py --accelerator gpu     # benchmarks/results/hybrid_vs_single_gpu.json
+    python benchmarks/hybrid_vs_single.py --link-rates 1000,10000 --out benchmarks/results/hybrid_vs_single_links.json
 """
 
 from __future__ import annotations
@@ -75,7 +86,13 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "hybrid_tp": {"tensor_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
     "hybrid_pp_ddp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}},
     "hybrid_pp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
+    # across nodes only (--link-rates): compression on the inter-node hop, local SGD across replicas
+    "hybrid_hier": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": {**POWERSGD, "hierarchical": True}},
+    "hybrid_localsgd": {"embedding_sharding": {"item_id": "row_wise"}, "data_parallel_mode": "local_sgd", "local_sgd_period": 4,
+                        "local_sgd_warmup_steps": 2},
 }
+CROSS_NODE = ("hybrid_hier", "hybrid_localsgd")
+LINK_LAYOUTS = ("dp", "mp", "pp", "hybrid_ddp", "hybrid", "hybrid_hier", "hybrid_localsgd", "hybrid_pp", "hybrid_pp_ddp")
 SINGLE = ("dp", "mp", "tp", "pp")
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
 AXES = ("dp", "tp", "pp", "embedding")
@@ -93,8 +110,19 @@ def flops_per_token(cfg: dict[str, Any]) -> float:
     return 3.0 * (cfg["num_blocks"] * per_block + 2 * d * (1 + negatives))
 
 
+def _link_counters() -> dict[str, float]:
+    """Bytes sent so far on this network namespace's shaped link (eth0) and its loopback."""
+    out = {}
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        if name.strip() in ("eth0", "lo"):
+            out[name.strip()] = float(fields.split()[8])  # (transmit bytes)
+    return out
+
+
 def _worker(
-    cfg: dict[str, Any], layout: dict[str, Any], processes: int, accelerator: str = "cpu", tables: str = "torchrec", lengths: str = "long_tail"
+    cfg: dict[str, Any], layout: dict[str, Any], processes: int, accelerator: str = "cpu", tables: str = "torchrec", lengths: str = "long_tail",
+    nodes: int = 1,
 ) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     import logging
@@ -135,8 +163,17 @@ def _worker(
     )
     records: list[dict[str, float]] = []
     bytes_sent: dict[str, list[float]] = {axis: [] for axis in AXES}
+    links: list[dict[str, float]] = []  # link counters at the first measured step and at the end (nodes > 1)
 
     class Keep(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if nodes > 1 and len(records) == cfg["warmup"]:
+                links.append(_link_counters())
+
+        def on_train_end(self, trainer: Any, *args: Any) -> None:
+            if nodes > 1 and links:
+                links.append(_link_counters())
+
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             monitor = next(c for c in trainer.callbacks if isinstance(c, HybridMonitor))
             records.append(dict(monitor.last))
@@ -155,7 +192,7 @@ def _worker(
     if pp > 1:
         kwargs.setdefault("pipeline_microbatches", max(2, pp))  # 1F1B needs at least one microbatch per stage
     trainer = pl.Trainer(
-        strategy=HybridStrategy(**kwargs), accelerator=accelerator, devices=processes, max_epochs=1, limit_val_batches=0,
+        strategy=HybridStrategy(**kwargs), accelerator=accelerator, devices=processes // nodes, num_nodes=nodes, max_epochs=1, limit_val_batches=0,
         precision="bf16-mixed" if accelerator == "gpu" else "32-true", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
         callbacks=[Keep(), HybridMonitor(flops_per_token=flops_per_token(cfg))],  # MFU where the peak is known (GPUs)
@@ -170,7 +207,132 @@ def _worker(
         "mfu": statistics.median(r["utilization/mfu"] for r in measured) if "utilization/mfu" in measured[0] else None,
         "bytes_per_step": {axis: statistics.median(v[cfg["warmup"] :] or v) for axis, v in bytes_sent.items()},
         "layout": {"dp": dp, "tp": tp, "pp": pp},
+        # per step: what this rank's node sent on its shaped link / over its loopback (local rank 0 reports; 0 elsewhere)
+        "link_mb": {k: (links[1][k] - links[0][k]) / max(1, len(records) - cfg["warmup"]) / 1e6 for k in ("eth0", "lo")}
+        if len(links) == 2 and os.environ.get("LOCAL_RANK", "0") == "0" else {"eth0": 0.0, "lo": 0.0},
     }
+
+
+def _node_worker(args_json: str, out_dir: str) -> None:
+    """Under torchrun on a simulated node: `_worker`, each rank's result to ``out_dir/rank<R>.json``."""
+    args = json.loads(args_json)
+    result = _worker(*args)
+    Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+
+
+def run_on_links(cluster: Any, cfg: dict[str, Any], layout: dict[str, Any], processes: int, tables: str, lengths: str) -> list[dict[str, Any]]:
+    """One layout on a `SimulatedCluster` (``processes`` ranks over its nodes); every rank's result."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        args = json.dumps([cfg, layout, processes, "cpu", tables, lengths, cluster.nodes])
+        done = cluster.torchrun([__file__, "--node-worker", args, out], nproc_per_node=processes // cluster.nodes,
+                                cwd=Path(__file__).resolve().parents[1], timeout_s=1800)
+        files = sorted(Path(out).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
+        if any(p.returncode for p in done) or len(files) != processes:
+            raise RuntimeError("a simulated-node run failed:\n" + "\n".join(p.stderr[-4000:] for p in done))
+        return [json.loads(f.read_text()) for f in files]
+
+
+def _row(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One layout's row from every rank's result."""
+    row = dict(ranks[0])
+    row["samples_per_s"] = min(r["samples_per_s"] for r in ranks)  # the job is as fast as its slowest rank
+    row["tokens_per_s"] = min(r["tokens_per_s"] for r in ranks)
+    row["compute_fraction"] = statistics.mean(r["compute_fraction"] for r in ranks)
+    # bytes an average rank sends (ranks of a pipeline or a row-wise table differ)
+    row["bytes_per_step"] = {axis: statistics.mean(r["bytes_per_step"][axis] for r in ranks) for axis in AXES}
+    row["bytes_per_step"]["total"] = sum(row["bytes_per_step"][axis] for axis in AXES)
+    reporting = [r["link_mb"] for r in ranks if r["link_mb"]["eth0"] or r["link_mb"]["lo"]]  # (each node's local rank 0)
+    if reporting:
+        row["inter_node_mb"] = statistics.mean(m["eth0"] for m in reporting)
+        row["intra_node_mb"] = statistics.mean(m["lo"] for m in reporting)
+    return row
+
+
+def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix: str = "") -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """Every chosen layout at every process count (``run(layout, processes)`` -> every rank's
+    result): the rows, the markdown table lines and the best-hybrid / best-single summary."""
+    results: dict[str, Any] = {}
+    lines = [
+        "| P | layout | dp x tp x pp | samples/s | tokens/s | step (ms) | utilization | MFU | MB sent / step: dp | tp | pp | emb | total |"
+        + (" MB per node and step: inter-node link | intra-node |" if prefix else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prefix else ""),
+    ]
+    summary = {}
+    for processes in process_counts:
+        for name, layout in LAYOUTS.items():
+            if name not in chosen:
+                continue
+            if name in ("hybrid_tp", "hybrid_pp_ddp") and processes < 4:  # (hybrid_pp_ddp = hybrid_pp without dp)
+                continue
+            if name in CROSS_NODE and not prefix:  # (they differ from `hybrid` only across nodes)
+                continue
+            if processes == 1 and name != "dp":  # one device: no layout to compare, only the absolute figures
+                continue
+            row = _row(run(layout, processes))
+            mb = " | ".join(f"{row['bytes_per_step'][axis] / 1e6:.2f}" for axis in (*AXES, "total"))
+            mfu = f"{row['mfu']:.3f}" if row.get("mfu") is not None else "-"
+            results[f"{prefix}P{processes}/{name}"] = row
+            lay = row["layout"]
+            links = f" {row['inter_node_mb']:.2f} | {row['intra_node_mb']:.2f} |" if "inter_node_mb" in row else ""
+            lines.append(
+                f"| {processes} | {name} | {lay['dp']} x {lay['tp']} x {lay['pp']} | {row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | "
+                f"{row['step_ms']:.0f} | {row['compute_fraction']:.2f} | {mfu} | {mb} |{links}"
+            )
+            print(prefix, name, processes, row, flush=True)
+        here = {k.split("/")[-1]: v for k, v in results.items() if k.startswith(f"{prefix}P{processes}/")}
+        if not any(n in here for n in SINGLE) or not any(n.startswith("hybrid") for n in here):
+            continue  # nothing to compare at this process count
+        best_single = max((n for n in SINGLE if n in here), key=lambda n: here[n]["samples_per_s"])
+        best_hybrid = max((n for n in here if n.startswith("hybrid")), key=lambda n: here[n]["samples_per_s"])
+        summary[f"{prefix}P{processes}"] = {
+            "best_single": best_single, "best_hybrid": best_hybrid,
+            "throughput_ratio": here[best_hybrid]["samples_per_s"] / here[best_single]["samples_per_s"],
+            "utilization_ratio": here[best_hybrid]["compute_fraction"] / max(here[best_single]["compute_fraction"], 1e-9),
+        }
+    return results, lines, summary
+
+
+def _main_on_links(args: Any, chosen: list[str], cfg: dict[str, Any], tables: str) -> None:
+    """--link-rates: every layout on 2 simulated nodes at each rate (see the module docstring)."""
+    from lightning_hybrid.testing.netns import SimulatedCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        sys.exit(f"--link-rates: {reason}")
+    if args.layouts == ",".join(LAYOUTS):
+        chosen = [n for n in LINK_LAYOUTS if n in chosen]
+    per_node = [int(n) for n in args.procs_per_node.split(",")]
+    results: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    tables_md: list[str] = []
+    measured_rates: dict[str, float] = {}
+    for rate in [float(r) for r in args.link_rates.split(",")]:
+        with SimulatedCluster(nodes=2, rate_mbit=rate) as cluster:
+            probe = cluster.torchrun(["-m", "lightning_hybrid.testing.netns", "probe", "16"], nproc_per_node=1, timeout_s=300)
+            line = next((ln for ln in probe[0].stdout.splitlines() if ln.startswith("{")), "{}")
+            measured_rates[f"{rate:g}"] = float(json.loads(line).get("mbit_per_s", 0.0))
+            prefix = f"{rate:g}Mbit/"
+            rows, lines, summ = _measure_all(
+                lambda layout, processes: run_on_links(cluster, cfg, layout, processes, tables, args.lengths),
+                chosen, [2 * n for n in per_node], prefix,
+            )
+        results.update(rows)
+        summary.update(summ)
+        tables_md += [f"\nlink {rate:g} Mbit/s set, {measured_rates[f'{rate:g}']:.0f} Mbit/s measured (16 MB all-reduce):", *lines]
+    out = Path(args.out or DEFAULT_OUT.replace(".json", "_links.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(
+        {"benchmark": "hybrid_vs_single", "accelerator": "cpu", "device": "2 simulated nodes", "tables": tables, "lengths": args.lengths,
+         "config": cfg, "link_rates_measured_mbit": measured_rates, "results": results, "summary": summary},
+        indent=2,
+    ))
+    print("\n".join(tables_md))
+    for key, s in summary.items():
+        print(f"{key}: best hybrid {s['best_hybrid']} / best single-mode {s['best_single']}: throughput {s['throughput_ratio']:.2f}x, "
+              f"utilization {s['utilization_ratio']:.2f}x")
+    print(f"JSON: {out}")
 
 
 def main() -> None:
@@ -184,7 +346,13 @@ def main() -> None:
                         help="torchrec EmbeddingCollection (sharded) or plain nn.Embedding (dense side only); auto: torchrec when importable")
     parser.add_argument("--lengths", choices=("long_tail", "full"), default="long_tail",
                         help="Beauty-like long-tailed sequences on jagged batches (default), or every sequence max_len long")
+    parser.add_argument("--link-rates", default=None, help="Mbit/s, comma-separated: run on 2 simulated nodes at each rate (root)")
+    parser.add_argument("--procs-per-node", default="1", help="with --link-rates: processes per node, comma-separated (1, 2)")
+    parser.add_argument("--node-worker", nargs=2, metavar=("ARGS_JSON", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.node_worker:
+        _node_worker(*args.node_worker)
+        return
     chosen = [n for n in args.layouts.split(",") if n]
     if not chosen or set(chosen) - set(LAYOUTS):
         parser.error(f"--layouts {chosen}: choose from {list(LAYOUTS)}")
@@ -210,49 +378,14 @@ def main() -> None:
         process_counts = [p for p in cfg["processes"] if p <= gpus] or [1]
     else:
         process_counts = cfg["processes"]
-    results: dict[str, Any] = {}
-    lines = [
-        "| P | layout | dp x tp x pp | samples/s | tokens/s | step (ms) | utilization | MFU | MB sent / step: dp | tp | pp | emb | total |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    summary = {}
-    for processes in process_counts:
-        for name, layout in LAYOUTS.items():
-            if name not in chosen:
-                continue
-            if name in ("hybrid_tp", "hybrid_pp_ddp") and processes < 4:  # (hybrid_pp_ddp = hybrid_pp without dp)
-                continue
-            if processes == 1 and name != "dp":  # one device: no layout to compare, only the absolute figures
-                continue
-            ranks = run_distributed(
-                _worker, processes, cfg, layout, processes, args.accelerator, tables, args.lengths, init_process_group=False, timeout_s=1800
-            )
-            row = dict(ranks[0])
-            row["samples_per_s"] = min(r["samples_per_s"] for r in ranks)  # the job is as fast as its slowest rank
-            row["tokens_per_s"] = min(r["tokens_per_s"] for r in ranks)
-            row["compute_fraction"] = statistics.mean(r["compute_fraction"] for r in ranks)
-            # bytes an average rank sends (ranks of a pipeline or a row-wise table differ)
-            row["bytes_per_step"] = {axis: statistics.mean(r["bytes_per_step"][axis] for r in ranks) for axis in AXES}
-            row["bytes_per_step"]["total"] = sum(row["bytes_per_step"][axis] for axis in AXES)
-            mb = " | ".join(f"{row['bytes_per_step'][axis] / 1e6:.2f}" for axis in (*AXES, "total"))
-            mfu = f"{row['mfu']:.3f}" if row.get("mfu") is not None else "-"
-            results[f"P{processes}/{name}"] = row
-            lay = row["layout"]
-            lines.append(
-                f"| {processes} | {name} | {lay['dp']} x {lay['tp']} x {lay['pp']} | {row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | {row['step_ms']:.0f} | "
-                f"{row['compute_fraction']:.2f} | {mfu} | {mb} |"
-            )
-            print(name, processes, row, flush=True)
-        here = {k.split("/")[1]: v for k, v in results.items() if k.startswith(f"P{processes}/")}
-        if not any(n in here for n in SINGLE) or not any(n.startswith("hybrid") for n in here):
-            continue  # nothing to compare at this process count
-        best_single = max((n for n in SINGLE if n in here), key=lambda n: here[n]["samples_per_s"])
-        best_hybrid = max((n for n in here if n.startswith("hybrid")), key=lambda n: here[n]["samples_per_s"])
-        summary[f"P{processes}"] = {
-            "best_single": best_single, "best_hybrid": best_hybrid,
-            "throughput_ratio": here[best_hybrid]["samples_per_s"] / here[best_single]["samples_per_s"],
-            "utilization_ratio": here[best_hybrid]["compute_fraction"] / max(here[best_single]["compute_fraction"], 1e-9),
-        }
+    if args.link_rates:
+        return _main_on_links(args, chosen, cfg, tables)
+    results, lines, summary = _measure_all(
+        lambda layout, processes: run_distributed(
+            _worker, processes, cfg, layout, processes, args.accelerator, tables, args.lengths, init_process_group=False, timeout_s=1800
+        ),
+        chosen, process_counts,
+    )
     out = Path(args.out or (DEFAULT_OUT if args.accelerator == "cpu" else DEFAULT_OUT.replace(".json", "_gpu.json")))
     out.parent.mkdir(parents=True, exist_ok=True)
     device = "cpu"

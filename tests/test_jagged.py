@@ -104,6 +104,8 @@ def test_token_balanced_split_hand_computed() -> None:
     assert token_balanced_split(range(8), lengths, 2) == [[0, 5, 6, 7], [1, 2, 3, 4]]
     # the interleaved split of a length-sorted batch gives 50+8+6+1 = 65 vs 22; balanced 57 vs 30
     # (rank 0 must take 4 samples and the 50); over 3 ranks the sizes are 3, 3, 2
+    # equal lengths are dealt out in the given order (an interleaved split)
+    assert token_balanced_split([5, 2, 7, 1], [3] * 8, 2) == [[5, 7], [2, 1]]
     parts = token_balanced_split(range(8), lengths, 3)
     assert [len(p) for p in parts] == [3, 3, 2] and sorted(i for p in parts for i in p) == list(range(8))
     # on long-tailed lengths, tokens per rank within 1% over 4 ranks (a batch of 256)

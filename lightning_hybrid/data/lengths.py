@@ -69,10 +69,12 @@ def long_tail_lengths(count: int, *, min_len: int, max_len: int, generator: torc
 def token_balanced_split(indices: Sequence[int], lengths: Sequence[int] | torch.Tensor, parts: int) -> list[list[int]]:
     """Split ``indices`` into ``parts`` lists of equal size (``len(indices) / parts``; the first
     ones one longer when it does not divide) with about equal sums of ``lengths[i]``: longest first,
-    each to the list with the smallest sum that still has room (ties: the lower rank). Deterministic."""
+    each to the list with the smallest sum that still has room (ties: the lower rank; equal lengths
+    keep their order in ``indices``, so equal-length samples are dealt out in turn, as an interleaved
+    split would). Deterministic."""
     n = len(indices)
     room = [n // parts + (1 if r < n % parts else 0) for r in range(parts)]
-    order = sorted(indices, key=lambda i: (-int(lengths[i]), i))
+    order = sorted(indices, key=lambda i: -int(lengths[i]))  # (stable)
     out: list[list[int]] = [[] for _ in range(parts)]
     sums = [0] * parts
     for i in order:
