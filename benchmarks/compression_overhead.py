@@ -106,10 +106,10 @@ def _loopback(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
+    from lightning_hybrid.testing import benchmark_parser
+
+    parser = benchmark_parser(__doc__, Path(__file__).parent / "results", "compression_overhead.json")
     parser.add_argument("--rates", default="1000,100", help="link rates in Mbit/s, comma-separated, or 'none' (loopback only)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression_overhead.json"))
     parser.add_argument("--worker", nargs=2, metavar=("CFG_JSON", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -147,10 +147,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = next(iter(runs.values()))
     print(f"{first['values']:,} gradient values in {first['tensors']} tensors ({4 * first['values'] / 1e6:.2f} MB fp32), config {cfg}")
     print("\n".join(lines))
-    result = {"config": cfg, "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    from lightning_hybrid.testing import write_results
+
+    return write_results(args.out, {"config": cfg, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -205,7 +205,8 @@ def _worker(
         "step_ms": statistics.median(r["time/step_s"] for r in measured) * 1e3,
         "compute_fraction": statistics.median(r["utilization/compute_fraction"] for r in measured),
         "mfu": statistics.median(r["utilization/mfu"] for r in measured) if "utilization/mfu" in measured[0] else None,
-        "bytes_per_step": {axis: statistics.median(v[cfg["warmup"] :] or v) for axis, v in bytes_sent.items()},
+        # a mean, not a median: local SGD sends every period-th step
+        "bytes_per_step": {axis: statistics.mean(v[cfg["warmup"] :] or v) for axis, v in bytes_sent.items()},
         "layout": {"dp": dp, "tp": tp, "pp": pp},
         # per step: what this rank's node sent on its shaped link / over its loopback (local rank 0 reports; 0 elsewhere)
         "link_mb": {k: (links[1][k] - links[0][k]) / max(1, len(records) - cfg["warmup"]) / 1e6 for k in ("eth0", "lo")}

@@ -17,8 +17,6 @@ forward only). Four variants side by side in one run:
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_hybrid.testing import run_distributed  # noqa: E402
+from lightning_hybrid.testing import benchmark_parser, run_distributed, write_results  # noqa: E402
 
 FULL = {"d": 256, "hidden": 1024, "blocks": 8, "batch": 256, "microbatches": 4, "steps": 60, "every": 10, "slowdown": 3}
 SMOKE = {"d": 16, "hidden": 32, "blocks": 4, "batch": 16, "microbatches": 2, "steps": 6, "every": 2, "slowdown": 3}
@@ -85,10 +83,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rebalance.json"))
-    args = parser.parse_args(argv)
+    args = benchmark_parser(__doc__, Path(__file__).parent / "results", "rebalance.json").parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
     ranks = run_distributed(_worker, 2, cfg, timeout_s=900)
     rows = {}
@@ -107,10 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| {name} | {row['step_ms']:.1f} | {row['split']} | {row['moved_at_step']} | {row['move_s']:.3f} | {row['checks']} |")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")
-    result = {"config": cfg, "results": rows, "ratios": ratios}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return write_results(args.out, {"config": cfg, "results": rows, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -85,6 +85,17 @@ def test_compression_overhead_smoke(tmp_path: Path) -> None:
     assert "| loopback | powersgd-r4 |" in stdout
 
 
+def test_tied_output_memory_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("tied_output_memory.py", tmp_path / "memory.json")
+    rows = result["results"]
+    assert set(rows) == {"separate", "tied P=2", "tied P=4"}
+    # weight + gradient per rank: the whole 2001 x 16 layer, then half / a quarter of the rows (ceil blocks)
+    assert rows["separate"]["weight_and_grad_mb"] == 2 * 2001 * 16 * 4 / 2**20
+    assert rows["tied P=2"]["weight_and_grad_mb"] == 1001 * 16 * 4 / 2**20
+    assert rows["tied P=4"]["weight_and_grad_mb"] == 501 * 16 * 4 / 2**20
+    assert "| tied P=4 |" in stdout
+
+
 def test_compression_benchmark_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("compression.py", tmp_path / "compression.json", "--variants", "topk-1%")
     rows = result["results"]

@@ -21,7 +21,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
+from lightning_hybrid.models.losses import sampled_softmax_loss
 from lightning_hybrid.optim import GroupedOptimizer
+from lightning_hybrid.parallel import tied_output
 from lightning_hybrid.specs import PipelineSpec, pipeline_runner, reference_plan
 
 try:
@@ -83,36 +85,6 @@ def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
     return ((causal & real_keys) | eye).unsqueeze(1)
 
 
-def sampled_softmax_loss(
-    hidden: torch.Tensor,
-    positives: torch.Tensor,
-    output_weight: torch.Tensor,
-    *,
-    num_negatives: int,
-    sampling_probs: torch.Tensor,
-    generator: torch.Generator | None = None,
-    negatives: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of each positive against sampled items, with the logQ correction.
-
-    ``num_negatives`` items are drawn with replacement from ``sampling_probs`` (over the rows of
-    ``output_weight``), or given as ``negatives``. Each sampled logit is corrected by subtracting
-    log(expected count of that item in the sample) = log(num_negatives * q(item)), so that
-    ``exp`` of the corrected negatives estimates, without bias, the sum of ``exp(logit)`` over the
-    items that are not the positive: the loss converges to the full-softmax cross-entropy as the
-    sample grows. Sampled copies of the positive itself ("accidental hits") are removed.
-    """
-    if negatives is None:
-        negatives = torch.multinomial(sampling_probs, num_negatives, replacement=True, generator=generator)
-    negatives = negatives.to(hidden.device)
-    log_expected = torch.log(sampling_probs.to(hidden.device) * len(negatives))
-    pos_logits = (hidden * output_weight[positives]).sum(-1)
-    neg_logits = hidden @ output_weight[negatives].T - log_expected[negatives]
-    neg_logits = neg_logits.masked_fill(negatives.unsqueeze(0) == positives.unsqueeze(1), float("-inf"))
-    logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=hidden.device))
-
-
 class SASRec(pl.LightningModule):
     """Next-item recommender: item (+ side feature) embeddings -> causal transformer -> item scores.
 
@@ -153,6 +125,9 @@ class SASRec(pl.LightningModule):
             the full-softmax loss runs under torch's ``loss_parallel``; needs ``loss="full"``).
         sequence_parallel: shard the residual stream between the transformer blocks along the
             sequence under tensor parallelism (``max_len`` divisible by tp).
+        output: ``"separate"`` (a ``Linear(d, num_items + 1)`` scores the items) or ``"tied"``
+            (items are scored by their own embeddings, through the sharded item table:
+            `lightning_hybrid.parallel.tied_output`; no rank holds every item's score).
         tables: ``"torchrec"`` (an `EmbeddingCollection` that HybridStrategy shards) or
             ``"torch"`` (plain ``nn.Embedding`` tables, replicated like any dense layer: for
             dense-only runs where torchrec/fbgemm are not installed; no text tower).
@@ -185,6 +160,7 @@ class SASRec(pl.LightningModule):
         top_k: int = 10,
         tensor_parallel_output: Literal["replicated", "gathered", "vocab_parallel"] = "replicated",
         sequence_parallel: bool = False,
+        output: Literal["separate", "tied"] = "separate",
         tables: Literal["torchrec", "torch"] = "torchrec",
     ) -> None:
         super().__init__()
@@ -204,6 +180,11 @@ class SASRec(pl.LightningModule):
         if tensor_parallel_output not in ("replicated", "gathered", "vocab_parallel"):
             raise ValueError(
                 f"SASRec(tensor_parallel_output={tensor_parallel_output!r}): use 'replicated', 'gathered' or 'vocab_parallel'."
+            )
+        if output not in ("separate", "tied") or (output == "tied" and tensor_parallel_output != "replicated"):
+            raise ValueError(
+                f"SASRec(output={output!r}, tensor_parallel_output={tensor_parallel_output!r}): use output 'separate' or "
+                "'tied'; a tied output is scored through the sharded item table, not split by tensor parallelism."
             )
         if tensor_parallel_output != "replicated" and loss != "full":
             raise ValueError(
@@ -244,10 +225,11 @@ class SASRec(pl.LightningModule):
             self.item_tables = EmbeddingCollection(
                 tables=[EmbeddingConfig(name=_TABLE_OF[f], embedding_dim=d_model, num_embeddings=n, feature_names=[f]) for f, n in sizes.items()]
             )
-        # Scores for every item (row 0, padding, is never a candidate). Kept dense and separate from
-        # the sharded input table so full-softmax scoring needs no gather of the table.
-        self.output = nn.Linear(d_model, num_items + 1, bias=False)
-        nn.init.normal_(self.output.weight, std=d_model**-0.5)
+        # Scores for every item (row 0, padding, is never a candidate): a separate dense layer, or
+        # (output="tied") the item table itself, scored shard by shard where its rows live
+        if self.hparams.get("output", "separate") == "separate":
+            self.output = nn.Linear(d_model, num_items + 1, bias=False)
+            nn.init.normal_(self.output.weight, std=d_model**-0.5)
         mask = torch.zeros(num_items + 1)
         mask[0] = float("-inf")
         self.register_buffer("padding_score_mask", mask, persistent=False)
@@ -384,6 +366,11 @@ class SASRec(pl.LightningModule):
     def pipeline_spec(self) -> Any:
         """How HybridStrategy(pipeline_parallel > 1) runs this model (see lightning_hybrid.parallel.pipeline)."""
 
+        if self.hparams.get("output") == "tied":
+            raise ValueError(
+                f"{type(self).__name__}(output='tied') cannot run with pipeline_parallel > 1 yet: the loss scores against "
+                "the item table on every rank, the pipeline computes it on the last stage only. Use output='separate'."
+            )
         if self.hparams.text_tower:
             raise ValueError(
                 f"{type(self).__name__}(text_tower=True) cannot run with pipeline_parallel > 1 yet: the text tower's dense "
@@ -437,6 +424,17 @@ class SASRec(pl.LightningModule):
         return self._scores(self.encode(items, user, time))
 
     def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hparams.get("output") == "tied":
+            rows = tied_output.table_rows(self.item_tables, "item_id")
+            if rows.sharded:
+                raise RuntimeError(
+                    "SASRec(output='tied') on a sharded table has no rank with every item's score: rank with "
+                    "lightning_hybrid.parallel.tied_output.sharded_target_ranks / sharded_top_k (validation, test and "
+                    "predict do), or evaluate the checkpoint on one process."
+                )
+            scores = hidden[:, -1] @ rows.weight.t()
+            scores[:, 0] = float("-inf")
+            return scores
         scores = self.output(hidden[:, -1])
         if isinstance(scores, DTensor):  # vocab-parallel output: ranking needs every item's score
             scores = scores.full_tensor()
@@ -488,6 +486,12 @@ class SASRec(pl.LightningModule):
         """Next-item loss of [B, L, D] final hidden states against [B, L] targets (0 = none)."""
         valid = target != 0
         h, positives = hidden[valid], target[valid]
+        if self.hparams.get("output") == "tied":
+            if self.hparams.loss == "full":
+                return tied_output.sharded_cross_entropy(h, positives, tied_output.table_rows(self.item_tables, "item_id")).mean()
+            return sampled_softmax_loss(
+                h, positives, None, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs, lookup=self._item_rows
+            )
         if self.hparams.loss == "full":
             logits = self.output(h)
             # item 0 (padding) is never a candidate; an added mask rather than an in-place write,
@@ -501,6 +505,15 @@ class SASRec(pl.LightningModule):
                 h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs
             )
         return loss
+
+    def _item_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The item table's rows for ``ids`` [N], through the (sharded) table: one id per sample."""
+        if isinstance(self.item_tables, nn.ModuleDict):
+            return self.item_tables["item_id"](ids)
+        keys = ["item", *[f for f in ("category", "time", "user") if f in self.side_features]]
+        lengths = torch.zeros(len(keys) * len(ids), dtype=torch.int32, device=ids.device)
+        lengths[: len(ids)] = 1
+        return self.item_tables(KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids, lengths=lengths))["item"].values()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Adam(W) for the network; the item table gets `table_optimizer`: Adagrad runs fused inside
@@ -539,11 +552,23 @@ class SASRec(pl.LightningModule):
             scores.scatter_(1, batch["target"].view(-1, 1), keep)  # the held-out item stays a candidate
         return scores
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _target_ranks(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if self.hparams.get("output") == "tied":  # ranked shard by shard (parallel.tied_output)
+            hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))[:, -1]
+            rows = tied_output.table_rows(self.item_tables, "item_id")
+            return tied_output.sharded_target_ranks(hidden, batch["target"], rows, self._seen(batch) if self.hparams.exclude_seen else None)
         scores = self._ranked_scores(batch, self.hparams.exclude_seen)
-        if scores is None:
+        return None if scores is None else target_ranks(scores, batch["target"])
+
+    def _seen(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.repeat_interleave(torch.arange(len(batch["input"]), device=batch["input"].device), batch["seen_lengths"])
+        return rows, batch["seen_values"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        ranks = self._target_ranks(batch)
+        if ranks is None:
             return  # an earlier pipeline stage: the last stage counts these users
-        self.val_metrics.update(target_ranks(scores, batch["target"]), batch["valid"])
+        self.val_metrics.update(ranks, batch["valid"])
 
     def on_validation_epoch_end(self) -> None:
         # values are already summed over ranks; sync_dist only keeps Lightning from warning
@@ -551,17 +576,22 @@ class SASRec(pl.LightningModule):
         self.val_metrics.reset()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        scores = self._ranked_scores(batch, self.hparams.exclude_seen)
-        if scores is None:
+        ranks = self._target_ranks(batch)
+        if ranks is None:
             return
-        self.test_metrics.update(target_ranks(scores, batch["target"]), batch["valid"])
+        self.test_metrics.update(ranks, batch["valid"])
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        valid = batch["valid"]
+        if self.hparams.get("output") == "tied":  # each shard's top-k, merged (parallel.tied_output)
+            hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))[:, -1]
+            rows = tied_output.table_rows(self.item_tables, "item_id")
+            values, items = tied_output.sharded_top_k(hidden, rows, self.hparams.top_k, self._seen(batch))
+            return {"user": batch["user"][valid], "items": items[valid], "scores": values[valid]}
         scores = self._ranked_scores({**batch, "target": torch.zeros_like(batch["target"])}, exclude_seen=True)
         top = scores.topk(self.hparams.top_k, dim=1)
-        valid = batch["valid"]
         return {"user": batch["user"][valid], "items": top.indices[valid], "scores": top.values[valid]}

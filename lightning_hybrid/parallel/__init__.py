@@ -9,4 +9,6 @@
 - `pipeline`: pipeline stages and schedules.
 - `clip`: gradient-norm clipping across shards.
 - `amp`: fp16 loss scaling when gradients are sharded.
+- `tied_output`: item scores through the sharded item table itself (exact shard-parallel softmax, ranks, top-k).
+- `lookup_load`: lookups served per rank, from the plan's shard row ranges.
 """

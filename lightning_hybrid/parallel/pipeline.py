@@ -407,8 +407,11 @@ class PipelineRunner:
     def _sum_shared_gradients(self) -> None:
         """Every pp rank's copy of a parameter held outside the stages gets the sum of the
         copies' gradients (only the first stage's is non-zero)."""
-        if self.pp > 1:
+        if self.pp > 1 and self.shared_params:
             sum_gradients(self.shared_params, self.group)
+            # (counted with the activations: e.g. a replicated item table's gradient, every step)
+            nbytes = sum(p.numel() * p.element_size() for p in self.shared_params)
+            self.sent_bytes += int(2 * (self.pp - 1) / self.pp * nbytes)
 
     def stage_parameters(self) -> list[nn.Parameter]:
         """Parameters of this rank's stages (what its optimizer steps, besides sharded tables)."""

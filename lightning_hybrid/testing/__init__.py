@@ -9,9 +9,11 @@ dies without a word fails the call after ``timeout_s`` instead of blocking the t
 
 from lightning_hybrid.testing.harness import (
     DistributedTestError,
+    benchmark_parser,
     find_free_port,
     pin_to_core,
     run_distributed,
+    write_results,
 )
 
-__all__ = ["DistributedTestError", "find_free_port", "pin_to_core", "run_distributed"]
+__all__ = ["DistributedTestError", "benchmark_parser", "find_free_port", "pin_to_core", "run_distributed", "write_results"]
