@@ -10,6 +10,14 @@ The measurements are `benchmarks/hybrid_vs_single.py`'s (the reference recommend
     python benchmarks/planner_accuracy.py --measure-choice   # also run the planner's choice if it was not measured
 
 Step time of a layout = global batch / its samples/s (the slowest rank's pace).
+
+On shaped links (``--links``, from ``hybrid_vs_single.py --link-rates``): every measured layout on
+2 simulated nodes at each rate, the cluster's inter-node link set to the rate the probe measured
+(2 CPU cores shared by the nodes: one core per node), calibrated on all rows, leave-one-out
+errors, and at each rate and size the planner's first choice among the layouts it models against
+the fastest measured one (local SGD and hierarchical compression are not in the cost model: left out):
+
+    python benchmarks/planner_accuracy.py --links benchmarks/results/hybrid_vs_single_links.json benchmarks/results/hybrid_vs_single_links_p4.json
 """
 
 from __future__ import annotations
@@ -62,13 +70,79 @@ def cpu_cluster(processes: int) -> Any:
     return dataclasses.replace(preset("cpu-2core"), devices_per_node=processes)
 
 
+#: the width jagged Beauty-like batches are cut to at max_len 50 (docs/sequence-lengths.md: 12.3 on
+#: average): what the cost model counts as positions per sample for --lengths long_tail measurements
+JAGGED_WIDTH = 12
+
+
+def link_cluster(rate_mbit: float, processes: int) -> Any:
+    """2 simulated nodes on this machine: half the processes each, one core each, the measured link."""
+    from lightning_hybrid.planner import Cluster, Link
+
+    base = preset("cpu-2core")
+    return Cluster(nodes=2, devices_per_node=processes // 2, cores_per_node=1, device=base.device, intra_node=base.intra_node,
+                   inter_node=Link(bandwidth=rate_mbit * 1e6 / 8, latency=base.inter_node.latency), name=f"2 nodes at {rate_mbit:.0f} Mbit/s")
+
+
+def links(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Calibration and plan quality on the shaped-link measurements (see the module docstring)."""
+    hvs = _hybrid_vs_single()
+    rows, measured_rates, cfg = {}, {}, None
+    for path in paths:
+        data = json.loads(path.read_text())
+        rows.update(data["results"])
+        measured_rates.update(data["link_rates_measured_mbit"])
+        cfg = data["config"]
+    assert cfg is not None
+    model = ModelSpec(num_items=cfg["items"], d_model=cfg["d_model"], num_blocks=cfg["num_blocks"], num_heads=cfg["num_heads"],
+                      seq_len=JAGGED_WIDTH, global_batch=cfg["global_batch"], negatives=256)
+    names, measurements = [], []
+    for key, row in rows.items():
+        rate, size, name = key.split("/")
+        if name in hvs.CROSS_NODE:
+            continue
+        cluster = link_cluster(measured_rates[rate.removesuffix("Mbit")], int(size[1:]))
+        measurements.append(Measurement(model, layout_of(name, hvs.LAYOUTS[name], row["layout"]), cfg["global_batch"] / row["samples_per_s"], cluster))
+        names.append(key)
+    base = CostModel(measurements[0].cluster)
+    fitted = calibrate(base, measurements)
+    in_sample = relative_errors(fitted, measurements)
+    held_out = [relative_errors(calibrate(base, measurements[:i] + measurements[i + 1 :]), [m])[0] for i, m in enumerate(measurements)]
+    lines = ["| link, P | layout | measured (ms) | predicted (ms) | error | error, left out |", "|---|---|---|---|---|---|"]
+    for key, m, e1, e2 in zip(names, measurements, in_sample, held_out, strict=True):
+        predicted = dataclasses.replace(fitted, cluster=m.cluster).estimate(model, m.layout).step_s
+        lines.append(f"| {key.rsplit('/', 1)[0]} | {key.rsplit('/', 1)[1]} | {m.step_s * 1e3:.0f} | {predicted * 1e3:.0f} | {e1:.0%} | {e2:.0%} |")
+    choices = {}
+    for group in sorted({k.rsplit("/", 1)[0] for k in names}):
+        here = {m.layout: (k, m.step_s) for k, m in zip(names, measurements, strict=True) if k.startswith(group + "/")}
+        cluster = next(m.cluster for k, m in zip(names, measurements, strict=True) if k.startswith(group + "/"))
+        ranked = search(dataclasses.replace(fitted, cluster=cluster), model, list(here))
+        fastest_key, fastest = min(here.values(), key=lambda x: x[1])
+        choice_key, choice_s = here[ranked[0].layout]
+        choices[group] = {"choice": choice_key, "choice_s": choice_s, "fastest": fastest_key, "fastest_s": fastest, "ratio": choice_s / fastest}
+        lines.append(f"\n{group}: planner's first choice {choice_key} ({choice_s * 1e3:.0f} ms), fastest {fastest_key} "
+                     f"({fastest * 1e3:.0f} ms): {choice_s / fastest:.2f}x")
+    summary = {"scale": fitted.scale, "median_error": statistics.median(in_sample), "median_error_left_out": statistics.median(held_out),
+               "rows": len(names), "choices": choices}
+    print("\n".join(lines))
+    print(f"\nmedian |error| over {len(names)} layouts x rates: {summary['median_error']:.1%} (calibrated on all), "
+          f"{summary['median_error_left_out']:.1%} (each left out)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measurements", type=Path, default=ROOT / "benchmarks" / "results" / "hybrid_vs_single_full_run1.json",
                         help="hybrid_vs_single.py --lengths full results (the cost model counts max_len positions per sample)")
     parser.add_argument("--measure-choice", action="store_true", help="run the planner's 4-process choice if it was not measured")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "planner_accuracy.json")
+    parser.add_argument("--json", type=Path, default=None, help="default: results/planner_accuracy.json (--links: ..._links.json)")
+    parser.add_argument("--links", type=Path, nargs="+", default=None, help="hybrid_vs_single.py --link-rates results (see above)")
     args = parser.parse_args(argv)
+    if args.links:
+        return links(args.links, args.json or ROOT / "benchmarks" / "results" / "planner_accuracy_links.json")
+    args.json = args.json or ROOT / "benchmarks" / "results" / "planner_accuracy.json"
     hvs = _hybrid_vs_single()
     data = json.loads(args.measurements.read_text())
     if data.get("lengths", "full") != "full":
@@ -115,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         layout_kwargs = choice.layout.strategy_kwargs()
         if choice.layout.table == "row_wise":
             layout_kwargs["embedding_sharding"] = {"item_id": "row_wise"}
-        ranks = hvs.run_distributed(hvs._worker, 4, hvs.FULL, layout_kwargs, 4, init_process_group=False, timeout_s=1800)
+        ranks = hvs.run_distributed(hvs._worker, 4, hvs.FULL, layout_kwargs, 4, "cpu", "torchrec", data.get("lengths", "full"),
+                                    init_process_group=False, timeout_s=1800)
         choice_key, choice_measured = "planner choice", cfg["global_batch"] / min(r["samples_per_s"] for r in ranks)
     else:
         choice_key, choice_measured = None, None

@@ -363,9 +363,16 @@ class CostModel:
         parts["tp_comm"] = collective("all_reduce", activation, tp, tp_link, times=4 * model.num_blocks / pp)
         pp_link = c.link_for(pp, stride=dp * tp)
         parts["pp_comm"] = collective("send", activation / (m * tp), 2, pp_link, times=2 * m) if pp > 1 else 0.0
+        if pp > 1 and layout.table == "replicated":
+            # the pipeline ranks' copies of a replicated table (read by every rank's lookup) are kept
+            # equal by summing their gradients over the pp group every step (parallel.pipeline)
+            parts["pp_comm"] += collective("all_reduce", model.table_params * bpv / tp, pp, pp_link)
         if layout.table == "row_wise" and c.world_size > 1:
             lookup_volume = looked_up * (model.d_model * bpv + 8)  # embeddings and int64 ids
             parts["emb_comm"] = collective("all_to_all", lookup_volume, c.world_size, c.link_for(c.world_size), times=2)
+            if tp * pp > 1:  # each rank of a tp/pp replica looks up 1/(tp pp) of its batch, then they gather (parallel.replica_lookup)
+                replica_link = c.link_for(tp * pp, stride=1 if pp == 1 else dp * tp)
+                parts["emb_comm"] += collective("all_gather", looked_up * model.d_model * bpv / (tp * pp), tp * pp, replica_link, times=2)
         else:
             parts["emb_comm"] = 0.0
 
