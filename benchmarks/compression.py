@@ -8,6 +8,11 @@ to exact) and test HR@10 / NDCG@10 after the same budget of epochs.
 
     python benchmarks/compression.py --data ../shared/data/ml-latest-small/ratings.csv
     python benchmarks/compression.py --smoke         # synthetic data, seconds; what the test suite runs
+    python benchmarks/compression.py --data ../shared/data/ml-latest-small/ratings.csv --link-rate 1000   # 2 simulated nodes (root)
+
+With ``--link-rate R`` the two processes are two simulated nodes (`lightning_hybrid.testing.netns`)
+joined by a link shaped to R Mbit/s, launched by torchrun, one agent per node: the step times then
+include what the bytes cost on a slow link.
 
 Writes benchmarks/results/compression.json and a plot (quality vs bytes) next to it.
 """
@@ -15,6 +20,7 @@ Writes benchmarks/results/compression.json and a plot (quality vs bytes) next to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,7 +48,7 @@ FULL = {"d_model": 256, "num_heads": 2, "num_blocks": 2, "max_len": 50, "batch_s
 SMOKE = {"d_model": 16, "num_heads": 2, "num_blocks": 1, "max_len": 8, "batch_size": 8, "epochs": 2, "loss": "sampled"}
 
 
-def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None) -> dict[str, Any]:
+def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None, nodes: int = 1) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     import logging
 
@@ -77,7 +83,7 @@ def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None)
         d_model=cfg["d_model"], num_heads=cfg["num_heads"], num_blocks=cfg["num_blocks"], max_len=cfg["max_len"], loss=cfg["loss"], dropout=0.2
     )
     trainer = pl.Trainer(
-        strategy=HybridStrategy(embedding_sharding={"item_id": "row_wise"}, **kwargs), accelerator="cpu", devices=2,
+        strategy=HybridStrategy(embedding_sharding={"item_id": "row_wise"}, **kwargs), accelerator="cpu", devices=2 // nodes, num_nodes=nodes,
         max_epochs=cfg["epochs"], limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[Clock()],
     )
@@ -101,17 +107,34 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="MovieLens ratings.csv (default: synthetic)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression.json"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (exact is always run)")
+    parser.add_argument("--link-rate", type=float, default=None, help="Mbit/s: run on 2 simulated nodes joined by a link of this rate")
+    parser.add_argument("--node-worker", nargs=2, metavar=("ARGS_JSON", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.node_worker:
+        from lightning_hybrid.testing.netns import write_worker_result
+
+        write_worker_result(args.node_worker[1], _worker(*json.loads(args.node_worker[0])))
+        return
     cfg = SMOKE if args.smoke else FULL
     chosen = ["exact", *[v for v in args.variants.split(",") if v and v != "exact"]]
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     results = {}
-    for name in chosen:
-        variant = VARIANTS[name]
-        results[name] = run_distributed(_worker, 2, cfg, variant, args.data, init_process_group=False, timeout_s=3600)[0]
-        print(name, results[name], flush=True)
+    data_path = str(Path(args.data).resolve()) if args.data else None
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if args.link_rate:
+            from lightning_hybrid.testing.netns import SimulatedCluster
+
+            cluster = stack.enter_context(SimulatedCluster(nodes=2, rate_mbit=args.link_rate))
+        for name in chosen:
+            variant = VARIANTS[name]
+            if cluster is not None:
+                results[name] = cluster.run_workers(__file__, [cfg, variant, data_path, 2], 2, timeout_s=3600)[0]
+            else:
+                results[name] = run_distributed(_worker, 2, cfg, variant, data_path, init_process_group=False, timeout_s=3600)[0]
+            print(name, results[name], flush=True)
     base = results["exact"]
     table = [
         "| variant | bytes / step / rank | bytes vs exact | step (ms) | step vs exact | test HR@10 | test NDCG@10 | NDCG vs exact |",
@@ -127,7 +150,8 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "compression", "config": cfg, "data": args.data, "results": results}, indent=2))
+    out.write_text(json.dumps({"benchmark": "compression", "config": cfg, "data": args.data, "link_rate_mbit": args.link_rate,
+                               "results": results}, indent=2))
     try:
         import matplotlib
 

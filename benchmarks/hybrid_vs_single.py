@@ -215,24 +215,15 @@ def _worker(
 
 
 def _node_worker(args_json: str, out_dir: str) -> None:
-    """Under torchrun on a simulated node: `_worker`, each rank's result to ``out_dir/rank<R>.json``."""
-    args = json.loads(args_json)
-    result = _worker(*args)
-    Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+    """Under torchrun on a simulated node: `_worker`, each rank's result for the caller."""
+    from lightning_hybrid.testing.netns import write_worker_result
+
+    write_worker_result(out_dir, _worker(*json.loads(args_json)))
 
 
 def run_on_links(cluster: Any, cfg: dict[str, Any], layout: dict[str, Any], processes: int, tables: str, lengths: str) -> list[dict[str, Any]]:
     """One layout on a `SimulatedCluster` (``processes`` ranks over its nodes); every rank's result."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as out:
-        args = json.dumps([cfg, layout, processes, "cpu", tables, lengths, cluster.nodes])
-        done = cluster.torchrun([__file__, "--node-worker", args, out], nproc_per_node=processes // cluster.nodes,
-                                cwd=Path(__file__).resolve().parents[1], timeout_s=1800)
-        files = sorted(Path(out).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
-        if any(p.returncode for p in done) or len(files) != processes:
-            raise RuntimeError("a simulated-node run failed:\n" + "\n".join(p.stderr[-4000:] for p in done))
-        return [json.loads(f.read_text()) for f in files]
+    return cluster.run_workers(__file__, [cfg, layout, processes, "cpu", tables, lengths, cluster.nodes], processes)
 
 
 def _row(ranks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -163,6 +163,29 @@ class SimulatedCluster:
         return results
 
 
+    def run_workers(self, script: str | Path, payload: list[Any], processes: int, *, timeout_s: float = 1800.0) -> list[Any]:
+        """``script --node-worker <payload as JSON> <dir>`` under torchrun on every node (``processes``
+        ranks in all); every rank writes its JSON result with `write_worker_result`; returns them in
+        rank order (raises with the nodes' stderr when a rank fails)."""
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as out:
+            done = self.torchrun([str(script), "--node-worker", json.dumps(payload), out], nproc_per_node=processes // self.nodes,
+                                 cwd=Path(__file__).resolve().parents[2], timeout_s=timeout_s)
+            files = sorted(Path(out).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
+            if any(p.returncode for p in done) or len(files) != processes:
+                raise RuntimeError("SimulatedCluster.run_workers: a rank failed:\n" + "\n".join(p.stderr[-4000:] for p in done))
+            return [json.loads(f.read_text()) for f in files]
+
+
+def write_worker_result(out_dir: str, result: Any) -> None:
+    """In a `SimulatedCluster.run_workers` rank: its result, for the caller."""
+    import json
+
+    Path(out_dir, f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+
+
 def _probe(megabytes: float, repeats: int) -> None:
     """Under torchrun: time a gloo all-reduce of ``megabytes`` between ranks 0 and the last
     (``python -m lightning_hybrid.testing.netns probe``); rank 0 prints JSON with Mbit/s."""
