@@ -101,9 +101,10 @@ def _sharded_rows(module: nn.Module, table: str) -> TableRows:
                 offset = int(metadata.shard_offsets[0]) if metadata is not None else 0
                 return TableRows(weight, offset, int(config.num_embeddings), dist.group.WORLD)
     # a table-wise table placed on another rank: no rows here
-    dim = _embedding_dim(module, table)
+    config = _table_config(module, table)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    return TableRows(torch.zeros(0, dim, device=device, requires_grad=True), 0, _num_embeddings(module, table), dist.group.WORLD)
+    rows = torch.zeros(0, int(config.embedding_dim), device=device, requires_grad=True)
+    return TableRows(rows, 0, int(config.num_embeddings), dist.group.WORLD)
 
 
 def _table_config(module: nn.Module, table: str) -> Any:
@@ -111,14 +112,6 @@ def _table_config(module: nn.Module, table: str) -> Any:
         if config.name == table:
             return config
     raise ValueError(f"Tied output: no table {table!r} in {type(module).__name__}.")
-
-
-def _embedding_dim(module: nn.Module, table: str) -> int:
-    return int(_table_config(module, table).embedding_dim)
-
-
-def _num_embeddings(module: nn.Module, table: str) -> int:
-    return int(_table_config(module, table).num_embeddings)
 
 
 # -- gathering rows of every rank -----------------------------------------------------------------
@@ -218,10 +211,7 @@ def sharded_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, rows: Tab
     (``logits = hidden @ table.T``, row 0 excluded), for targets [N] (global item ids). On a sharded
     table a collective: every rank of ``rows.group`` calls it, with its own rows (N may differ)."""
     if not rows.sharded:
-        logits = hidden @ rows.weight.t()
-        logits = logits.clone()
-        logits[:, 0] = float("-inf")
-        return nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        return nn.functional.cross_entropy(_local_logits(hidden, rows.weight, 0).float(), targets, reduction="none")
     return _ShardedCrossEntropy.apply(hidden, targets, rows.weight, rows.offset, rows.group)
 
 
