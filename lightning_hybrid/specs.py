@@ -9,7 +9,10 @@ state (and a type checker verify) what it provides:
 - `PipelineModel.pipeline_spec()` -> `PipelineSpec` (the blocks cut into stages, what runs before
   and after them), used with ``pipeline_parallel > 1``;
 - `PlannableModel.planner_spec(global_batch)` -> `lightning_hybrid.planner.ModelSpec`, used by
-  ``plan="auto"`` for models other than the reference recommender.
+  ``plan="auto"`` for models other than the reference recommender;
+- `TableKernelModel.table_kernels()` -> table name -> ``"dense"`` / ``"fused"``: kernels the model
+  needs (e.g. a tied output reads the table's weight, which must take gradients: ``"dense"``);
+  merged with ``embedding_kernels`` (a contradiction is refused).
 
 Also here, for models to use: `pipeline_runner(module)` (the runner evaluation code calls under a
 pipeline) and `reference_plan` (the tensor-parallel plan of `CausalSelfAttentionBlock` stacks).
@@ -41,6 +44,12 @@ class PlannableModel(Protocol):
     def planner_spec(self, global_batch: int) -> ModelSpec: ...
 
 
+@runtime_checkable
+class TableKernelModel(Protocol):
+    def table_kernels(self) -> dict[str, str]: ...
+
+
 __all__ = [
-    "PipelineModel", "PipelineSpec", "PlannableModel", "StyleName", "TensorParallelModel", "pipeline_runner", "reference_plan",
+    "PipelineModel", "PipelineSpec", "PlannableModel", "StyleName", "TableKernelModel", "TensorParallelModel",
+    "pipeline_runner", "reference_plan",
 ]

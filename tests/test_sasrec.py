@@ -71,6 +71,21 @@ def test_sampled_softmax_equals_full_softmax_when_every_item_is_sampled_once() -
     assert_close(sampled, full)
 
 
+def test_sampled_softmax_without_logq_is_the_plain_sampled_cross_entropy() -> None:
+    # hand-built: positive 2 against negatives [1, 3, 3] (raw logits, no correction); the positive's
+    # own sampled copy would be removed, and with the correction every negative shifts by -log(3 q)
+    weight = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    hidden = torch.tensor([[2.0, 1.0]])
+    negatives = torch.tensor([1, 3, 3])
+    probs = torch.full((4,), 0.25)
+    logits = torch.tensor([1.0, 2.0, 3.0, 3.0])  # positive (item 2), then items 1, 3, 3
+    plain = sampled_softmax_loss(hidden, torch.tensor([2]), weight, num_negatives=3, sampling_probs=probs, negatives=negatives, logq_correction=False)
+    assert_close(plain, -torch.log_softmax(logits, 0)[0])
+    corrected = sampled_softmax_loss(hidden, torch.tensor([2]), weight, num_negatives=3, sampling_probs=probs, negatives=negatives)
+    shifted = torch.cat([logits[:1], logits[1:] - torch.log(torch.tensor(0.75))])
+    assert_close(corrected, -torch.log_softmax(shifted, 0)[0])
+
+
 def test_sampled_softmax_with_logq_converges_to_full_softmax() -> None:
     torch.manual_seed(0)
     vocab, dim = 8, 4

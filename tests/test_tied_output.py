@@ -125,6 +125,18 @@ def test_one_process_and_error_messages() -> None:
         SASRec(num_items=5, output="tied", tensor_parallel_output="vocab_parallel")
 
 
+def test_tied_output_asks_for_the_dense_kernel_and_refuses_a_contradiction() -> None:
+    from lightning_hybrid.models.sasrec import SASRec
+    from lightning_hybrid.parallel.embedding import EmbeddingShardingSpec
+    from lightning_hybrid.strategies.tables import _with_model_kernels
+
+    tied, separate = SASRec(num_items=5, output="tied"), SASRec(num_items=5)
+    assert _with_model_kernels(tied, EmbeddingShardingSpec()).compute_kernels == {"item_id": "dense"}
+    assert _with_model_kernels(separate, EmbeddingShardingSpec()).compute_kernels == {}
+    with pytest.raises(ValueError, match=r"embedding_kernels=\{'item_id': 'fused'\}\) contradicts the model"):
+        _with_model_kernels(tied, EmbeddingShardingSpec(compute_kernels={"item_id": "fused"}))
+
+
 DATA = dict(format="synthetic", max_len=8, synthetic_users=24, synthetic_items=30, synthetic_min_len=4, synthetic_max_len=12, seed=2)
 
 
@@ -139,10 +151,8 @@ def _fit(devices: int, tp: int = 1) -> dict[str, Any]:
     torch.manual_seed(0)
     model = sgd_sasrec_class()(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, output="tied", top_k=5)
     record = LossRecorder()
-    strategy = (
-        HybridStrategy(embedding_sharding={"item_id": "row_wise"}, embedding_kernels={"item_id": "dense"}, tensor_parallel=tp)
-        if devices > 1 else "auto"
-    )
+    # no embedding_kernels: the model's table_kernels() puts the tied table on the dense kernel
+    strategy = HybridStrategy(embedding_sharding={"item_id": "row_wise"}, tensor_parallel=tp) if devices > 1 else "auto"
     trainer = quiet_trainer(strategy=strategy, devices=devices, max_epochs=3, callbacks=[record], num_sanity_val_steps=0)
     data = SequenceDataModule(**DATA, batch_size=24 * tp // devices)
     trainer.fit(model, datamodule=data)

@@ -11,6 +11,7 @@ faster by the same factor for every block), and `partition_blocks` picks the spl
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -86,10 +87,14 @@ def profile_blocks(spec: Any, microbatch: Any, lookups: torch.Tensor | None, *, 
 
 
 def balanced_split_for(
-    spec: Any, batch: Any, *, pipeline_parallel: int, virtual_stages: int, microbatches: int | None, device: torch.device
+    spec: Any, batch: Any, *, pipeline_parallel: int, virtual_stages: int, microbatches: int | None, device: torch.device,
+    forward_context: Callable[[], Any] | None = None,
 ) -> tuple[list[int], dict[str, Any]]:
     """Profile ``spec``'s blocks on a microbatch of ``batch`` on every rank, agree on the costs,
-    and return (blocks per stage, a report of the measured costs and the partition) (see module doc)."""
+    and return (blocks per stage, a report of the measured costs and the partition) (see module doc).
+    ``forward_context``: the training precision's context (Lightning's
+    ``precision_plugin.forward_context``: autocast for mixed precision), so a bf16 run is
+    profiled at bf16 costs, not fp32's."""
     from lightning_hybrid.parallel.pipeline import batch_size_of, slice_microbatch
 
     size = batch_size_of(batch)
@@ -102,7 +107,8 @@ def balanced_split_for(
     with torch.no_grad():
         lookups = spec.lookup(batch) if spec.lookup is not None else None  # every rank: a collective
     mb = slice_microbatch(batch, index, size)
-    profile = profile_blocks(spec, mb, lookups[index] if lookups is not None else None)
+    with forward_context() if forward_context is not None else contextlib.nullcontext():
+        profile = profile_blocks(spec, mb, lookups[index] if lookups is not None else None)
     local = torch.tensor([*profile.block_s, profile.first_s, profile.last_s], dtype=torch.float64, device=device)
     world = dist.get_world_size()
     totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(world)]

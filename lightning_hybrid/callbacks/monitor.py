@@ -13,11 +13,14 @@ wandb workspace shows one panel section per group:
   in this rank's stage compute), ``optimizer_s`` (from ``on_before_optimizer_step`` to the end of
   the step: clipping and the step), ``tp_wait_s`` (tensor parallelism on CPU: waiting for the
   DTensor collectives, see `lightning_hybrid.parallel.tensor.TPWaitTimer`) and
-  ``dense_compute_s``, the rest;
+  ``dense_compute_s``, the rest. On CPU these are host clocks of the step itself; on CUDA they
+  are CUDA events on the current stream (`lightning_hybrid.timing.Stopwatch`), read when the
+  next step ends (no added sync), so each logged step carries the previous step's times;
 - ``utilization/``: ``compute_fraction`` (dense compute / step: the share of the step this rank
   computes rather than waits or communicates) and ``mfu`` (model FLOPs, 6 x dense parameters per
   token or sample, embedding tables left out, per second over ``world x peak_flops``; only with a
-  known peak; give ``flops_per_token`` where that convention is off, e.g. a sampled softmax);
+  known peak, the device's for the run's precision: bf16/fp16, or TF32/fp32 for fp32 runs; give
+  ``flops_per_token`` where that convention is off, e.g. a sampled softmax);
 - ``comm/``: bytes this rank sent in the previous step, per axis, logged by the strategy:
   ``dp_bytes_per_step`` (data-parallel exchange), ``tp_bytes_per_step`` (tensor-parallel layers),
   ``embedding_bytes_per_step`` (torchrec's input / output all-to-alls and row-wise
@@ -40,7 +43,6 @@ the last step), also sent to a ``WandbLogger`` as images.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +51,54 @@ import torch
 import torch.distributed as dist
 
 from lightning_hybrid.parallel.pipeline import batch_size_of
+from lightning_hybrid.timing import Stopwatch
 
-# bf16 dense peak FLOP/s per device, for MFU when no peak is given
-_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# dense peak FLOP/s per device and math mode, for MFU when no peak is given and Lightning's own
+# table (`get_available_flops`) does not know the device name (e.g. "NVIDIA H200" without a form factor)
+_PEAKS = {
+    "H200": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "tf32": 183e12, "fp32": 91.6e12},
+}
 
 
-def detect_peak_flops(device: torch.device) -> float | None:
+def precision_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Lightning precision setting ("bf16-mixed" -> bfloat16, ...)."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def detect_peak_flops(device: torch.device, precision: str = "32-true") -> float | None:
+    """Peak dense FLOP/s of ``device`` for the run's math: bf16/fp16 peaks for mixed or half
+    precision, TF32 or plain fp32 for fp32 runs (whichever torch's matmul setting allows). Lightning's
+    table first (it tells H100 SXM from PCIe), then ``_PEAKS``; ``None`` on CPU or unknown devices."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
+    dtype = precision_dtype(precision)
+    try:
+        import warnings
+
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (it warns about devices it does not know)
+            peak = get_available_flops(device, dtype)
+    except (ImportError, KeyError):
+        peak = None
+    if peak:
+        return float(peak)
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in _PEAKS.items() if key in name), None)
+    row = next((r for key, r in _PEAKS.items() if key in name), None)
+    if row is None:
+        return None
+    if dtype != torch.float32:
+        return row["bf16"]
+    return row["tf32"] if torch.get_float32_matmul_precision() != "highest" else row["fp32"]
 
 
 class HybridMonitor(pl.Callback):
@@ -88,10 +128,7 @@ class HybridMonitor(pl.Callback):
         self.flops_per_token = flops_per_token
         self.charts_dir = charts_dir
         self.prog_bar = prog_bar
-        self._embedding_s = 0.0
-        self._starts: dict[int, float] = {}
-        self._step_start = 0.0
-        self._opt_start: float | None = None
+        self._watch = Stopwatch()
         self._handles: list[Any] = []
         self._tp_timer: Any = None
         self._tp_wait_s: float | None = None
@@ -104,6 +141,7 @@ class HybridMonitor(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
+        self._watch = Stopwatch(strategy.root_device)  # CUDA events on GPUs, read a step later
         for module in getattr(strategy, "sharded_modules", {}).values():
             self._handles.append(module.register_forward_pre_hook(self._embedding_start))
             self._handles.append(module.register_forward_hook(self._embedding_end))
@@ -113,7 +151,7 @@ class HybridMonitor(pl.Callback):
 
             self._tp_timer = time_tensor_parallel_waits()  # (host waits mean nothing on CUDA, see TPWaitTimer)
         if self.peak_flops is None:
-            self.peak_flops = detect_peak_flops(strategy.root_device)
+            self.peak_flops = detect_peak_flops(strategy.root_device, trainer.precision)
         if self.flops_per_token is None:
             tables = _table_parameter_names(strategy, pl_module)
             dense = sum(_global_numel(p) for n, p in pl_module.named_parameters() if p.requires_grad and n not in tables)
@@ -144,19 +182,16 @@ class HybridMonitor(pl.Callback):
                         logger.log_image(key=f"charts/{name}", images=[str(path)])
 
     def _embedding_start(self, module: Any, _args: Any) -> None:
-        self._starts[id(module)] = time.perf_counter()
+        self._watch.start(f"embedding:{id(module)}")
 
     def _embedding_end(self, module: Any, _args: Any, _out: Any) -> None:
-        started = self._starts.pop(id(module), None)
-        if started is not None:
-            self._embedding_s += time.perf_counter() - started
+        self._watch.stop(f"embedding:{id(module)}")
 
     # -- per step -------------------------------------------------------------------------------
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
-        self._embedding_s = 0.0
-        self._opt_start = None
+        self._watch.discard()  # (spans between steps belong to no step)
+        self._watch.start("step")
         self._tp_wait_s = None
         if self._tp_timer is not None:
             self._tp_timer.take()  # (waits between steps belong to no step)
@@ -168,18 +203,23 @@ class HybridMonitor(pl.Callback):
             counter.active = self._balance_step
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self._opt_start = time.perf_counter()
+        self._watch.start("optimizer")
         if self._tp_timer is not None:  # waits from here on (clipping over DTensor shards) are optimizer time
             self._tp_wait_s = self._tp_timer.take()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        now = time.perf_counter()
-        step_s = max(now - self._step_start, 1e-9)
+        self._watch.stop("optimizer")
+        self._watch.stop("step")
+        times = self._watch.lap()  # this step's on CPU; the previous step's on CUDA (its events are done)
+        if "step" not in times:
+            return  # (the first step on CUDA: nothing is due yet)
+        step_s = max(times["step"], 1e-9)
+        embedding_s = sum(v for k, v in times.items() if k.startswith("embedding:"))
         strategy = trainer.strategy
         samples = max(batch_size_of(batch), 0)
         tokens = _tokens(batch, self.token_key)
         replicas = getattr(_layout(strategy), "data_parallel", 1) or 1
-        optimizer_s = now - self._opt_start if self._opt_start is not None else 0.0
+        optimizer_s = times.get("optimizer", 0.0)
         dp_s = float(getattr(strategy, "comm_seconds_last_step", 0.0))
         runner = getattr(strategy, "pipeline_runner", None)
         idle_s = 0.0
@@ -188,12 +228,12 @@ class HybridMonitor(pl.Callback):
         tp_s = 0.0
         if self._tp_timer is not None:
             tp_s = self._tp_wait_s if self._tp_wait_s is not None else self._tp_timer.take()
-        compute_s = max(0.0, step_s - self._embedding_s - dp_s - idle_s - optimizer_s - tp_s)
+        compute_s = max(0.0, step_s - embedding_s - dp_s - idle_s - optimizer_s - tp_s)
         metrics = {
             "throughput/samples_per_s": samples * replicas / step_s,
             "throughput/samples_per_s_rank": samples / step_s,
             "time/step_s": step_s,
-            "time/embedding_s": self._embedding_s,
+            "time/embedding_s": embedding_s,
             "time/dp_exchange_s": dp_s,
             "time/pipeline_idle_s": idle_s,
             "time/optimizer_s": optimizer_s,

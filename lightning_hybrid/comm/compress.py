@@ -34,11 +34,15 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+
+from lightning_hybrid.timing import Stopwatch
 
 MethodName = Literal["none", "fp16", "bf16", "powersgd", "topk", "sign"]
 METHODS: tuple[str, ...] = ("none", "fp16", "bf16", "powersgd", "topk", "sign")
@@ -98,6 +102,23 @@ class ByteCounter:
         self.total = 0
         self.step = 0
         self.seconds = 0.0  # time spent waiting in synchronous collectives since the last take_seconds
+        self.watch: Stopwatch | None = None  # CUDA events of collectives on GPU tensors
+
+    @contextmanager
+    def timed(self, tensor: torch.Tensor) -> Iterator[None]:
+        """Time a collective on ``tensor``: a host clock on CPU; CUDA events on GPUs (the host
+        returns before the collective ends there), read by `take_seconds` one step later."""
+        if tensor.device.type != "cuda":
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.seconds += time.perf_counter() - started
+            return
+        if self.watch is None:
+            self.watch = Stopwatch(tensor.device)
+        with self.watch.span("collective"):
+            yield
 
     def add(self, nbytes: float) -> None:
         self.total += int(nbytes)
@@ -108,7 +129,10 @@ class ByteCounter:
         return value
 
     def take_seconds(self) -> float:
+        """Seconds in collectives since the last call (on CUDA: those of the previous call's interval)."""
         value, self.seconds = self.seconds, 0.0
+        if self.watch is not None:
+            value += sum(self.watch.lap().values())
         return value
 
     @staticmethod
@@ -145,9 +169,8 @@ class Compressor:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         self.counter.add(ByteCounter.all_reduce_bytes(_nbytes(tensor), self.world))
         if self.world > 1:
-            started = time.perf_counter()
-            dist.all_reduce(tensor, group=self.group)
-            self.counter.seconds += time.perf_counter() - started
+            with self.counter.timed(tensor):
+                dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -155,9 +178,8 @@ class Compressor:
         if self.world == 1:
             return [tensor]
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        started = time.perf_counter()
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
-        self.counter.seconds += time.perf_counter() - started
+        with self.counter.timed(tensor):
+            dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return parts
 
     def _dense_mean(self, tensors: list[torch.Tensor]) -> None:
@@ -540,9 +562,8 @@ class HierarchicalCompressor(Compressor):
             nbytes = ByteCounter.all_reduce_bytes(_nbytes(flat), local)
             self.intra_counter.add(nbytes)
             self.counter.add(nbytes)
-            started = time.perf_counter()
-            dist.all_reduce(flat, group=self.intra)
-            self.counter.seconds += time.perf_counter() - started
+            with self.counter.timed(flat):
+                dist.all_reduce(flat, group=self.intra)
             flat /= local
             offset = 0
             for g in grads:

@@ -16,7 +16,6 @@ torchrec's backward collectives.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -74,9 +73,8 @@ class LocalSGD:
         tensors = [local_tensor(p.detach()) for p in self.params]
         flat = _flat(tensors)
         self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))
-        started = time.perf_counter()
-        dist.all_reduce(flat, group=self.group)
-        self.counter.seconds += time.perf_counter() - started
+        with self.counter.timed(flat):
+            dist.all_reduce(flat, group=self.group)
         _unflat(flat / world, tensors)
 
 
@@ -103,10 +101,9 @@ class StaleGradients:
         self.pending.append((work, flat))
         if len(self.pending) > self.staleness:
             old_work, old = self.pending.popleft()
-            started = time.perf_counter()
-            if old_work is not None:  # None: restored from a checkpoint, already complete
-                old_work.wait()
-            self.counter.seconds += time.perf_counter() - started
+            with self.counter.timed(old):
+                if old_work is not None:  # None: restored from a checkpoint, already complete
+                    old_work.wait()
             _unflat(old / world, grads)
         else:
             for g in grads:  # nothing old enough yet: no update, on every replica alike

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
-from lightning_hybrid.models.losses import sampled_softmax_loss
+from lightning_hybrid.models.losses import sampled_softmax_loss, token_share
 from lightning_hybrid.optim import GroupedOptimizer
 from lightning_hybrid.parallel import tied_output
 from lightning_hybrid.specs import PipelineSpec, pipeline_runner, reference_plan
@@ -94,7 +94,9 @@ class SASRec(pl.LightningModule):
         max_len: positions the model reads (must match the data's ``max_len``).
         d_model, num_blocks, num_heads, mlp_ratio, dropout: transformer size.
         loss: ``"full"`` softmax over all items, or ``"sampled"`` softmax.
-        num_negatives: negatives per positive for the sampled loss.
+        num_negatives: negatives of the sampled loss (drawn once per step, shared by every position).
+        logq_correction: subtract log(expected count) from each sampled logit, so the sampled loss
+            estimates the full softmax; ``False``: the plain sampled softmax of gSASRec/eSASRec.
         negative_sampling: ``"uniform"`` or ``"popularity"`` (training-set item frequencies,
             read from the data module when it offers ``item_counts()``).
         lr, weight_decay: Adam(W) for the network.
@@ -146,6 +148,7 @@ class SASRec(pl.LightningModule):
         loss: Literal["full", "sampled"] = "full",
         num_negatives: int = 256,
         negative_sampling: Literal["uniform", "popularity"] = "uniform",
+        logq_correction: bool = True,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         table_optimizer: Literal["adagrad", "adam"] = "adagrad",
@@ -363,9 +366,12 @@ class SASRec(pl.LightningModule):
         x = emb * math.sqrt(emb.shape[-1]) + self.position(positions)
         return self.input_dropout(x) * (items != 0).unsqueeze(-1)
 
+    def table_kernels(self) -> dict[str, str]:
+        """A tied output reads the item table's weight, so the table must take gradients (HybridStrategy reads this)."""
+        return {"item_id": "dense"} if self.hparams.get("output") == "tied" else {}
+
     def pipeline_spec(self) -> Any:
         """How HybridStrategy(pipeline_parallel > 1) runs this model (see lightning_hybrid.parallel.pipeline)."""
-
         if self.hparams.get("output") == "tied":
             raise ValueError(
                 f"{type(self).__name__}(output='tied') cannot run with pipeline_parallel > 1 yet: the loss scores against "
@@ -393,7 +399,6 @@ class SASRec(pl.LightningModule):
 
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
-
         hp = self.hparams
         plan = reference_plan("blocks", sequence_parallel=hp.sequence_parallel, num_blocks=hp.num_blocks)
         if hp.text_tower:
@@ -461,26 +466,8 @@ class SASRec(pl.LightningModule):
         tokens = int((batch["target"] != 0).sum())
         self.log("train_loss", loss, prog_bar=True, batch_size=tokens)
         if self.hparams.loss_normalization == "global_tokens":
-            return loss * self._token_share(tokens)
+            return loss * token_share(self, tokens)
         return loss
-
-    def _token_share(self, tokens: int) -> float:
-        """``tokens * dp / global tokens``: with it, each rank's mean loss becomes its share of the
-        mean over every target of the global batch, so the gradient data parallelism averages is
-        the one-process gradient of that batch however its targets fall on the ranks."""
-        import torch.distributed as dist
-
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is None or not dist.is_available() or not dist.is_initialized() or strategy.world_size == 1:
-            return 1.0
-        mesh = getattr(strategy, "device_mesh", None)
-        group = mesh["dp"].get_group() if mesh is not None and "dp" in (mesh.mesh_dim_names or ()) else None
-        size = dist.get_world_size(group)
-        if size == 1:
-            return 1.0
-        count = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(count, group=group)
-        return tokens * size / float(count)
 
     def _loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Next-item loss of [B, L, D] final hidden states against [B, L] targets (0 = none)."""
@@ -490,7 +477,8 @@ class SASRec(pl.LightningModule):
             if self.hparams.loss == "full":
                 return tied_output.sharded_cross_entropy(h, positives, tied_output.table_rows(self.item_tables, "item_id")).mean()
             return sampled_softmax_loss(
-                h, positives, None, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs, lookup=self._item_rows
+                h, positives, None, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs, lookup=self._item_rows,
+                logq_correction=self.hparams.get("logq_correction", True),
             )
         if self.hparams.loss == "full":
             logits = self.output(h)
@@ -502,7 +490,8 @@ class SASRec(pl.LightningModule):
             loss = F.cross_entropy(logits + mask, positives)
         else:
             loss = sampled_softmax_loss(
-                h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs
+                h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs,
+                logq_correction=self.hparams.get("logq_correction", True),
             )
         return loss
 

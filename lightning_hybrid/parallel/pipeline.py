@@ -53,6 +53,7 @@ from lightning_hybrid.parallel.pipeline_checks import (  # noqa: F401 - re-expor
     check_stage_count,
     validate_pipeline_options,
 )
+from lightning_hybrid.timing import Stopwatch
 
 
 @dataclass
@@ -271,9 +272,11 @@ def _inferring_stage_class() -> type:
             runner = self.submod._runner[0]
             runner.sync_if_measuring()
             started = time.perf_counter()
+            runner.watch.start("busy")
             try:
                 return method(*args, **kwargs)
             finally:
+                runner.watch.stop("busy")
                 runner.sync_if_measuring()
                 ended = time.perf_counter()
                 self.submod.busy_s += ended - started
@@ -348,6 +351,7 @@ class PipelineRunner:
         self.last_rank_global = dist.get_global_rank(pp_group, (self.num_stages - 1) % self.pp)
         self.skeletons: dict[int, nn.Module] = {}  # blocks other ranks run, on the meta device (no memory)
         self.measuring = False  # see `lightning_hybrid.balance.adaptive`
+        self.watch = Stopwatch(device)  # busy / schedule seconds of last_step (CUDA events, a step late)
         self.part_s: dict[Any, float] = {}  # measured forward seconds per part ("first", block index, "last")
         self.stage_busy_s: dict[int, float] = {}  # measured busy seconds per local stage
         self.rebalances: list[Any] = []  # the moves `lightning_hybrid.balance.adaptive` made
@@ -518,12 +522,14 @@ class PipelineRunner:
         self.current_microbatches = schedule._n_microbatches
         self.training_step_running = True
         measuring, self.measuring = self.measuring, self.measuring and not first_time  # (not torch's set-up step)
-        schedule_started = self.schedule_started = time.perf_counter()
+        self.schedule_started = time.perf_counter()
+        self.watch.discard()
+        self.watch.start("schedule")
         try:
             schedule.step(index, target=index, losses=losses, return_outputs=False)
         finally:
             self.training_step_running = False
-        schedule_s = time.perf_counter() - schedule_started
+            self.watch.stop("schedule")
         loss = torch.stack([x.detach() for x in losses]).sum() / loss_scale if losses else torch.zeros((), device=self.device)
         dist.broadcast(loss, src=self.last_rank_global, group=self.group)
         skip = skip_lookup_backward is not None and skip_lookup_backward(loss)
@@ -535,7 +541,10 @@ class PipelineRunner:
             self._sum_shared_gradients()
         self._lookups = None
         self._batch = None
-        busy = sum(stage.busy_s for stage in self.stages)
+        # this step's busy and schedule time on CPU, the previous step's on CUDA (host clocks there
+        # would read kernel launches); the measuring steps' per-stage figures sync and are exact
+        times = self.watch.lap()
+        busy, schedule_s = times.get("busy", 0.0), times.get("schedule", 0.0)
         if self.measuring:
             for stage in self.stages:
                 self.stage_busy_s[stage.stage_index] = self.stage_busy_s.get(stage.stage_index, 0.0) + stage.busy_s

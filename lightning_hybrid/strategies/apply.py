@@ -60,6 +60,7 @@ def apply_pipeline(
     device: torch.device,
     sharded: list[str],
     first_batch: Callable[[], Any],
+    precision: Any = None,
 ) -> tuple[Any, Any, dict[str, Any] | None]:
     """Step 3: this rank's stages. From the module's ``pipeline_spec()``: returns (PipelineRunner,
     spec, the balancer's report when ``pipeline_split="balanced"``); without one, the layer stack
@@ -78,6 +79,7 @@ def apply_pipeline(
         split, report = balanced_split_for(
             spec, first_batch(), pipeline_parallel=pp, virtual_stages=opts.pipeline_virtual_stages,
             microbatches=opts.pipeline_microbatches, device=device,
+            forward_context=precision.forward_context if precision is not None else None,  # bf16 costs for a bf16 run
         )
     runner = pipeline.PipelineRunner(
         model, spec, pp_group=mesh["pp"].get_group(), device=device, blocks_per_stage=None if split == "even" else list(split),

@@ -343,7 +343,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         if layout.pipeline_parallel > 1 and self._pipeline is None and self._layers is None:
             built, spec, self.balance_report = apply.apply_pipeline(
                 model, options=options, mesh=self.device_mesh, device=self.root_device, sharded=sharded,
-                first_batch=lambda: self.batch_to_device(next(iter(_train_loader(trainer)))),
+                first_batch=lambda: self.batch_to_device(next(iter(_train_loader(trainer)))), precision=self.precision_plugin,
             )
             if spec is None:  # no pipeline_spec(): the module's own forward routed through the layers
                 self._layers = built

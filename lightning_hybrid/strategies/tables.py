@@ -9,7 +9,7 @@ comes back as `ShardedTables`; the strategy keeps it and exposes it read-only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -110,6 +110,26 @@ def refuse_multi_shard_dense_state(summary: dict[str, dict[str, Any]], kernels: 
             )
 
 
+def _with_model_kernels(model: torch.nn.Module, spec: Any) -> Any:
+    """``spec`` with the kernels the model itself needs (`specs.TableKernelModel.table_kernels`:
+    e.g. a tied output scores items with the table's weight, so the table must take gradients,
+    i.e. the dense kernel); a contradicting ``embedding_kernels`` is refused, naming both."""
+    from lightning_hybrid.specs import TableKernelModel
+
+    if not isinstance(model, TableKernelModel):
+        return spec
+    needed = dict(model.table_kernels())
+    for table, kernel in needed.items():
+        asked = spec.compute_kernels.get(table)
+        if asked is not None and asked != kernel:
+            raise ValueError(
+                f"HybridStrategy(embedding_kernels={{{table!r}: {asked!r}}}) contradicts the model, which needs table "
+                f"{table!r} on the {kernel!r} kernel ({type(model).__name__}.table_kernels()). Remove {table!r} from "
+                f"embedding_kernels or change the model's option that needs it."
+            )
+    return replace(spec, compute_kernels={**needed, **spec.compute_kernels})
+
+
 def apply_embedding_sharding(
     model: torch.nn.Module,
     *,
@@ -135,6 +155,7 @@ def apply_embedding_sharding(
     if not modules:
         return ShardedTables()
     infos = emb.table_infos(modules)
+    spec = _with_model_kernels(model, spec)
     weights = {info.table_name: model.get_parameter(info.weight_fqn) for info in infos}
     dp_tables = [t for t, s in spec.sharding_types.items() if s == "data_parallel"]
     choice = None
