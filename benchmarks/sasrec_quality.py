@@ -39,7 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "separate": [f"{M}output=separate"],
     "tied": [f"{M}output=tied"],
     "full-ce": [f"{M}loss=full"],
-    "sampled-256": [f"{M}loss=sampled", f"{M}num_negatives=256"],
+    "sampled-256": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=false"],
     "sampled-256-logq": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=true"],
     "dropout-0.2": [f"{M}dropout=0.2"],
     "dropout-0.5": [f"{M}dropout=0.5"],

@@ -1,13 +1,15 @@
 """Tier 3: runs only where a CUDA GPU is present (CI has none; these skip there).
 
 The project's GPU machine has torch and Lightning but not torchrec/fbgemm, so the dense tests
-below need neither; the sharded-table test skips without torchrec.
+below need neither; the sharded-table test skips without torchrec. The acceptance run
+(`benchmarks/gpu_acceptance.py`, `bash benchmarks/gpu_session.sh`) checks the rest without pytest.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,38 +31,16 @@ def test_single_gpu_fit_with_sharded_tables() -> None:
     assert trainer.global_step == 4
 
 
-def _dense_sasrec_losses(accelerator: str) -> list[float]:
-    import lightning.pytorch as pl
-
-    from lightning_hybrid import HybridStrategy
-    from lightning_hybrid.data.sequences import SequenceDataModule
-    from lightning_hybrid.models.sasrec import SASRec
-
-    losses: list[float] = []
-
-    class Keep(pl.Callback):
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
-            losses.append(float(outputs["loss"]))
-
-    torch.manual_seed(0)
-    model = SASRec(num_items=50, max_len=8, d_model=32, num_blocks=2, num_heads=2, dropout=0.0, tables="torch")
-    data = SequenceDataModule(format="synthetic", max_len=8, batch_size=8, synthetic_users=64, synthetic_items=50, drop_last=True)
-    trainer = pl.Trainer(
-        strategy=HybridStrategy(launcher="subprocess"), accelerator=accelerator, devices=1,  # one device: nothing to launch, the run stays here
-        max_steps=4, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[Keep()],
-    )
-    trainer.fit(model, datamodule=data)
-    return losses
-
-
 @needs_gpu
-def test_dense_sasrec_on_one_gpu_follows_the_cpu_run() -> None:
-    """The reference model with plain nn.Embedding tables (no torchrec): the same four losses on
-    the GPU as on the CPU, to fp32 accumulation-order differences."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    cpu = _dense_sasrec_losses("cpu")
-    gpu = _dense_sasrec_losses("gpu")
-    assert len(cpu) == len(gpu) == 4
-    torch.testing.assert_close(torch.tensor(gpu), torch.tensor(cpu), rtol=1e-3, atol=1e-4)
+def test_dense_sasrec_on_one_gpu_follows_the_cpu_run_on_nccl() -> None:
+    """The reference model with plain nn.Embedding tables (no torchrec), fp32 with TF32 off, GPU
+    and CPU each in a fresh process (a CPU fit first would leave a gloo group for the GPU run):
+    losses and weights within 1e-4, and the GPU run on NCCL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu_acceptance import fit_in_child
+
+    cpu = fit_in_child("cpu", env={"CUDA_VISIBLE_DEVICES": ""})
+    gpu = fit_in_child("gpu")
+    assert gpu["backend"] == "nccl" and cpu["backend"] == "gloo"
+    torch.testing.assert_close(torch.tensor(gpu["losses"]), torch.tensor(cpu["losses"]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(gpu["weights"]), torch.tensor(cpu["weights"]), rtol=0, atol=1e-4)
