@@ -6,7 +6,9 @@ step adds on each rank (``ru_maxrss`` after minus before, the inputs already bui
 
 - ``separate``: ``Linear(d, items + 1)`` replicated on every rank (its weight and gradient live on
   every rank; an Adam optimizer would add two more copies, counted analytically in the table),
-  logits ``rows x (items + 1)`` materialised by ``F.cross_entropy``;
+  logits ``rows x (items + 1)`` materialised by ``F.cross_entropy`` (the model before 0.3);
+- ``separate, chunked``: the same layer through `lightning_hybrid.models.losses.full_softmax_loss`
+  (what ``SASRec(output="separate")`` runs now): rows scored in ~256 MB chunks, recomputed in backward;
 - ``tied``, over P = 2 and 4 processes: the item table row-wise over the ranks (its rows are the
   input table's: no extra weight), hidden states gathered, logits computed in chunks of rows
   (`lightning_hybrid.parallel.tied_output`).
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_hybrid.testing import benchmark_parser, run_distributed, write_results  # noqa: E402
 
 FULL = {"items": 1_000_000, "d": 64, "rows": 256}
-SMOKE = {"items": 2_000, "d": 16, "rows": 32}
+SMOKE = {"items": 2_000, "d": 16, "rows": 32, "chunk_bytes": 2_000 * 4 * 8}
 
 
 def _peak_mb() -> float:
@@ -46,13 +48,18 @@ def _step(cfg: dict[str, Any], variant: str) -> dict[str, float]:
     n = cfg["items"] + 1
     hidden = torch.randn(cfg["rows"], cfg["d"], generator=gen, requires_grad=True)
     targets = torch.randint(1, n, (cfg["rows"],), generator=gen)
-    if variant == "separate":
+    if variant in ("separate", "chunked"):
+        from lightning_hybrid.models.losses import full_softmax_loss
+
         layer = torch.nn.Linear(cfg["d"], n, bias=False)
         before = _peak_mb()
-        logits = layer(hidden)
-        mask = torch.zeros(n)
-        mask[0] = float("-inf")
-        torch.nn.functional.cross_entropy(logits + mask, targets).backward()
+        if variant == "chunked":
+            full_softmax_loss(hidden, targets, layer.weight, chunk_bytes=cfg.get("chunk_bytes", 256 * 2**20)).backward()
+        else:
+            logits = layer(hidden)
+            mask = torch.zeros(n)
+            mask[0] = float("-inf")
+            torch.nn.functional.cross_entropy(logits + mask, targets).backward()
         weight_mb = 2 * layer.weight.numel() * 4 / 2**20  # weight + gradient (Adam: 2 more copies)
     else:
         block = -(-n // world)
@@ -68,14 +75,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = benchmark_parser(__doc__, Path(__file__).parent / "results", "tied_output_memory.json").parse_args(argv)
     cfg = SMOKE if args.smoke else FULL
     rows = {}
-    for name, variant, world in (("separate", "separate", 1), ("tied P=2", "tied", 2), ("tied P=4", "tied", 4)):
+    variants = (("separate", "separate", 1), ("separate, chunked", "chunked", 1), ("tied P=2", "tied", 2), ("tied P=4", "tied", 4))
+    for name, variant, world in variants:
         ranks = run_distributed(_step, world, cfg, variant, timeout_s=600)
         rows[name] = {key: max(r[key] for r in ranks) for key in ranks[0]}
     adam_mb = 2 * (cfg["items"] + 1) * cfg["d"] * 4 / 2**20
     print(f"| variant | step peak MB per rank (logits and their gradient) | weight + gradient MB per rank | + Adam state MB |   (config {cfg})")
     print("|---|---|---|---|")
     for name, row in rows.items():
-        extra = f"{adam_mb:.0f}" if name == "separate" else "0 (the input table's)"
+        extra = f"{adam_mb:.0f}" if name.startswith("separate") else "0 (the input table's)"
         print(f"| {name} | {row['step_peak_mb']:.0f} | {row['weight_and_grad_mb']:.0f} | {extra} |")
     return write_results(args.out, {"config": cfg, "results": rows, "separate_adam_mb": adam_mb})
 

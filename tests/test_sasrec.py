@@ -171,3 +171,20 @@ def test_bad_table_backend_is_a_clear_error() -> None:
         SASRec(num_items=5, tables="torch", text_tower=True)
     with pytest.raises(ValueError, match="use 'torchrec' or 'torch'"):
         SASRec(num_items=5, tables="faiss")  # type: ignore[arg-type]
+
+
+def test_chunked_full_softmax_equals_the_masked_cross_entropy() -> None:
+    from lightning_hybrid.models.losses import full_softmax_loss
+
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(37, 8, requires_grad=True), torch.randn(21, 8, requires_grad=True), torch.randn(21, requires_grad=True)
+    targets = torch.randint(1, 21, (37,))
+    mask = torch.zeros(21)
+    mask[0] = float("-inf")
+    reference = F.cross_entropy(hidden @ weight.T + bias + mask, targets)
+    expected = torch.autograd.grad(reference, [hidden, weight, bias])
+    for chunk_bytes in (10**9, 21 * 4 * 5):  # one piece; chunks of 5 rows (8 chunks, the last short)
+        loss = full_softmax_loss(hidden, targets, weight, bias, chunk_bytes=chunk_bytes)
+        assert_close(loss, reference)
+        for got, want in zip(torch.autograd.grad(loss, [hidden, weight, bias]), expected, strict=True):
+            assert_close(got, want)

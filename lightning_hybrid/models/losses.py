@@ -2,7 +2,8 @@
 
 `sampled_softmax_loss`: cross-entropy against sampled items, with or without the logQ correction
 (the output rows come from a weight, or from a lookup: a tied output reads them from the item
-table). `token_share`: the factor that turns a rank's mean loss into its share of the global
+table). `full_softmax_loss`: the exact cross-entropy over every item but the padding row, chunked over
+rows (recomputed in backward) once the logits would be large. `token_share`: the factor that turns a rank's mean loss into its share of the global
 batch's mean (``loss_normalization="global_tokens"``).
 """
 
@@ -53,6 +54,42 @@ def sampled_softmax_loss(
     neg_logits = neg_logits.masked_fill(negatives.unsqueeze(0) == positives.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=hidden.device))
+
+
+#: logits bytes above which `full_softmax_loss` scores rows in chunks (each chunk about this size)
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias)
+    logits[:, 0] = float("-inf")  # padding is never a candidate (in place: the matmul keeps no output)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def full_softmax_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, chunk_bytes: int = CHUNK_BYTES
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden`` [N, d] scored by ``weight`` [V + 1, d] (+ ``bias``) against
+    ``targets`` [N], row 0 (padding) excluded; equal to ``F.cross_entropy`` on the masked logits.
+
+    The plain path holds the fp32 logits, their saved log-softmax and their gradient: three
+    [N, V + 1] copies (at N = 25,600, V = 500k, 51 GB each). Once the logits would exceed
+    ``chunk_bytes``, rows are scored in chunks of about that size under activation checkpointing:
+    each chunk's logits exist only while it is computed (forward, then again in backward), so the
+    peak is about three chunks, for one more pass of the output matmul.
+    """
+    rows = hidden.shape[0]
+    per_row = weight.shape[0] * 4
+    if rows * per_row <= chunk_bytes:
+        return _chunk_loss_sum(hidden, weight, bias, targets) / max(rows, 1)
+    from torch.utils.checkpoint import checkpoint
+
+    step = max(1, chunk_bytes // per_row)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows, step):
+        h, t = hidden[start : start + step], targets[start : start + step]
+        total = total + checkpoint(_chunk_loss_sum, h, weight, bias, t, use_reentrant=False)
+    return total / rows
 
 
 def token_share(module: Any, tokens: int) -> float:

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
-from lightning_hybrid.models.losses import sampled_softmax_loss, token_share
+from lightning_hybrid.models.losses import full_softmax_loss, sampled_softmax_loss, token_share
 from lightning_hybrid.optim import GroupedOptimizer
 from lightning_hybrid.parallel import tied_output
 from lightning_hybrid.specs import PipelineSpec, pipeline_runner, reference_plan
@@ -480,10 +480,12 @@ class SASRec(pl.LightningModule):
                 h, positives, None, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs, lookup=self._item_rows,
                 logq_correction=self.hparams.get("logq_correction", True),
             )
-        if self.hparams.loss == "full":
+        if self.hparams.loss == "full" and not isinstance(self.output.weight, DTensor):
+            loss = full_softmax_loss(h, positives, self.output.weight, self.output.bias)  # chunked when large
+        elif self.hparams.loss == "full":
             logits = self.output(h)
-            # item 0 (padding) is never a candidate; an added mask rather than an in-place write,
-            # which also works on vocabulary-split (DTensor) logits
+            # item 0 (padding) is never a candidate: an added mask works on vocabulary-split
+            # (DTensor) logits, an in-place write would not
             mask = self.padding_score_mask
             if isinstance(logits, DTensor):
                 mask = DTensor.from_local(mask, logits.device_mesh, [Replicate()], run_check=False)

@@ -56,10 +56,20 @@ def wrap_dense_data_parallel(
         module,
         device_ids=device_ids,
         process_group=process_group,
+        broadcast_buffers=needs_buffer_broadcast(module, ignored_set),
         find_unused_parameters=find_unused_parameters,
         static_graph=static_graph,
         gradient_as_bucket_view=gradient_as_bucket_view,
     )
+
+
+def needs_buffer_broadcast(module: nn.Module, ignored: set[str]) -> bool:
+    """Whether DDP must re-broadcast buffers before every forward: only when a persistent buffer
+    outside ``ignored`` exists (e.g. BatchNorm's running statistics, which forward changes). A
+    model whose only buffers are non-persistent constants (masks, position ids) skips a
+    broadcast per buffer and forward (the weights and buffers are made equal once at setup)."""
+    persistent = set(module.state_dict(keep_vars=True))
+    return any(name in persistent and name not in ignored for name, _ in module.named_buffers())
 
 
 def broadcast_tensors(tensors: Iterable[torch.Tensor], process_group: dist.ProcessGroup | None, src_rank: int = 0) -> None:

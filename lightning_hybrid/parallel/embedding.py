@@ -384,7 +384,8 @@ def shard_embeddings_in_place(
     Returns FQN -> sharded module. The tables keep the values they had before sharding.
     """
     originals = {fqn: model.get_submodule(fqn) for fqn in plan.plan}
-    saved = {fqn: {k: v.detach().clone() for k, v in m.state_dict().items()} for fqn, m in originals.items()}
+    # the values to put back, on the host: a clone on the GPU would hold a second whole table there
+    saved = {fqn: {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} for fqn, m in originals.items()}
     key_orders = {
         fqn: [f for cfg in m.embedding_bag_configs() for f in cfg.feature_names]
         for fqn, m in originals.items()

@@ -73,7 +73,12 @@ from lightning_hybrid.strategies.options import (
     validate,
 )
 from lightning_hybrid.strategies.steps import PipelineStep
-from lightning_hybrid.strategies.tables import ShardedTables, apply_embedding_sharding, sharding_spec
+from lightning_hybrid.strategies.tables import (
+    ShardedTables,
+    TablePlacement,
+    apply_embedding_sharding,
+    sharding_spec,
+)
 
 try:
     from lightning_hybrid.parallel import embedding as emb
@@ -89,7 +94,7 @@ except ImportError as _error:
 log = logging.getLogger(__name__)
 
 
-class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
+class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStrategy):
     strategy_name = "hybrid"
 
     def __init__(
@@ -393,11 +398,6 @@ class HybridStrategy(checkpointing.CheckpointHooks, ParallelStrategy):
         super().on_train_start()
         if self._pipeline is not None:
             pipeline.check_loader_batches(self.lightning_module.trainer.train_dataloader, self._pipeline.microbatches)
-
-    @override
-    def model_to_device(self) -> None:
-        assert self.model is not None
-        self.model.to(self.root_device)
 
     # -- Steps ---------------------------------------------------------------------------------------
 

@@ -5,10 +5,18 @@
 tables (`lightning_hybrid.parallel.embedding`), and, when several ranks share a batch (tp or pp
 > 1), splits each lookup over them (`lightning_hybrid.parallel.replica_lookup`). What it built
 comes back as `ShardedTables`; the strategy keeps it and exposes it read-only.
+
+`TablePlacement` (a mixin of the strategy) keeps whole tables off the GPU until they are sharded:
+``configure_model`` builds on the host, and ``model_to_device`` moves everything but the tables
+that step 2 will shard (whose shards torchrec creates on the device, filled from a host copy).
+A whole table on every GPU before sharding would peak at about twice the table per GPU: exactly
+the tables that need sharding would run out of memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,6 +71,46 @@ class ShardedTables:
         if self.byte_counter is not None:
             self.byte_counter.close()
             self.byte_counter = None
+
+
+def _torchrec_tables(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    try:
+        from lightning_hybrid.parallel.embedding import find_embedding_modules
+    except ImportError:  # (no torchrec: no tables to keep back)
+        return {}
+    return find_embedding_modules(model)
+
+
+def move_except_tables(model: torch.nn.Module, device: torch.device) -> list[str]:
+    """``model.to(device)`` except its torchrec embedding modules, which stay where they are (the
+    host); returns their FQNs. Public module API only: each table is detached from its parent
+    during the move and put back."""
+    tables = {fqn: m for fqn, m in _torchrec_tables(model).items() if fqn}
+    parents = {fqn: model.get_submodule(fqn.rpartition(".")[0]) if "." in fqn else model for fqn in tables}
+    for fqn in tables:
+        setattr(parents[fqn], fqn.rpartition(".")[2], torch.nn.Identity())
+    try:
+        model.to(device)
+    finally:
+        for fqn, table in tables.items():
+            setattr(parents[fqn], fqn.rpartition(".")[2], table)
+    return list(tables)
+
+
+class TablePlacement:
+    """Strategy mixin: build on the host, move all but the tables to shard (module docstring)."""
+
+    @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        with super().tensor_init_context(empty_init), torch.device("cpu"):  # type: ignore[misc]
+            yield
+
+    def model_to_device(self) -> None:
+        strategy: Any = self
+        if strategy.root_device.type != "cpu" and strategy.options.embedding.shard_embeddings and not strategy.sharded_modules:
+            move_except_tables(strategy.model, strategy.root_device)
+        else:
+            strategy.model.to(strategy.root_device)
 
 
 def _warn_tables(reasons: dict[str, str], what: str, fix: str) -> None:
