@@ -88,9 +88,10 @@ def test_compression_overhead_smoke(tmp_path: Path) -> None:
 def test_tied_output_memory_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("tied_output_memory.py", tmp_path / "memory.json")
     rows = result["results"]
-    assert set(rows) == {"separate", "tied P=2", "tied P=4"}
+    assert set(rows) == {"separate", "separate, chunked", "tied P=2", "tied P=4"}
     # weight + gradient per rank: the whole 2001 x 16 layer, then half / a quarter of the rows (ceil blocks)
     assert rows["separate"]["weight_and_grad_mb"] == 2 * 2001 * 16 * 4 / 2**20
+    assert rows["separate, chunked"]["weight_and_grad_mb"] == rows["separate"]["weight_and_grad_mb"]
     assert rows["tied P=2"]["weight_and_grad_mb"] == 1001 * 16 * 4 / 2**20
     assert rows["tied P=4"]["weight_and_grad_mb"] == 501 * 16 * 4 / 2**20
     assert "| tied P=4 |" in stdout
