@@ -72,6 +72,39 @@ def test_id_check_names_feature_id_and_table() -> None:
     short = KeyedJaggedTensor(["user", "item"], torch.tensor([0, 1, 2]), lengths=torch.tensor([2, 2]))
     with pytest.raises(ValueError, match=r"lengths add up to 4 ids but it holds 3 values"):
         emb.check_ids(short, limits)
+    negative_length = KeyedJaggedTensor(["user", "item"], torch.tensor([0, 1, 2]), lengths=torch.tensor([4, -1]))
+    with pytest.raises(ValueError, match=r"has a negative length \(-1\)"):
+        emb.check_ids(negative_length, limits)
+
+
+def test_id_check_reads_the_device_once_and_finds_the_bad_id_of_each_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):  # .item()/int(t): one host sync each on CUDA
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountScalarReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    copies = []
+    real = emb._to_host
+    monkeypatch.setattr(emb, "_to_host", lambda t: copies.append(t) or real(t))
+    limits = {"a": (10, "t_a"), "b": (5, "t_b"), "c": (7, "t_c")}
+    # batch of 3 per key, key "b" empty, key "c" holds the only bad id (7) in its last sample
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        ["a", "b", "c"], torch.tensor([9, 0, 3, 1, 6, 2, 7]), torch.tensor([2, 0, 1, 0, 0, 0, 1, 1, 2])
+    )
+    with CountScalarReads(), pytest.raises(ValueError, match=r"Feature 'c' has id 7, outside table 't_c' of 7 rows"):
+        emb.check_ids(kjt, limits)
+    assert len(copies) == 1 and CountScalarReads.reads == 0
+    fine = KeyedJaggedTensor.from_lengths_sync(["a", "b", "c"], torch.tensor([9, 0, 3, 1, 6, 2, 6]), torch.tensor([2, 0, 1, 0, 0, 0, 1, 1, 2]))
+    emb.check_ids(fine, limits)
+    # variable batch size per key (torchrec's stride_per_key_per_rank)
+    variable = KeyedJaggedTensor(["a", "c"], torch.tensor([1, 2, 8]), lengths=torch.tensor([1, 1, 1]), stride_per_key_per_rank=[[2], [1]])
+    with pytest.raises(ValueError, match=r"Feature 'c' has id 8"):
+        emb.check_ids(variable, limits)
 
 
 def test_optimizer_translation() -> None:

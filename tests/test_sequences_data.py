@@ -187,3 +187,18 @@ def test_loaders_pin_memory_only_when_the_job_trains_on_cuda() -> None:
     assert pin_memory_for(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0))))
     assert not pin_memory_for(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu"))))
     assert not pin_memory_for(None)
+
+
+def test_click_batches_built_by_loader_workers_equal_those_built_in_process() -> None:
+    from lightning_hybrid.data.clicks import ClickDataModule
+
+    def batches(workers: int) -> list[dict]:
+        dm = ClickDataModule(num_samples=96, num_val_samples=32, batch_size=32, num_workers=workers)
+        dm.setup("fit")
+        return list(dm.val_dataloader())
+
+    inline, workers = batches(0), batches(2)
+    assert len(inline) == len(workers) == 1
+    for a, b in zip(inline, workers, strict=True):
+        assert torch.equal(a["dense"], b["dense"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["sparse"].values(), b["sparse"].values()) and torch.equal(a["sparse"].lengths(), b["sparse"].lengths())

@@ -7,6 +7,7 @@ Everything is generated from a seed, needs no files, and is identical on every r
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -15,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_hybrid.data.resumable import ResumableDataLoader
+from lightning_hybrid.data.resumable import ResumableDataLoader, pin_memory_for
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -70,29 +71,31 @@ class ClickDataset(Dataset):
         return self.dense[index], self.ids[index], self.labels[index]
 
 
+def _collate(feature_names: Sequence[str], samples: Sequence[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]) -> dict[str, Any]:
+    dense = torch.stack([s[0] for s in samples])
+    labels = torch.stack([s[2] for s in samples])
+    values, lengths = [], []
+    for f in range(len(feature_names)):
+        for s in samples:
+            values.append(s[1][f])
+            lengths.append(len(s[1][f]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(feature_names),
+        values=torch.cat(values).long(),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+    )
+    return {"dense": dense, "sparse": kjt, "labels": labels}
+
+
 def collate_clicks(feature_names: Sequence[str]):  # noqa: ANN201 - returns a collate function
-    """Build (dense, KeyedJaggedTensor, labels) batches; default_collate cannot make a KJT."""
-
-    def collate(samples: Sequence[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]) -> dict[str, Any]:
-        dense = torch.stack([s[0] for s in samples])
-        labels = torch.stack([s[2] for s in samples])
-        values, lengths = [], []
-        for f in range(len(feature_names)):
-            for s in samples:
-                values.append(s[1][f])
-                lengths.append(len(s[1][f]))
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(feature_names),
-            values=torch.cat(values).long(),
-            lengths=torch.tensor(lengths, dtype=torch.int32),
-        )
-        return {"dense": dense, "sparse": kjt, "labels": labels}
-
-    return collate
+    """Build (dense, KeyedJaggedTensor, labels) batches; default_collate cannot make a KJT. A
+    ``functools.partial`` of a module-level function, so loader workers can pickle it."""
+    return functools.partial(_collate, list(feature_names))
 
 
 class ClickDataModule(pl.LightningDataModule):
-    """Synthetic click data (see module docstring); batch_size is per data-parallel rank."""
+    """Synthetic click data (see module docstring); batch_size is per data-parallel rank,
+    ``num_workers`` loader processes build the batches (0: in the training process)."""
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class ClickDataModule(pl.LightningDataModule):
         table_sizes: list[int] | None = None,
         max_ids_per_feature: int = 3,
         batch_size: int = 128,
+        num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -118,8 +122,10 @@ class ClickDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         # resumable: a checkpoint written mid-epoch continues with the next batch, not the first
+        # page-locked batches on CUDA (the host-to-device copy can overlap); workers build them
         return ResumableDataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          collate_fn=collate_clicks(self.feature_names), drop_last=True)
+                                   collate_fn=collate_clicks(self.feature_names), drop_last=True,
+                                   num_workers=self.hparams.num_workers, pin_memory=pin_memory_for(self.trainer))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -506,8 +506,17 @@ def add_id_range_check(module: nn.Module, infos: Iterable[TableInfo]) -> Any:
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _to_host(stats: torch.Tensor) -> list[int]:
+    """The one device-to-host copy (one sync on CUDA) of an id check."""
+    return stats.tolist()
+
+
 def check_ids(features: KeyedJaggedTensor, limits: Mapping[str, tuple[int, str]]) -> None:
-    """Raise ValueError if a feature is unknown or an id falls outside its table."""
+    """Raise ValueError if a feature is unknown or an id falls outside its table.
+
+    Every statistic is computed on the ids' device and read back in one copy, so the check costs
+    one host sync per lookup on CUDA (not one per feature); the KJT's cached host metadata (keys,
+    strides) is used as is, so nothing is synced to find the features' boundaries."""
     keys = features.keys()
     unknown = [k for k in keys if k not in limits]
     if unknown:
@@ -522,23 +531,38 @@ def check_ids(features: KeyedJaggedTensor, limits: Mapping[str, tuple[int, str]]
             f"KeyedJaggedTensor from integer ids (e.g. values=torch.tensor(ids, dtype=torch.long))."
         )
     raw_lengths = features.lengths()
-    if raw_lengths.numel() and int(raw_lengths.min()) < 0:
-        raise ValueError(f"KeyedJaggedTensor of features {keys} has a negative length ({int(raw_lengths.min())}).")
-    if int(raw_lengths.sum()) != values.numel():
+    if raw_lengths.numel() == 0 or not keys:
+        if values.numel():
+            raise ValueError(f"KeyedJaggedTensor of features {keys}: no lengths but {values.numel()} values.")
+        return
+    device, n_keys = values.device, len(keys)
+    lengths = raw_lengths.to(torch.int64)
+    # which key each length belongs to (host metadata), then each key's number of ids
+    strides = torch.tensor(features.stride_per_key(), dtype=torch.int64)
+    length_key = torch.repeat_interleave(torch.arange(n_keys), strides).to(device, non_blocking=True)
+    per_key = torch.zeros(n_keys, dtype=torch.int64, device=device).index_add_(0, length_key, lengths)
+    # which key each id belongs to (well defined even when the lengths are wrong: that is reported first)
+    value_key = torch.bucketize(torch.arange(values.numel(), device=device), per_key.cumsum(0), right=True).clamp_(max=n_keys - 1)
+    ids = values.to(torch.int64)
+    big = torch.iinfo(torch.int64).max
+    low = torch.full((n_keys,), big, dtype=torch.int64, device=device).scatter_reduce_(0, value_key, ids, "amin")
+    high = torch.full((n_keys,), -big, dtype=torch.int64, device=device).scatter_reduce_(0, value_key, ids, "amax")
+    stats = _to_host(torch.cat([lengths.min().view(1), lengths.sum().view(1), per_key, low, high]))
+    min_length, total = stats[0], stats[1]
+    per_key_n, lows, highs = stats[2:2 + n_keys], stats[2 + n_keys:2 + 2 * n_keys], stats[2 + 2 * n_keys:]
+    if min_length < 0:
+        raise ValueError(f"KeyedJaggedTensor of features {keys} has a negative length ({min_length}).")
+    if total != values.numel():
         raise ValueError(
-            f"KeyedJaggedTensor of features {keys}: its lengths add up to {int(raw_lengths.sum())} ids but it holds "
+            f"KeyedJaggedTensor of features {keys}: its lengths add up to {total} ids but it holds "
             f"{values.numel()} values. Build it with KeyedJaggedTensor.from_lengths_sync(keys, values, lengths)."
         )
-    if values.numel() == 0:
-        return
-    lengths = features.length_per_key()
-    for key, chunk in zip(keys, torch.split(values, lengths), strict=True):
-        if chunk.numel() == 0:
+    for key, count, lo, hi in zip(keys, per_key_n, lows, highs, strict=True):
+        if count == 0:
             continue
         size, table = limits[key]
-        low, high = int(chunk.min()), int(chunk.max())
-        if low < 0 or high >= size:
-            bad = low if low < 0 else high
+        if lo < 0 or hi >= size:
+            bad = lo if lo < 0 else hi
             raise ValueError(
                 f"Feature {key!r} has id {bad}, outside table {table!r} of {size} rows (valid ids: 0..{size - 1}). "
                 f"Fix the data (remap or hash ids into range) or enlarge the table (num_embeddings)."
