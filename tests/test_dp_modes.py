@@ -190,3 +190,75 @@ def test_async_all_reduces_run_on_a_group_of_their_own() -> None:
     communicator's work in order): the same ranks as the dp axis, another group."""
     for result in run_distributed(_async_group, 4, timeout_s=60):
         assert result["separate"] and result["ranks"] == result["dp_ranks"]
+
+
+def _overlapped(bucket_mb: float) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from lightning_hybrid.comm.compress import NoCompression
+    from lightning_hybrid.comm.exchange import DenseExchange
+    from lightning_hybrid.comm.overlap import OverlappedAllReduce
+    from lightning_hybrid.mesh import build_device_mesh
+    from lightning_hybrid.plan import ParallelPlan
+
+    rank = dist.get_rank()
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 30), torch.nn.Linear(30, 1), torch.nn.Linear(2, 2))
+
+    def backward(net: torch.nn.Module, micro: int) -> None:
+        gen = torch.Generator().manual_seed(10 * rank + micro)
+        x = torch.randn(8, 6, generator=gen)
+        net[3](net[2](net[1](net[0](x)))).pow(2).mean().backward()  # (net[4] unused: no gradient)
+
+    # the reference: two accumulated micro-batches, then the after-backward exact average
+    ref = model()
+    for micro in range(2):
+        backward(ref, micro)
+    NoCompression(None, dist.group.WORLD).reduce([p.grad for p in ref.parameters()])
+    # overlapped: the first micro-batch under no_sync (hooks disarmed), the second armed; twice
+    # (the second time with the buckets rebuilt in the order the gradients came)
+    net, allowed = model(), [False]
+    overlap = OverlappedAllReduce(list(net.parameters()), dist.group.WORLD, counter=NoCompression().counter,
+                                  armed=lambda: allowed[0], bucket_mb=bucket_mb)
+    early, started, grads = [], [], []
+    for _ in range(2):
+        net.zero_grad(set_to_none=True)
+        allowed[0] = False
+        backward(net, 0)
+        early.append(len(overlap._in_flight))  # nothing may start while accumulating
+        allowed[0] = True
+        backward(net, 1)
+        started.append(len(overlap._in_flight))
+        overlap.finish()
+        grads.append([None if p.grad is None else p.grad.clone() for p in net.parameters()])
+    mesh = build_device_mesh(ParallelPlan(data_parallel=2), "cpu")
+    chosen = DenseExchange.build(mesh=mesh, compression=None, mode="sync", local_world_size=2, explicit_params=list(net.parameters()))
+    return {
+        "ref": [None if p.grad is None else p.grad.clone() for p in ref.parameters()], "got": grads,
+        "early": early, "started_in_backward": started, "buckets": len(overlap.buckets),
+        "bytes": overlap.counter.total, "uses_overlap": chosen.overlap is not None,
+        "last_bucket": [n for n, p in net.named_parameters() if any(p is q for q in overlap.buckets[-1])],
+    }
+
+
+def test_overlapped_exact_exchange_equals_the_after_backward_average() -> None:
+    """Buckets started from gradient hooks during backward (tp layouts' explicit exchange): the
+    same averages as `NoCompression` after backward, with accumulation and an unused parameter."""
+    for bucket_mb in (1e-4, 25.0):  # one bucket per few parameters / everything in one
+        for result in run_distributed(_overlapped, 2, bucket_mb, timeout_s=60):
+            for step in result["got"]:
+                for got, want in zip(step, result["ref"], strict=True):
+                    assert (got is None) == (want is None)
+                    if got is not None:
+                        torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert result["early"] == [0, 0] and result["uses_overlap"]
+            if bucket_mb < 1:
+                # first step: the unused layer (last registered, so first bucket) holds every bucket
+                # back to finish(); rebuilt in arrival order, the used layers' buckets start in backward
+                assert result["buckets"] > 3 and result["started_in_backward"][0] == 0
+                assert result["started_in_backward"][1] >= result["buckets"] - 2
+                assert result["last_bucket"] == ["4.weight", "4.bias"]
+            n = sum(p.numel() for p in (torch.nn.Linear(6, 40), torch.nn.Linear(40, 30), torch.nn.Linear(30, 1)) for p in p.parameters())
+            assert result["bytes"] == 2 * 2 * (2 - 1) / 2 * n * 4

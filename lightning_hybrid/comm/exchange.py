@@ -8,7 +8,9 @@ Two paths, chosen by `DenseExchange.build`:
 - **explicit** (tp > 1: DDP cannot hook DTensor parameters; pp > 1: each stage's replicas only;
   local SGD / async: they decide themselves when to communicate): after backward, the dense
   gradients go through the compressor (`after_backward`), or `StaleGradients` starts their
-  all-reduce, or `LocalSGD` averages the weights after the optimizer step.
+  all-reduce, or `LocalSGD` averages the weights after the optimizer step. The exact
+  synchronous exchange without pipeline stages overlaps with backward instead
+  (`lightning_hybrid.comm.overlap`: bucketed all-reduces started from gradient hooks).
 
 With ``GradientCompression(hierarchical=True)`` and dp ranks on several nodes, the compressor is
 exact within each node and compressed across nodes (groups from `lightning_hybrid.mesh`).
@@ -17,7 +19,7 @@ The exchange also keeps the per-step byte and time counts the monitor logs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,9 +30,11 @@ from lightning_hybrid.comm.compress import (
     Compressor,
     GradientCompression,
     HierarchicalCompressor,
+    NoCompression,
     build_compressor,
 )
 from lightning_hybrid.comm.modes import LocalSGD, StaleGradients
+from lightning_hybrid.comm.overlap import OverlappedAllReduce
 from lightning_hybrid.parallel.data import local_tensor
 
 
@@ -63,8 +67,10 @@ class DenseExchange:
         names: dict[int, str] | None = None,
         local_sgd: LocalSGD | None = None,
         stale: StaleGradients | None = None,
+        overlap: OverlappedAllReduce | None = None,
     ) -> None:
         self.compressor = compressor
+        self.overlap = overlap
         self.params = list(params)  # explicit path only
         self.names = names or {}
         self.local_sgd = local_sgd
@@ -85,15 +91,19 @@ class DenseExchange:
         local_sgd_period: int = 4,
         local_sgd_warmup_steps: int = 0,
         async_staleness: int = 1,
+        sync_allowed: Callable[[], bool] = lambda: True,
     ) -> DenseExchange:
         """``explicit_params``: the dense parameters to exchange after backward (None: DDP does,
-        with the compressor as its hook)."""
+        with the compressor as its hook). ``sync_allowed``: False while gradients accumulate
+        without an exchange (the strategy's ``no_sync``), read by the overlapped exchange's hooks."""
         compressor = build_dp_compressor(compression, mesh, local_world_size=local_world_size)
         if explicit_params is None:
             return cls(compressor)
         group = mesh["dp"].get_group()
-        local_sgd = stale = None
-        if mode == "local_sgd":
+        local_sgd = stale = overlap = None
+        if mode == "sync" and type(compressor) is NoCompression and mesh["pp"].size() == 1:
+            overlap = OverlappedAllReduce(explicit_params, group, counter=compressor.counter, armed=sync_allowed)
+        elif mode == "local_sgd":
             local_sgd = LocalSGD(explicit_params, group, counter=compressor.counter, period=local_sgd_period, warmup_steps=local_sgd_warmup_steps)
         elif mode == "async":
             # its all-reduces stay in flight for `staleness` steps: on a group of their own, so the
@@ -101,7 +111,7 @@ class DenseExchange:
             from lightning_hybrid.mesh import separate_data_parallel_group
 
             stale = StaleGradients(explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter)
-        return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale)
+        return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale, overlap=overlap)
 
     @property
     def explicit(self) -> bool:
@@ -111,7 +121,9 @@ class DenseExchange:
         """The explicit path's exchange of this step's gradients (no-op on the DDP path)."""
         if not self.params or self.compressor.world == 1:
             return
-        if self.stale is not None:
+        if self.overlap is not None:
+            self.overlap.finish()
+        elif self.stale is not None:
             self.stale.exchange()
         elif self.local_sgd is None or self.local_sgd.syncs_gradients():
             params = [p for p in self.params if p.grad is not None]

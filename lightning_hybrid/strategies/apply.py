@@ -140,9 +140,11 @@ def apply_data_parallel(
     device: torch.device,
     names: Callable[[], dict[int, str]],
     local_world_size: int,
+    sync_allowed: Callable[[], bool] = lambda: True,
 ) -> tuple[torch.nn.Module, DenseExchange | None]:
     """Step 4 (fitting): FSDP2, DDP, or the explicit exchange over the dense rest; returns (the
-    module Lightning should call, the exchange)."""
+    module Lightning should call, the exchange). ``sync_allowed``: False inside the strategy's
+    ``block_backward_sync`` (gradient accumulation)."""
     data = options.data
     dp_group = mesh["dp"].get_group()
 
@@ -151,6 +153,7 @@ def apply_data_parallel(
             mesh=mesh, compression=data.gradient_compression, mode=data.data_parallel_mode, local_world_size=local_world_size,
             explicit_params=explicit, names=names() if explicit is not None else None, local_sgd_period=data.local_sgd_period,
             local_sgd_warmup_steps=data.local_sgd_warmup_steps, async_staleness=data.async_staleness,
+            sync_allowed=sync_allowed,
         )
 
     if options.layout.dense_parallel == "fsdp":

@@ -358,7 +358,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         if fitting:
             self.model, self._exchange = apply.apply_data_parallel(
                 model, options=options, layout=layout, mesh=self.device_mesh, sharded=sharded, device=self.root_device,
-                names=self._param_names, local_world_size=self.num_processes or 1,
+                names=self._param_names, local_world_size=self.num_processes or 1, sync_allowed=lambda: not self._grad_sync_blocked,
             )
         elif not self._is_fsdp():  # (an FSDP-sharded model's shards differ by design)
             data_parallel.broadcast_dense_state(model, ignored_modules=sharded, process_group=self.device_mesh["dp"].get_group())
