@@ -41,6 +41,7 @@ VARIANTS: dict[str, list[str]] = {
     "full-ce": [f"{M}loss=full"],
     "sampled-256": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=false"],
     "sampled-256-logq": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=true"],
+    "label-smoothing-0.1": [f"{M}label_smoothing=0.1"],
     "dropout-0.2": [f"{M}dropout=0.2"],
     "dropout-0.5": [f"{M}dropout=0.5"],
     "table-adagrad": [f"{M}table_optimizer=adagrad", f"{M}table_lr=0.05"],

@@ -188,3 +188,16 @@ def test_chunked_full_softmax_equals_the_masked_cross_entropy() -> None:
         assert_close(loss, reference)
         for got, want in zip(torch.autograd.grad(loss, [hidden, weight, bias]), expected, strict=True):
             assert_close(got, want)
+    # label smoothing: eps spread over the 20 real items (padding excluded), written out here;
+    # torch's own label_smoothing agrees once the padding column is dropped from the logits
+    eps = 0.1
+    logits = hidden @ weight.T + bias
+    logp = torch.log_softmax(logits[:, 1:], dim=1)
+    smoothed = ((1 - eps) * -logp.gather(1, (targets - 1).view(-1, 1)).squeeze(1) - eps * logp.mean(1)).mean()
+    assert_close(smoothed, F.cross_entropy(logits[:, 1:], targets - 1, label_smoothing=eps))
+    expected = torch.autograd.grad(smoothed, [hidden, weight, bias])
+    for chunk_bytes in (10**9, 21 * 4 * 5):
+        loss = full_softmax_loss(hidden, targets, weight, bias, chunk_bytes=chunk_bytes, label_smoothing=eps)
+        assert_close(loss, smoothed)
+        for got, want in zip(torch.autograd.grad(loss, [hidden, weight, bias]), expected, strict=True):
+            assert_close(got, want)

@@ -34,7 +34,9 @@ def _case(world: int) -> dict[str, Any]:
     return {"table": table, "hidden": hidden, "targets": targets, "seen": seen}
 
 
-def _reference(case: dict[str, Any]) -> dict[str, Any]:
+def _reference(case: dict[str, Any], eps: float = 0.0) -> dict[str, Any]:
+    """``eps``: label smoothing written out: (1 - eps) * NLL of the target + eps * the mean NLL of
+    the V - 1 items, over the softmax of the real items' logits only."""
     from lightning_hybrid.metrics import target_ranks
 
     table = case["table"].clone().requires_grad_(True)
@@ -44,6 +46,9 @@ def _reference(case: dict[str, Any]) -> dict[str, Any]:
     mask = torch.zeros(V)
     mask[0] = float("-inf")
     loss = torch.nn.functional.cross_entropy(logits + mask, t_all)  # the mean over every rank's rows
+    if eps:
+        logp = torch.log_softmax(logits[:, 1:], dim=1)
+        loss = ((1 - eps) * -logp.gather(1, (t_all - 1).view(-1, 1)).squeeze(1) + eps * -logp.mean(1)).mean()
     loss.backward()
     ranks, tops = [], []
     with torch.no_grad():
@@ -58,7 +63,7 @@ def _reference(case: dict[str, Any]) -> dict[str, Any]:
     return {"loss": loss.detach(), "table_grad": table.grad, "hidden_grad": [h.grad for h in hidden], "ranks": ranks, "tops": tops}
 
 
-def _sharded(splits: list[int], chunk: int | None) -> dict[str, Any]:
+def _sharded(splits: list[int], chunk: int | None, eps: float = 0.0) -> dict[str, Any]:
     """Rank r holds rows [sum(splits[:r]), sum(splits[:r + 1])) (0 rows: none); ``chunk``: logits
     elements computed at once (small: several chunks of rows)."""
     import torch.distributed as dist
@@ -83,7 +88,7 @@ def _sharded(splits: list[int], chunk: int | None) -> dict[str, Any]:
     targets = case["targets"][rank]
     total = sum(len(t) for t in case["targets"])
     # each rank's mean loss times its share of the global targets (loss_normalization="global_tokens")
-    per_row = sharded_cross_entropy(hidden, targets, rows)
+    per_row = sharded_cross_entropy(hidden, targets, rows, eps)
     (per_row.mean() * (len(targets) * world / total)).backward()
     loss = per_row.detach().sum().clone()
     dist.all_reduce(loss)
@@ -94,12 +99,14 @@ def _sharded(splits: list[int], chunk: int | None) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("splits", "chunk"), [([12, 11], None), ([6, 6, 6, 5], 13), ([23, 0], None)], ids=["row_wise-2", "row_wise-4-uneven-chunked", "table_wise-2"]
+    ("splits", "chunk", "eps"),
+    [([12, 11], None, 0.0), ([6, 6, 6, 5], 13, 0.0), ([23, 0], None, 0.0), ([6, 6, 6, 5], 13, 0.2)],
+    ids=["row_wise-2", "row_wise-4-uneven-chunked", "table_wise-2", "row_wise-4-label-smoothing"],
 )
-def test_shard_parallel_softmax_equals_the_full_one(splits: list[int], chunk: int | None) -> None:
+def test_shard_parallel_softmax_equals_the_full_one(splits: list[int], chunk: int | None, eps: float) -> None:
     world = len(splits)
-    reference = _reference(_case(world))
-    for rank, result in enumerate(run_distributed(_sharded, world, splits, chunk, timeout_s=120)):
+    reference = _reference(_case(world), eps)
+    for rank, result in enumerate(run_distributed(_sharded, world, splits, chunk, eps, timeout_s=120)):
         assert_close(result["loss"], reference["loss"], rtol=1e-5, atol=1e-6)
         start = result["offset"]
         # the table's gradient: the one-process gradient of the mean over the global batch
@@ -121,6 +128,10 @@ def test_one_process_and_error_messages() -> None:
     table["item_id"].weight.data.copy_(case["table"])
     loss = sharded_cross_entropy(case["hidden"][0], case["targets"][0], table_rows(table, "item_id")).mean()
     assert_close(loss, reference["loss"])
+    smoothed = sharded_cross_entropy(case["hidden"][0], case["targets"][0], table_rows(table, "item_id"), 0.2).mean()
+    assert_close(smoothed, _reference(case, 0.2)["loss"])
+    with pytest.raises(ValueError, match="smooths the full softmax only"):
+        SASRec(num_items=5, loss="sampled", label_smoothing=0.1)
     with pytest.raises(ValueError, match="tied output is scored through the sharded item table"):
         SASRec(num_items=5, output="tied", tensor_parallel_output="vocab_parallel")
 

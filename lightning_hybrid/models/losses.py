@@ -3,7 +3,8 @@
 `sampled_softmax_loss`: cross-entropy against sampled items, with or without the logQ correction
 (the output rows come from a weight, or from a lookup: a tied output reads them from the item
 table). `full_softmax_loss`: the exact cross-entropy over every item but the padding row, chunked over
-rows (recomputed in backward) once the logits would be large. `token_share`: the factor that turns a rank's mean loss into its share of the global
+rows (recomputed in backward) once the logits would be large, optionally label-smoothed over the
+items (`item_cross_entropy`). `token_share`: the factor that turns a rank's mean loss into its share of the global
 batch's mean (``loss_normalization="global_tokens"``).
 """
 
@@ -60,17 +61,33 @@ def sampled_softmax_loss(
 CHUNK_BYTES = 256 * 2**20
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+def item_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-row cross-entropy [N] of item logits [N, V + 1] whose column 0 (padding) is -inf.
+    ``label_smoothing`` eps: the target gets 1 - eps and the eps is spread evenly over the V
+    items, padding excluded (``F.cross_entropy(label_smoothing=)`` would spread it over the
+    padding column too, whose -inf logit makes the loss infinite)."""
+    if not label_smoothing:
+        return F.cross_entropy(logits, targets, reduction="none")
+    logp = F.log_softmax(logits, dim=-1)
+    nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return (1.0 - label_smoothing) * nll - label_smoothing * logp[:, 1:].mean(dim=-1)
+
+
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias)
     logits[:, 0] = float("-inf")  # padding is never a candidate (in place: the matmul keeps no output)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return item_cross_entropy(logits, targets, label_smoothing).sum()
 
 
 def full_softmax_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, chunk_bytes: int = CHUNK_BYTES
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    chunk_bytes: int = CHUNK_BYTES, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden`` [N, d] scored by ``weight`` [V + 1, d] (+ ``bias``) against
-    ``targets`` [N], row 0 (padding) excluded; equal to ``F.cross_entropy`` on the masked logits.
+    ``targets`` [N], row 0 (padding) excluded; equal to ``F.cross_entropy`` on the masked logits
+    (``label_smoothing``: see `item_cross_entropy`).
 
     The plain path holds the fp32 logits, their saved log-softmax and their gradient: three
     [N, V + 1] copies (at N = 25,600, V = 500k, 51 GB each). Once the logits would exceed
@@ -81,14 +98,14 @@ def full_softmax_loss(
     rows = hidden.shape[0]
     per_row = weight.shape[0] * 4
     if rows * per_row <= chunk_bytes:
-        return _chunk_loss_sum(hidden, weight, bias, targets) / max(rows, 1)
+        return _chunk_loss_sum(hidden, weight, bias, targets, label_smoothing) / max(rows, 1)
     from torch.utils.checkpoint import checkpoint
 
     step = max(1, chunk_bytes // per_row)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows, step):
         h, t = hidden[start : start + step], targets[start : start + step]
-        total = total + checkpoint(_chunk_loss_sum, h, weight, bias, t, use_reentrant=False)
+        total = total + checkpoint(_chunk_loss_sum, h, weight, bias, t, label_smoothing, use_reentrant=False)
     return total / rows
 
 

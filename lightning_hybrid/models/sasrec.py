@@ -97,6 +97,8 @@ class SASRec(pl.LightningModule):
         num_negatives: negatives of the sampled loss (drawn once per step, shared by every position).
         logq_correction: subtract log(expected count) from each sampled logit, so the sampled loss
             estimates the full softmax; ``False``: the plain sampled softmax of gSASRec/eSASRec.
+        label_smoothing: the full softmax's target weight 1 - eps, eps spread over the items
+            (padding excluded); separate and tied outputs, not the sampled loss nor a tp-split output.
         negative_sampling: ``"uniform"`` or ``"popularity"`` (training-set item frequencies,
             read from the data module when it offers ``item_counts()``).
         lr, weight_decay: Adam(W) for the network.
@@ -149,6 +151,7 @@ class SASRec(pl.LightningModule):
         num_negatives: int = 256,
         negative_sampling: Literal["uniform", "popularity"] = "uniform",
         logq_correction: bool = True,
+        label_smoothing: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         table_optimizer: Literal["adagrad", "adam"] = "adagrad",
@@ -188,6 +191,11 @@ class SASRec(pl.LightningModule):
             raise ValueError(
                 f"SASRec(output={output!r}, tensor_parallel_output={tensor_parallel_output!r}): use output 'separate' or "
                 "'tied'; a tied output is scored through the sharded item table, not split by tensor parallelism."
+            )
+        if not 0.0 <= label_smoothing < 1.0 or (label_smoothing and (loss != "full" or tensor_parallel_output != "replicated")):
+            raise ValueError(
+                f"SASRec(label_smoothing={label_smoothing!r}, loss={loss!r}, tensor_parallel_output={tensor_parallel_output!r}): "
+                "label smoothing is in [0, 1) and smooths the full softmax only (not the sampled loss, nor an output split by tensor parallelism)."
             )
         if tensor_parallel_output != "replicated" and loss != "full":
             raise ValueError(
@@ -475,13 +483,15 @@ class SASRec(pl.LightningModule):
         h, positives = hidden[valid], target[valid]
         if self.hparams.get("output") == "tied":
             if self.hparams.loss == "full":
-                return tied_output.sharded_cross_entropy(h, positives, tied_output.table_rows(self.item_tables, "item_id")).mean()
+                rows = tied_output.table_rows(self.item_tables, "item_id")
+                return tied_output.sharded_cross_entropy(h, positives, rows, self.hparams.get("label_smoothing", 0.0)).mean()
             return sampled_softmax_loss(
                 h, positives, None, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs, lookup=self._item_rows,
                 logq_correction=self.hparams.get("logq_correction", True),
             )
         if self.hparams.loss == "full" and not isinstance(self.output.weight, DTensor):
-            loss = full_softmax_loss(h, positives, self.output.weight, self.output.bias)  # chunked when large
+            smoothing = self.hparams.get("label_smoothing", 0.0)  # (chunked when large:)
+            loss = full_softmax_loss(h, positives, self.output.weight, self.output.bias, label_smoothing=smoothing)
         elif self.hparams.loss == "full":
             logits = self.output(h)
             # item 0 (padding) is never a candidate: an added mask works on vocabulary-split

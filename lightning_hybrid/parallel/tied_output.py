@@ -153,7 +153,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     the logits chunk by chunk (nothing of size rows x items is kept between the two)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, offset: int, group: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, offset: int, group: Any, items: int, eps: float
+    ) -> torch.Tensor:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         h_all, counts = _gather_rows(hidden.detach().float(), group)
         t_all, _ = _gather_rows(targets, group)
@@ -177,9 +179,17 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         both = torch.stack([total * (top - global_top).exp(), target_logit])  # (no rows here: exp(-inf) = 0)
         dist.all_reduce(both, group=group)
         loss_all = global_top + both[0].log() - both[1]
+        # label smoothing: eps of the target spread over the `items` real items; their mean logit is
+        # h . (sum of every shard's real rows) / items, so one d-wide all-reduce serves every row
+        row_sum = (w[1:] if offset == 0 else w).sum(0) if eps else None
+        if eps:
+            total_rows = row_sum.clone()
+            dist.all_reduce(total_rows, group=group)
+            loss_all = loss_all + eps * (both[1] - h_all @ total_rows / items)
         start = sum(counts[:rank])
         ctx.save_for_backward(h_all, global_top, both[0], t_all, w)
         ctx.offset, ctx.group, ctx.counts, ctx.start, ctx.world = offset, group, counts, start, world
+        ctx.eps, ctx.items, ctx.row_sum = eps, items, row_sum
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return loss_all[start : start + hidden.shape[0]].to(hidden.dtype)
 
@@ -196,23 +206,31 @@ class _ShardedCrossEntropy(torch.autograd.Function):
                 # softmax over every item, restricted to this shard's columns, minus the one-hot target
                 d_logits = (_local_logits(h_all[rows], w, ctx.offset) - top[rows, None]).exp() / total[rows, None]
                 hit = mine[rows].nonzero().squeeze(1)
-                d_logits[hit, local[rows][hit]] -= 1.0
+                d_logits[hit, local[rows][hit]] -= 1.0 - ctx.eps
                 d_logits *= g_all[rows, None]
                 grad_weight += d_logits.t() @ h_all[rows]
                 grad_hidden[rows] = d_logits @ w
+            if ctx.eps:  # the smoothing term -eps/items * sum_j logit_j, through this shard's rows
+                scale = ctx.eps / ctx.items
+                grad_hidden -= scale * g_all[:, None] * ctx.row_sum[None, :]
+                first = 1 if ctx.offset == 0 else 0
+                grad_weight[first:] -= scale * (g_all[:, None] * h_all).sum(0)
         grad_weight /= ctx.world  # (torchrec's convention for sharded tables: the mean over the ranks' losses)
         dist.all_reduce(grad_hidden, group=ctx.group)  # every shard's part of each row's gradient
         mine_rows = grad_hidden[ctx.start : ctx.start + ctx.counts[dist.get_rank(ctx.group)]]
-        return mine_rows.to(ctx.hidden_dtype), None, grad_weight.to(ctx.weight_dtype), None, None
+        return mine_rows.to(ctx.hidden_dtype), None, grad_weight.to(ctx.weight_dtype), None, None, None, None
 
 
-def sharded_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, rows: TableRows) -> torch.Tensor:
+def sharded_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, rows: TableRows, label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-row cross-entropy [N] of ``hidden`` [N, d] scored against every item of the table
     (``logits = hidden @ table.T``, row 0 excluded), for targets [N] (global item ids). On a sharded
-    table a collective: every rank of ``rows.group`` calls it, with its own rows (N may differ)."""
+    table a collective: every rank of ``rows.group`` calls it, with its own rows (N may differ).
+    ``label_smoothing``: as `lightning_hybrid.models.losses.item_cross_entropy`."""
     if not rows.sharded:
-        return nn.functional.cross_entropy(_local_logits(hidden, rows.weight, 0).float(), targets, reduction="none")
-    return _ShardedCrossEntropy.apply(hidden, targets, rows.weight, rows.offset, rows.group)
+        from lightning_hybrid.models.losses import item_cross_entropy
+
+        return item_cross_entropy(_local_logits(hidden, rows.weight, 0).float(), targets, label_smoothing)
+    return _ShardedCrossEntropy.apply(hidden, targets, rows.weight, rows.offset, rows.group, rows.num_rows - 1, float(label_smoothing))
 
 
 def _scored_chunks(h_all: torch.Tensor, rows: TableRows, targets: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor] | None) -> Any:
