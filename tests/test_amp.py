@@ -35,3 +35,23 @@ def test_overflow_on_one_rank_skips_the_step_everywhere() -> None:
         assert value == 3.0 and scale == 2.0  # step skipped, scale halved, on both ranks
     assert ranks[0][1][0] != 3.0  # what plain GradScaler does: rank 0 steps, rank 1 does not
     assert ranks[1][1][0] == 3.0
+
+
+def test_fp16_loss_scaling_refuses_fused_torch_optimizers_and_pipelines() -> None:
+    """Lightning lets a ``fused=True`` optimizer unscale itself, which bypasses the cross-rank
+    overflow agreement (issue 20, item 8): refused at setup, naming the optimizer and the fix."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from lightning_hybrid.strategies.apply import check_loss_scaling
+
+    plugin = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    param = torch.nn.Parameter(torch.ones(2))
+    fused = torch.optim.Adam([param], fused=True)
+    with pytest.raises(ValueError, match=r"precision='16-mixed' with Adam\(fused=True\) is not supported.*fused=False"):
+        check_loss_scaling(plugin, pipelined=False, world_size=1, optimizers=[fused])
+    with pytest.raises(ValueError, match=r"pipeline_parallel > 1\) does not support precision='16-mixed'"):
+        check_loss_scaling(plugin, pipelined=True, world_size=1)
+    check_loss_scaling(plugin, pipelined=False, world_size=1, optimizers=[torch.optim.Adam([param])])  # unfused: fine
+    check_loss_scaling(SimpleNamespace(), pipelined=True, world_size=2, optimizers=[fused])  # no loss scaling: nothing to refuse
