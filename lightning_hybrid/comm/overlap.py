@@ -11,10 +11,10 @@ backward goes on. Buckets start strictly in index order, so every rank issues th
 collectives in the same order whatever order its hooks fire in. After the first exchange the
 buckets are rebuilt in the order the gradients actually came (rank 0's order, broadcast once;
 parameters that got none go last), as DDP does, so an unused or late parameter does not hold back
-the buckets behind it. `finish` (after backward) starts
-the buckets that never filled, with the gradients that exist (like the after-backward path: a
-parameter without a gradient on every rank is skipped), waits for all, and writes the averages
-back: the same numbers as `compress.NoCompression` (fp32 sum, divided by the world size).
+the buckets behind it. `finish` (after backward) starts the buckets that never filled, with the
+gradients that exist (like the after-backward path: a parameter without a gradient on every rank
+is skipped), waits for all, and writes the averages back: the same numbers as
+`compress.NoCompression` (fp32 sum, divided by the world size).
 
 Hooks act only while ``armed()`` says so (the strategy: not inside ``no_sync`` gradient
 accumulation), so accumulating micro-batches exchange once, on the last one. Used for
@@ -55,7 +55,8 @@ class OverlappedAllReduce:
         self.cap = bucket_mb * 2**20
         self._arrival: list[int] | None = []  # parameter indices in gradient order (until rebuilt)
         self._build(list(reversed(range(len(self.params)))))
-        self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._ready)
         self._reset()
 
     def _build(self, order: list[int]) -> None:
@@ -72,7 +73,8 @@ class OverlappedAllReduce:
 
     def _rebuild_in_arrival_order(self) -> None:
         arrived = self._arrival or []
-        order = [arrived + [i for i in range(len(self.params)) if i not in set(arrived)]]
+        missing = set(range(len(self.params))) - set(arrived)
+        order = [arrived + sorted(missing, reverse=True)]
         # (one broadcast, once: every rank must bucket alike even if its hooks fired in another order)
         dist.broadcast_object_list(order, src=dist.get_global_rank(self.group or dist.group.WORLD, 0), group=self.group)
         self._arrival = None
@@ -124,11 +126,6 @@ class OverlappedAllReduce:
                     g.copy_(flat[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
         finally:
-            rebuild = self._arrival is not None and bool(self._seen)
             self._reset()
-        if rebuild:
+        if self._arrival is not None:  # (the first exchange on every rank alike: the broadcast is collective)
             self._rebuild_in_arrival_order()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
