@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_hybrid.data.clicks import collate_clicks
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig
@@ -45,20 +47,8 @@ class TinyClicks(Dataset):
         return self.dense[i], self.ids[i], self.labels[i]
 
 
-def collate(samples: list[Any]) -> dict[str, Any]:
-    values, lengths = [], []
-    for f in range(len(FEATURES)):
-        for s in samples:
-            values.append(s[1][f])
-            lengths.append(len(s[1][f]))
-    kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=list(FEATURES), values=torch.cat(values).long(), lengths=torch.tensor(lengths, dtype=torch.int32)
-    )
-    return {
-        "dense": torch.stack([s[0] for s in samples]),
-        "sparse": kjt,
-        "labels": torch.stack([s[2] for s in samples]),
-    }
+#: (dense, ids per feature, label) samples -> {"dense", "sparse" KJT, "labels"}: the library's collate
+collate = collate_clicks(FEATURES)
 
 
 def loader(

@@ -490,8 +490,8 @@ class SASRec(pl.LightningModule):
                 logq_correction=self.hparams.get("logq_correction", True),
             )
         if self.hparams.loss == "full" and not isinstance(self.output.weight, DTensor):
-            smoothing = self.hparams.get("label_smoothing", 0.0)  # (chunked when large:)
-            loss = full_softmax_loss(h, positives, self.output.weight, self.output.bias, label_smoothing=smoothing)
+            smoothing = self.hparams.get("label_smoothing", 0.0)  # (checkpoints from before it lack the key)
+            loss = full_softmax_loss(h, positives, self.output.weight, self.output.bias, label_smoothing=smoothing)  # chunked when large
         elif self.hparams.loss == "full":
             logits = self.output(h)
             # item 0 (padding) is never a candidate: an added mask works on vocabulary-split

@@ -537,10 +537,8 @@ def check_ids(features: KeyedJaggedTensor, limits: Mapping[str, tuple[int, str]]
         return
     device, n_keys = values.device, len(keys)
     lengths = raw_lengths.to(torch.int64)
-    # which key each length belongs to (host metadata), then each key's number of ids
-    strides = torch.tensor(features.stride_per_key(), dtype=torch.int64)
-    length_key = torch.repeat_interleave(torch.arange(n_keys), strides).to(device, non_blocking=True)
-    per_key = torch.zeros(n_keys, dtype=torch.int64, device=device).index_add_(0, length_key, lengths)
+    # each key's number of ids: its lengths are the next stride_per_key() entries (host metadata)
+    per_key = torch.stack([part.sum() for part in lengths.split(features.stride_per_key())])
     # which key each id belongs to (well defined even when the lengths are wrong: that is reported first)
     value_key = torch.bucketize(torch.arange(values.numel(), device=device), per_key.cumsum(0), right=True).clamp_(max=n_keys - 1)
     ids = values.to(torch.int64)

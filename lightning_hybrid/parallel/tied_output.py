@@ -181,8 +181,9 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         loss_all = global_top + both[0].log() - both[1]
         # label smoothing: eps of the target spread over the `items` real items; their mean logit is
         # h . (sum of every shard's real rows) / items, so one d-wide all-reduce serves every row
-        row_sum = (w[1:] if offset == 0 else w).sum(0) if eps else None
+        row_sum = None
         if eps:
+            row_sum = (w[1:] if offset == 0 else w).sum(0)
             total_rows = row_sum.clone()
             dist.all_reduce(total_rows, group=group)
             loss_all = loss_all + eps * (both[1] - h_all @ total_rows / items)
