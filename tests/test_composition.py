@@ -127,7 +127,10 @@ def test_cell_trains_like_one_process(cell: comp.Cell) -> None:
     losses = [_step_losses(rank[cell.id]["losses"], cell.accumulate) for rank in ranks]
     mean = torch.stack([losses[d * tp] for d in range(dp)]).mean(0)
     ref = _step_losses(reference["losses"], cell.accumulate)
-    loose = 5e-2 if cell.compression == "sign" else 3e-2  # (sign: one bit per gradient value)
+    # sign: one bit per gradient value; top-k under bf16: the CPU's bf16 kernels (AMX, AVX512-BF16
+    # or emulated) round differently, and the rounding changes which entries top-k selects
+    lossier = cell.compression == "sign" or (cell.compression == "topk" and cell.precision != "32-true")
+    loose = 5e-2 if lossier else 3e-2
     tol = dict(rtol=1e-4, atol=1e-5) if cell.exact else dict(rtol=loose, atol=loose)
     assert_close(mean, ref, **tol, msg=lambda m: f"step losses: {m}")
     state = result["state"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -194,14 +195,19 @@ def test_breakdown_recovers_known_timings_and_wandb_gets_the_keys(tmp_path: Path
     ranks = run_distributed(_fit_sleepy, 2, str(tmp_path), init_process_group=False, timeout_s=180)
     for result in ranks:
         for step in result["steps"]:
-            # the sleeps, plus the real lookup / step work and all-to-all waits on a 2-core machine
-            assert EMBED_S - 0.002 <= step["time/embedding_s"] <= EMBED_S + 0.04
-            assert OPT_S - 0.002 <= step["time/optimizer_s"] <= OPT_S + 0.03
+            # every phase holds its sleep (a phase's time never goes to another phase)
+            assert step["time/embedding_s"] >= EMBED_S - 0.002
+            assert step["time/optimizer_s"] >= OPT_S - 0.002
             assert step["time/dense_compute_s"] >= DENSE_S - 0.005
             assert step["time/step_s"] >= DENSE_S + EMBED_S + OPT_S
             # samples/s are the batch over the step time, times the two replicas
             assert step["throughput/samples_per_s"] == pytest.approx(2 * 8 / step["time/step_s"], rel=1e-6)
             assert step["utilization/compute_fraction"] == pytest.approx(step["time/dense_compute_s"] / step["time/step_s"], rel=1e-6)
+        # and no more than its sleep plus the real lookup / step work and all-to-all waits: the median
+        # over the steps, as one step on a loaded 2-core CI machine can be descheduled for tens of ms;
+        # the dense sleep (60 ms) counted in either phase would still exceed these bounds
+        assert statistics.median(s["time/embedding_s"] for s in result["steps"]) <= EMBED_S + 0.04
+        assert statistics.median(s["time/optimizer_s"] for s in result["steps"]) <= OPT_S + 0.03
         mlp_floats = (5 + 8 * 3) * 16 + 16 + 16 + 1
         for step in result["steps"]:
             # 6 FLOPs per dense parameter and sample (the sharded tables are lookups), both replicas' samples
