@@ -46,6 +46,9 @@ VARIANTS: dict[str, list[str]] = {
     "dropout-0.5": [f"{M}dropout=0.5"],
     "table-adagrad": [f"{M}table_optimizer=adagrad", f"{M}table_lr=0.05"],
     "table-adam": [f"{M}table_optimizer=adam", f"{M}table_lr=0.001"],
+    # the history each prediction sees (model and loader alike; jagged batches pay only real positions)
+    "max-len-50": [f"{M}max_len=50", "--data.init_args.max_len=50"],
+    "max-len-400": [f"{M}max_len=400", "--data.init_args.max_len=400"],
 }
 
 

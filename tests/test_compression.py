@@ -124,6 +124,37 @@ def test_topk_decodes_when_ranks_pick_different_indices() -> None:
         assert_close(result[0], expected)
 
 
+def _topk_layouts(density: float) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    grads = _grads(dist.get_rank(), 0)
+    # a transposed (non-contiguous) gradient and a bf16 one are written back through a copy
+    work = [grads[0].t(), grads[1], grads[2].to(torch.bfloat16), grads[3]]
+    build_compressor(GradientCompression(method="topk", density=density, start_iter=0, min_numel=0), None).reduce(work)
+    return work
+
+
+def test_topk_over_several_tensors_equals_each_rank_s_torch_topk_averaged() -> None:
+    density = 0.05
+    expected = []
+    for i in range(len(SHAPES)):
+        total = torch.zeros(SHAPES[i]).reshape(-1)
+        for rank in range(2):
+            g = _grads(rank, 0)[i]
+            if i == 2:
+                g = g.to(torch.bfloat16).float()
+            g = (g.t() if i == 0 else g).reshape(-1)
+            k = max(1, -(-g.numel() * 5 // 100))
+            chosen = g.abs().topk(k).indices
+            total[chosen] += g[chosen]
+        expected.append(total / 2)
+    for result in run_distributed(_topk_layouts, 2, density, timeout_s=60):
+        for i, (got, want) in enumerate(zip(result, expected, strict=True)):
+            tol = 1e-2 if i == 2 else 1e-6
+            assert_close(got.float().reshape(-1), want, rtol=tol, atol=tol, msg=lambda m, i=i: f"tensor {i}: {m}")
+        assert result[0].shape == (48, 32) and result[2].dtype == torch.bfloat16
+
+
 def test_bytes_counted_equal_hand_computed_ring_bytes() -> None:
     configs = [
         {"method": "none"},

@@ -363,8 +363,7 @@ class TopKCompressor(Compressor):
 
     def _compress_mean(self, grads: list[torch.Tensor], keys: list[Any], iteration: int) -> None:
         density = self.density_at(iteration)
-        values, indices, offsets, sizes = [], [], [], []
-        offset = 0
+        values, indices, ks = [], [], []
         scratch = torch.empty(max(g.numel() for g in grads), device=grads[0].device)  # |acc|, reused per tensor
         for g, key in zip(grads, keys, strict=True):
             flat = g.reshape(-1).float()
@@ -383,22 +382,25 @@ class TopKCompressor(Compressor):
             k = max(1, math.ceil(density * acc.numel()))
             idx = top_k_indices(torch.abs(acc, out=scratch[: acc.numel()]), k)
             values.append(acc[idx])
-            indices.append(idx.to(torch.int32) + offset)
+            indices.append(idx.to(torch.int32))
             if self.config.error_feedback:
                 acc[idx] = 0.0  # (the residual keeps what was not sent)
             if self.config.momentum > 0:
                 slot["velocity"][idx] = 0.0  # momentum factor masking
-            offsets.append(offset)
-            sizes.append(acc.numel())
-            offset += acc.numel()
+            ks.append(k)
         all_values = self.all_gather(torch.cat(values))
         all_indices = self.all_gather(torch.cat(indices))
-        dense = torch.zeros(offset, device=grads[0].device, dtype=torch.float32)
-        for v, i in zip(all_values, all_indices, strict=True):
-            dense.index_add_(0, i.long(), v)  # ranks may pick different indices: sum densely
-        dense /= self.world
-        for g, start, n in zip(grads, offsets, sizes, strict=True):
-            g.copy_(dense[start : start + n].view_as(g))
+        # every rank sends k_t entries of tensor t (k depends on the shape only), so each rank's
+        # message splits by the same sizes; the mean is written straight into the gradients (no
+        # flat buffer to fill, divide and copy back: those were three passes over every value)
+        per_rank = [(v.div_(self.world).split(ks), i.split(ks)) for v, i in zip(all_values, all_indices, strict=True)]
+        for t, g in enumerate(grads):
+            out = g.view(-1) if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.numel(), device=g.device)
+            out.zero_()
+            for v, i in per_rank:
+                out.index_add_(0, i[t], v[t])  # ranks may pick different indices: sum densely
+            if out.data_ptr() != g.data_ptr():
+                g.copy_(out.view_as(g))
 
 
 _SAMPLES: dict[tuple[int, str], torch.Tensor] = {}
