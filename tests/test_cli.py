@@ -178,10 +178,17 @@ def test_the_package_and_the_light_commands_import_nothing_heavy() -> None:
         "package first": "import lightning_hybrid\nimport lightning.pytorch as pl\n",
         "lightning first": "import lightning.pytorch as pl\nimport lightning_hybrid\n",
     }
-    for code in [light] + [
+    codes = [light] + [
         order + "t = pl.Trainer(strategy='hybrid', accelerator='cpu', devices=1, logger=False)\n"
         "assert type(t.strategy).__name__ == 'HybridStrategy', t.strategy\n"
         for order in orders.values()
-    ]:
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
+    ]
+    # (fresh interpreters, started together: each is mostly import time)
+    running = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for code in codes]
+    try:
+        for proc in running:
+            _out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
+    finally:
+        for proc in running:
+            proc.kill()
