@@ -124,3 +124,47 @@ def test_checkpoint_resume_gives_identical_losses(tmp_path: Path, optimizer: str
     checkpoint = tmp_path / "epoch=0.ckpt"
     assert (checkpoint / "meta.pt").is_file() and (checkpoint / ".metadata").is_file()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+class _Scored(pl.LightningModule):
+    """One weight; validation logs a score the checkpoint callback monitors."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([start]))
+
+    def training_step(self, batch: Any, _i: int) -> torch.Tensor:
+        return (self.w - batch[0]).pow(2).sum()
+
+    def validation_step(self, batch: Any, _i: int) -> None:
+        self.log("val_score", -(self.w - batch[0]).abs().sum())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_second_fit_in_the_recipe_s_directory_overwrites_best_ckpt(tmp_path: Path) -> None:
+    """The recipes' ModelCheckpoint settings: `test --ckpt_path .../best.ckpt` after a second fit
+    in the same directory reads that fit's best (Lightning's default would write best-v1.ckpt
+    beside the first fit's best.ckpt, and test would silently read the old one)."""
+    import yaml
+
+    settings, recipe_args = set(), {}
+    for recipe in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        for callback in yaml.safe_load(recipe.read_text())["trainer"].get("callbacks", []):
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                args = callback["init_args"]
+                settings.add((args["filename"], args["save_last"], args.get("enable_version_counter", True)))
+                recipe_args = args
+    assert settings == {("best", True, False)}, settings  # every recipe alike
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    finals = []
+    for start in (5.0, -3.0):  # two fits, different weights
+        model = _Scored(start)
+        checkpoint = ModelCheckpoint(**{**recipe_args, "dirpath": tmp_path, "monitor": "val_score", "mode": "max"})
+        pl.Trainer(max_epochs=2, callbacks=[checkpoint], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   accelerator="cpu", devices=1).fit(model, data, data)
+        finals.append(model.w.detach().clone())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+    for name in ("best.ckpt", "last.ckpt"):  # the second fit's weights (its best is its last: the score improves)
+        assert_close(torch.load(tmp_path / name, weights_only=False)["state_dict"]["w"], finals[1])
