@@ -25,12 +25,23 @@ def test_sasrec_lines(tmp_path: Path) -> None:
     assert data.user_ids == ["1", "2", "3"] and data.item_ids == ["10", "20", "30", "40"]
 
 
+def test_sasrec_pairs_one_interaction_per_line_read_as_the_lines(tmp_path: Path) -> None:
+    """The original SASRec / BERT4Rec files: 'user item' per line, in time order, users repeated."""
+    pairs, lines = tmp_path / "pairs.txt", tmp_path / "lines.txt"
+    pairs.write_text("1 10\n1 30\n2 30\n1 20\n2 10\n3 20\n3 20\n3 40\n3 10\n")
+    lines.write_text("1 10 30 20\n2 30 10\n3 20 20 40 10\n")
+    got, want = load_sasrec_lines(pairs), load_sasrec_lines(lines)
+    assert got.sequences == want.sequences == [[1, 3, 2], [3, 1], [2, 2, 4, 1]]
+    assert got.user_ids == want.user_ids and got.item_ids == want.item_ids
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("1 10 20\n2\n", r"seq.txt:2: expected 'user item \[item ...\]'.*empty sequence"),
         ("1 10 x2\n", r"seq.txt:1: ids must be integers, got 'x2'"),
-        ("1 10\n1 20\n", r"seq.txt:2: user 1 appears on two lines"),
+        ("1 10 30\n1 20\n", r"seq.txt:2: user 1 appears on two lines \(again on line 2\) and line 1 holds several items"),
+        ("1 10\n2 30\n1 20\n3 10 20\n", r"seq.txt:4: user 1 appears on two lines \(again on line 3\) and line 4 holds"),
         ("1 -5 3\n", r"seq.txt:1: ids must be non-negative"),
         ("\n\n", r"holds no sequences"),
     ],
