@@ -70,16 +70,14 @@ def _remap(users: dict[str, list[str]], times: dict[str, list[int]] | None = Non
 
 
 def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:
-    """Read ``user item item ...`` lines (whitespace separated, integers, time-ordered), one line
-    per user (S3Rec / ICLRec files), or ``user item`` pairs, one interaction per line in time
-    order (the original SASRec and BERT4Rec files): a file whose every line holds one item may
-    name a user on many lines, and that user's items are read in file order."""
+    """Read ``user item item ...`` lines (integers, time-ordered), one per user, or ``user item``
+    pairs in time order (SASRec/BERT4Rec files: a user's lines are read in file order)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Sequence file {path} does not exist; set data.path to a SASRec-format file.")
     users: dict[str, list[str]] = {}
-    repeated: tuple[int, str] | None = None  # the first line naming a user again (pairs only)
-    multi: int | None = None  # the first line with several items
+    repeated: tuple[int, str] | None = None  # first line naming a user again; first with several items:
+    multi: int | None = None
     with path.open() as handle:
         for line_no, line in enumerate(handle, start=1):
             fields = line.split()
@@ -93,16 +91,11 @@ def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:
             if any(int(f) < 0 for f in fields):
                 raise ValueError(f"{path}:{line_no}: ids must be non-negative, got {line.strip()!r}.")
             user = fields[0]
-            if len(fields) > 2 and multi is None:
-                multi = line_no
-            if user in users and repeated is None:
-                repeated = (line_no, user)
+            multi = line_no if multi is None and len(fields) > 2 else multi
+            repeated = (line_no, user) if repeated is None and user in users else repeated
             if repeated is not None and multi is not None:
-                raise ValueError(
-                    f"{path}:{max(repeated[0], multi)}: user {repeated[1]} appears on two lines (again on line "
-                    f"{repeated[0]}) and line {multi} holds several items: give one line per user "
-                    "('user item item ...') or one 'user item' pair per line."
-                )
+                raise ValueError(f"{path}:{max(repeated[0], multi)}: user {repeated[1]} appears on two lines (again on line {repeated[0]}) "
+                                 f"and line {multi} holds several items: give one line per user ('user item item ...') or one 'user item' pair per line.")
             users.setdefault(user, []).extend(fields[1:])
     if not users:
         raise ValueError(f"{path} holds no sequences.")
