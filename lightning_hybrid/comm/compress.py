@@ -395,11 +395,11 @@ class TopKCompressor(Compressor):
         # flat buffer to fill, divide and copy back: those were three passes over every value)
         per_rank = [(v.div_(self.world).split(ks), i.split(ks)) for v, i in zip(all_values, all_indices, strict=True)]
         for t, g in enumerate(grads):
-            out = g.view(-1) if g.dtype == torch.float32 and g.is_contiguous() else torch.empty(g.numel(), device=g.device)
-            out.zero_()
+            in_place = g.dtype == torch.float32 and g.is_contiguous()
+            out = g.view(-1).zero_() if in_place else torch.zeros(g.numel(), device=g.device)
             for v, i in per_rank:
                 out.index_add_(0, i[t], v[t])  # ranks may pick different indices: sum densely
-            if out.data_ptr() != g.data_ptr():
+            if not in_place:
                 g.copy_(out.view_as(g))
 
 

@@ -76,8 +76,8 @@ def load_sasrec_lines(path: str | os.PathLike[str]) -> SequenceData:
     if not path.is_file():
         raise FileNotFoundError(f"Sequence file {path} does not exist; set data.path to a SASRec-format file.")
     users: dict[str, list[str]] = {}
-    repeated: tuple[int, str] | None = None  # first line naming a user again; first with several items:
-    multi: int | None = None
+    repeated: tuple[int, str] | None = None  # (the first line naming a user again, and that user)
+    multi: int | None = None  # the first line with several items
     with path.open() as handle:
         for line_no, line in enumerate(handle, start=1):
             fields = line.split()
