@@ -109,6 +109,18 @@ def run_job(out: Path, args: argparse.Namespace, kill: tuple[int, int] | None) -
     return {"exit_codes": codes, "restarts": restarts, "seconds": round(time.monotonic() - started, 1)}
 
 
+def failure_excerpt(out: Path, nodes: int, lines: int = 40) -> str:
+    """What a failed job's launchers and workers said: the agents' state changes, the ranks' last
+    error lines and lightning_hybrid's own messages (a CI log then names the cause)."""
+    keys = ("will restart", "FAILED", "SUCCEEDED", "Waiting", "Error", "error", "[lightning_hybrid]", "exitcode", "Signal")
+    parts = []
+    for node in range(nodes):
+        text = (out / f"node{node}.log").read_text(errors="replace").splitlines()
+        hits = [line[:400] for line in text if any(k in line for k in keys)]
+        parts.append(f"--- node{node}.log ({len(text)} lines), matching lines, last {lines}:\n" + "\n".join(hits[-lines:]))
+    return "\n".join(parts)
+
+
 def final_weights(out: Path) -> tuple[int, dict[str, torch.Tensor]]:
     """(global step, whole weights) of the job's last checkpoint, through `lightning-hybrid convert`."""
     from lightning_hybrid.checkpoint import to_single_file
@@ -187,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "bit_identical": identical, "max_abs_diff": max_diff, "seconds": result["seconds"], "exit_codes": result["exit_codes"],
         })
         print(json.dumps(rows[-1]), flush=True)
+        if not completed:
+            print(failure_excerpt(base / f"job{job}", args.nodes), flush=True)
 
     summary = {
         "command": "python benchmarks/fault_injection.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -11,7 +11,10 @@ with the remote error attached, so every rank's log names the real cause.
 A lost store is a failure too: under ``env://`` rank 0 hosts the store, and if it dies hard
 (SIGKILL, OOM) nobody can publish anything, while NCCL collectives may wait for the full
 timeout. When the store stays unreachable for ``grace_s``, the watcher ends the process with a
-message that says so.
+message that says so. The flip side is a clean exit: rank 0 must not take the store down while
+another rank is still watching it (a rank that reaches teardown a few seconds later would read
+its finished peer as lost and end a successful job with exit 1). So every rank says "done" when
+it stops watching, and rank 0 keeps the store up until all have, or until ``exit_wait_s``.
 """
 
 from __future__ import annotations
@@ -33,14 +36,24 @@ def _error_key(namespace: str, rank: int) -> str:
     return f"lightning_hybrid/{namespace}/error/{rank}"
 
 
+def _done_key(namespace: str, rank: int) -> str:
+    return f"lightning_hybrid/{namespace}/done/{rank}"
+
+
 class FailFast:
     """Cross-rank error propagation through the default process group's store."""
 
-    def __init__(self, *, rank: int, namespace: str = "", grace_s: float = 10.0, poll_s: float = 0.25) -> None:
+    def __init__(
+        self, *, rank: int, namespace: str = "", grace_s: float = 10.0, poll_s: float = 0.25, world_size: int | None = None,
+        exit_wait_s: float = 120.0,
+    ) -> None:
         """``namespace``: the same string on every rank of one job and new for every start. The
         store may outlive a job attempt (torchrun's agent keeps it across elastic restarts), and
-        the next attempt must not read the previous one's failure."""
+        the next attempt must not read the previous one's failure. ``exit_wait_s``: how long rank 0
+        waits in `stop` for the others to stop watching (only when nobody failed)."""
         self.rank = rank
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+        self.exit_wait_s = exit_wait_s
         self.namespace = namespace
         self.grace_s = grace_s
         self.poll_s = poll_s
@@ -60,6 +73,21 @@ class FailFast:
         # be destroyed right after, and a C++ call in flight then aborts the process at exit
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10 * self.poll_s)
+        if self._failed_locally or self.remote_error() is not None or self.store_lost():
+            return  # a failing job: nobody waits for anybody (the launcher restarts or ends it)
+        try:
+            self._store.set(_done_key(self.namespace, self.rank), "1")
+            if self.rank == 0:
+                # keep the store (hosted here under env://) up until every rank has stopped
+                # watching; a rank that fails meanwhile ends the wait (it is a failing job then)
+                keys = [_done_key(self.namespace, r) for r in range(self.world_size)]
+                deadline = time.monotonic() + self.exit_wait_s
+                while not self._store.check(keys) and not self._store.check([_failed_key(self.namespace)]):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(self.poll_s)
+        except Exception:  # noqa: BLE001 - the store is already gone (its host exited)
+            pass
 
     def publish(self, exception: BaseException) -> None:
         """Record this rank's error for the others (first failing rank wins the 'failed' key)."""

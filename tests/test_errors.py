@@ -275,3 +275,41 @@ def test_a_lost_store_ends_the_other_ranks() -> None:
     assert procs[1].returncode == 1, err[-2000:]
     assert "the job's store has been unreachable" in err
     assert time.monotonic() - started < 40
+
+
+_LATE_TEARDOWN_RANK = """
+import sys, time
+import torch.distributed as dist
+from lightning_hybrid.failfast import FailFast
+dist.init_process_group("gloo")
+watcher = FailFast(rank=dist.get_rank(), namespace="late-teardown", grace_s=1.0, poll_s=0.1)
+watcher.start()
+dist.barrier()
+if dist.get_rank() == 1:
+    time.sleep(4.0)  # reaches teardown well after rank 0, which hosts the store under env://
+watcher.stop()
+sys.exit(0)
+"""
+
+
+def test_a_rank_that_tears_down_late_is_not_ended_by_rank_0_s_clean_exit() -> None:
+    """Rank 0 finishes first; its exit must not take the store down under a rank still watching
+    it (which would read the finished job as a lost store and exit 1, failing a good run)."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_hybrid.testing import find_free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port()), "WORLD_SIZE": "2", "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _LATE_TEARDOWN_RANK], env={**env, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]
+    try:
+        errs = [proc.communicate(timeout=60)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], errs[1][-2000:]
+    assert "unreachable" not in errs[1]
