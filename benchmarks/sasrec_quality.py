@@ -40,15 +40,21 @@ VARIANTS: dict[str, list[str]] = {
     "tied": [f"{M}output=tied"],
     "full-ce": [f"{M}loss=full"],
     "sampled-256": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=false"],
+    # gSASRec/eSASRec's sampled softmax: 256 uniform negatives for each position, no logQ
+    "sampled-256-position": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=false", f"{M}negatives_per=position"],
     "sampled-256-logq": [f"{M}loss=sampled", f"{M}num_negatives=256", f"{M}logq_correction=true"],
     "label-smoothing-0.1": [f"{M}label_smoothing=0.1"],
     "dropout-0.2": [f"{M}dropout=0.2"],
     "dropout-0.5": [f"{M}dropout=0.5"],
+    "dropout-0.3": [f"{M}dropout=0.3"],
     "table-adagrad": [f"{M}table_optimizer=adagrad", f"{M}table_lr=0.05"],
     "table-adam": [f"{M}table_optimizer=adam", f"{M}table_lr=0.001"],
     # the history each prediction sees (model and loader alike; jagged batches pay only real positions)
     "max-len-50": [f"{M}max_len=50", "--data.init_args.max_len=50"],
     "max-len-400": [f"{M}max_len=400", "--data.init_args.max_len=400"],
+    # the protocol of the Amazon (S3Rec) benchmarks: a user's history is not a candidate
+    "exclude-seen": [f"{M}exclude_seen=true"],
+    "blocks-1": [f"{M}num_blocks=1"],
 }
 
 

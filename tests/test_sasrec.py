@@ -86,6 +86,36 @@ def test_sampled_softmax_without_logq_is_the_plain_sampled_cross_entropy() -> No
     assert_close(corrected, -torch.log_softmax(shifted, 0)[0])
 
 
+@pytest.mark.parametrize("dim", [1, 8])  # d=1: more distinct items than K*d (the gather), d=8: the matmul
+def test_per_position_negatives_are_each_position_s_own_sampled_cross_entropy(dim: int) -> None:
+    torch.manual_seed(0)
+    vocab, k = 12, 3
+    weight = torch.randn(vocab, dim, requires_grad=True)
+    hidden = torch.randn(4, dim, requires_grad=True)
+    positives = torch.tensor([1, 5, 7, 7])
+    negatives = torch.tensor([[2, 3, 3], [5, 9, 11], [0, 4, 8], [6, 10, 1]])  # row 1 holds its positive
+    probs = torch.full((vocab,), 1.0 / vocab)
+    for logq in (False, True):
+        got = sampled_softmax_loss(hidden, positives, weight, num_negatives=k, sampling_probs=probs, negatives=negatives,
+                                   logq_correction=logq, per_position=True)
+        # reference: each position alone, with the batch-shared loss over its own sample
+        want = torch.stack([
+            sampled_softmax_loss(hidden[i : i + 1], positives[i : i + 1], weight, num_negatives=k, sampling_probs=probs,
+                                 negatives=negatives[i], logq_correction=logq)
+            for i in range(4)
+        ]).mean()
+        got_grads = torch.autograd.grad(got, [hidden, weight])
+        want_grads = torch.autograd.grad(want, [hidden, weight])
+        assert_close(got, want)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            assert_close(a, b)
+    # drawn: [N, K] from the sampling distribution (never item 0 when its probability is 0)
+    probs[0] = 0.0
+    gen = torch.Generator().manual_seed(0)
+    loss = sampled_softmax_loss(hidden, positives, weight, num_negatives=64, sampling_probs=probs / probs.sum(), generator=gen, per_position=True)
+    assert torch.isfinite(loss)
+
+
 def test_sampled_softmax_with_logq_converges_to_full_softmax() -> None:
     torch.manual_seed(0)
     vocab, dim = 8, 4

@@ -28,6 +28,7 @@ def sampled_softmax_loss(
     negatives: torch.Tensor | None = None,
     lookup: Any = None,
     logq_correction: bool = True,
+    per_position: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of each positive against sampled items, with the logQ correction.
 
@@ -42,17 +43,32 @@ def sampled_softmax_loss(
     against the raw logits of the sample, which no longer estimates the full softmax but weighs
     the negatives less (with uniform sampling the correction is one constant, log(num_negatives / V),
     so switching it off is the same as scaling the negatives' total weight by num_negatives / V).
+    ``per_position=True``: each position draws its own ``num_negatives`` (gSASRec/eSASRec, RecTools;
+    ``negatives`` then [N, num_negatives]) instead of one sample shared by the batch: the rows are
+    looked up once per distinct item, and scored by one matmul or by a gather, whichever holds
+    less (memory N x min(distinct items, num_negatives x d)).
     """
     if negatives is None:
-        negatives = torch.multinomial(sampling_probs, num_negatives, replacement=True, generator=generator)
+        shape = (len(positives) * num_negatives,) if per_position else (num_negatives,)
+        negatives = torch.multinomial(sampling_probs, shape[0], replacement=True, generator=generator)
+        negatives = negatives.view(len(positives), num_negatives) if per_position else negatives
     negatives = negatives.to(hidden.device)
-    log_expected = torch.log(sampling_probs.to(hidden.device) * len(negatives))
+    log_expected = torch.log(sampling_probs.to(hidden.device) * negatives.shape[-1])
     rows = lookup if lookup is not None else output_weight.__getitem__
     pos_logits = (hidden * rows(positives)).sum(-1)
-    neg_logits = hidden @ rows(negatives).T
+    if per_position:
+        distinct, inverse = torch.unique(negatives, return_inverse=True)
+        table = rows(distinct)  # (a sharded table: one lookup of each distinct item)
+        if len(distinct) <= negatives.shape[1] * hidden.shape[1]:
+            neg_logits = (hidden @ table.T).gather(1, inverse)
+        else:
+            neg_logits = (hidden.unsqueeze(1) * table[inverse]).sum(-1)
+    else:
+        neg_logits = hidden @ rows(negatives).T
     if logq_correction:
         neg_logits = neg_logits - log_expected[negatives]
-    neg_logits = neg_logits.masked_fill(negatives.unsqueeze(0) == positives.unsqueeze(1), float("-inf"))
+    hits = (negatives if per_position else negatives.unsqueeze(0)) == positives.unsqueeze(1)
+    neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     logits = torch.cat([pos_logits.unsqueeze(1), neg_logits], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(positives), dtype=torch.long, device=hidden.device))
 

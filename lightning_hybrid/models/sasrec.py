@@ -94,7 +94,8 @@ class SASRec(pl.LightningModule):
         max_len: positions the model reads (must match the data's ``max_len``).
         d_model, num_blocks, num_heads, mlp_ratio, dropout: transformer size.
         loss: ``"full"`` softmax over all items, or ``"sampled"`` softmax.
-        num_negatives: negatives of the sampled loss (drawn once per step, shared by every position).
+        num_negatives, negatives_per: negatives of the sampled loss, drawn once per step for the
+            whole batch (``"batch"``) or for each position (``"position"``, gSASRec/eSASRec's).
         logq_correction: subtract log(expected count) from each sampled logit, so the sampled loss
             estimates the full softmax; ``False``: the plain sampled softmax of gSASRec/eSASRec.
         label_smoothing: the full softmax's target weight 1 - eps, eps spread over the items
@@ -149,6 +150,7 @@ class SASRec(pl.LightningModule):
         dropout: float = 0.2,
         loss: Literal["full", "sampled"] = "full",
         num_negatives: int = 256,
+        negatives_per: Literal["batch", "position"] = "batch",
         negative_sampling: Literal["uniform", "popularity"] = "uniform",
         logq_correction: bool = True,
         label_smoothing: float = 0.0,
@@ -181,8 +183,8 @@ class SASRec(pl.LightningModule):
             raise ValueError("SASRec(tables='torch', text_tower=True): the text tower needs torchrec tables; use tables='torchrec'.")
         if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
             raise ValueError(f"SASRec: num_items={num_items}, max_len={max_len}, d_model={d_model}, num_blocks={num_blocks} must be >= 1.")
-        if loss not in ("full", "sampled"):
-            raise ValueError(f"SASRec(loss={loss!r}): use 'full' or 'sampled'.")
+        if loss not in ("full", "sampled") or negatives_per not in ("batch", "position"):
+            raise ValueError(f"SASRec(loss={loss!r}, negatives_per={negatives_per!r}): use loss 'full' or 'sampled', negatives_per 'batch' or 'position'.")
         if tensor_parallel_output not in ("replicated", "gathered", "vocab_parallel"):
             raise ValueError(
                 f"SASRec(tensor_parallel_output={tensor_parallel_output!r}): use 'replicated', 'gathered' or 'vocab_parallel'."
@@ -487,7 +489,7 @@ class SASRec(pl.LightningModule):
                 return tied_output.sharded_cross_entropy(h, positives, rows, self.hparams.get("label_smoothing", 0.0)).mean()
             return sampled_softmax_loss(
                 h, positives, None, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs, lookup=self._item_rows,
-                logq_correction=self.hparams.get("logq_correction", True),
+                logq_correction=self.hparams.get("logq_correction", True), per_position=self.hparams.get("negatives_per") == "position",
             )
         if self.hparams.loss == "full" and not isinstance(self.output.weight, DTensor):
             smoothing = self.hparams.get("label_smoothing", 0.0)  # (checkpoints from before it lack the key)
@@ -503,7 +505,7 @@ class SASRec(pl.LightningModule):
         else:
             loss = sampled_softmax_loss(
                 h, positives, self.output.weight, num_negatives=self.hparams.num_negatives, sampling_probs=self.sampling_probs,
-                logq_correction=self.hparams.get("logq_correction", True),
+                logq_correction=self.hparams.get("logq_correction", True), per_position=self.hparams.get("negatives_per") == "position",
             )
         return loss
 
