@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     # the protocol of the Amazon (S3Rec) benchmarks: a user's history is not a candidate
     "exclude-seen": [f"{M}exclude_seen=true"],
     "blocks-1": [f"{M}num_blocks=1"],
+    "batch-64": ["--data.init_args.batch_size=64"],
 }
 
 

@@ -52,7 +52,7 @@ def test_two_simulated_nodes_train_like_one_process(tmp_path: Path) -> None:
 
     out = tmp_path / "result.pt"
     with SimulatedCluster(nodes=2, rate_mbit=1000) as cluster:
-        done = cluster.torchrun([str(ROOT / "tests" / "netns_job.py"), str(out)], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout_s=300)
+        done = cluster.torchrun([str(ROOT / "tests" / "netns_job.py"), str(out)], cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout_s=180)
     for proc in done:
         assert proc.returncode == 0, proc.stderr[-4000:]
     result = torch.load(out, weights_only=False)

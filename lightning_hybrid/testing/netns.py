@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,14 +152,21 @@ class SimulatedCluster:
                     # machine's host name, which every namespace shares)
                     f"--rdzv-conf=is_host={'true' if k == 0 else 'false'}", *args]
             procs.append(self.popen(k, argv, env=node_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        deadline = time.monotonic() + timeout_s
         results = []
-        for p in procs:
+        for k, p in enumerate(procs):
             try:
-                out, err = p.communicate(timeout=timeout_s)
+                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                # kill every node's agent and say what each printed: a hang is diagnosable from the error
                 for q in procs:
                     q.kill()
-                raise
+                tails = []
+                for j, q in enumerate(procs):
+                    q_out, q_err = q.communicate()
+                    tails.append(f"--- node {j} (exit {q.returncode}) stderr tail:\n{(q_err or '')[-3000:]}\n--- stdout tail:\n{(q_out or '')[-1000:]}")
+                raise TimeoutError(f"SimulatedCluster.torchrun: node {k} did not finish in {timeout_s:.0f} s; killed every node.\n"
+                                   + "\n".join(tails)) from None
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
         return results
 
@@ -190,7 +198,6 @@ def _probe(megabytes: float, repeats: int) -> None:
     """Under torchrun: time a gloo all-reduce of ``megabytes`` between ranks 0 and the last
     (``python -m lightning_hybrid.testing.netns probe``); rank 0 prints JSON with Mbit/s."""
     import json
-    import time
 
     import torch
     import torch.distributed as dist
