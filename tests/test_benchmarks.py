@@ -140,3 +140,15 @@ def test_dense_side_runs_without_torchrec(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
     )
     assert check.returncode != 0 and "needs torchrec, which cannot be imported here" in check.stderr, check.stderr[-2000:]
+
+
+def test_sasrec_quality_smoke_runs_the_amazon_recipe_as_shipped(tmp_path: Path) -> None:
+    """`recipes/sasrec_format.yaml` as shipped (tied output, 256 negatives per position, seen items
+    excluded): fit, then test on best.ckpt, through the CLI, on the smoke's tiny lines (the
+    plumbing only: two epochs on 60 users say nothing about quality)."""
+    result, stdout = _smoke("sasrec_quality.py", tmp_path / "quality.json", "--workdir", str(tmp_path / "runs"))
+    (row,) = result["rows"]
+    assert result["recipe"] == "recipes/sasrec_format.yaml" and row["epochs"] == 2 and row["best_epoch"] in (0, 1)
+    assert 0 < row["test_ndcg@10"] <= row["test_hr@10"] <= row["test_hr@20"] <= 1, row
+    assert row["test_ndcg@10"] <= row["test_ndcg@20"], row
+    assert "recipe" in stdout
