@@ -9,7 +9,8 @@ checkpoint and its epoch, the epochs trained and the fit time.
 
 Protocol (`lightning_hybrid.data.sequences`): each user's interactions in time order,
 leave-one-out (last item test, second-to-last validation), full ranking over every item, a user's
-seen items excluded where the recipe sets `exclude_seen: true` (sasrec_format.yaml does). Defaults are chosen on validation only; the test columns are reported, not tuned on.
+seen items excluded where the recipe sets `exclude_seen: true` (sasrec_format.yaml does).
+Defaults are chosen on validation only; the test columns are reported, not tuned on.
 
     python benchmarks/sasrec_quality.py --data ../shared/data/ml-latest-small/ratings.csv \\
         --variants recipe,separate --out benchmarks/results/sasrec_quality_ml-latest-small.json

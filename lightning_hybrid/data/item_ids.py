@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lightning_hybrid.data.sequences import SequenceData
+    from lightning_hybrid.data.readers import SequenceData
 
 
 def follow_item_ids(data: SequenceData, known: Sequence[str], *, capacity: int | None = None) -> SequenceData:
@@ -36,7 +36,7 @@ def follow_item_ids(data: SequenceData, known: Sequence[str], *, capacity: int |
     for raw, row in index.items():
         item_ids[row - 1] = raw
     sequences = [[translate[i] for i in seq] for seq in data.sequences]
-    from lightning_hybrid.data.sequences import SequenceData
+    from lightning_hybrid.data.readers import SequenceData
 
     return SequenceData(sequences=sequences, user_ids=data.user_ids, item_ids=item_ids, times=data.times)
 
