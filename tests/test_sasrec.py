@@ -231,3 +231,47 @@ def test_chunked_full_softmax_equals_the_masked_cross_entropy() -> None:
         assert_close(loss, smoothed)
         for got, want in zip(torch.autograd.grad(loss, [hidden, weight, bias]), expected, strict=True):
             assert_close(got, want)
+
+
+def test_sasrec_block_layout_is_the_papers_block_through_torch_multihead_attention() -> None:
+    """layout='sasrec' against the SASRec authors' block written with torch's own
+    nn.MultiheadAttention (as RecTools' SASRecTransformerLayer): LayerNorm'd queries, raw
+    keys/values, residual onto the normalised queries, ReLU feed-forward added to its input."""
+    from lightning_hybrid.models.blocks import CausalSelfAttentionBlock
+
+    torch.manual_seed(0)
+    block = CausalSelfAttentionBlock(16, 2, 16, dropout=0.0, layout="sasrec")
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([block.q.weight, block.k.weight, block.v.weight]))
+        mha.in_proj_bias.copy_(torch.cat([block.q.bias, block.k.bias, block.v.bias]))
+        mha.out_proj.weight.copy_(block.out.weight)
+        mha.out_proj.bias.copy_(block.out.bias)
+    x = torch.randn(3, 7, 16)
+    q = block.attn_norm(x)
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    h = block.mlp_norm(q + mha(q, x, x, attn_mask=future, need_weights=False)[0])
+    expected = h + block.down(torch.relu(block.up(h)))
+    assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(CausalSelfAttentionBlock(16, 2, 16, dropout=0.0)(x), expected)  # the layouts differ
+    with pytest.raises(ValueError, match="layout='post_norm'"):
+        CausalSelfAttentionBlock(16, 2, 16, dropout=0.0, layout="post_norm")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tables", ["torchrec", "torch"])
+def test_xavier_init_and_unscaled_embeddings(tables: str) -> None:
+    """init='xavier' draws every matrix (item table, positions, projections) with Xavier-normal's
+    std sqrt(2 / (fan_in + fan_out)); scale_embeddings=False adds positions to the raw rows."""
+    torch.manual_seed(0)
+    model = SASRec(num_items=3000, max_len=50, d_model=64, num_blocks=1, dropout=0.0, init="xavier", scale_embeddings=False, tables=tables)
+    table = model.item_tables["item_id"] if tables == "torch" else model.item_tables.embeddings["item_id"]
+    for weight, (fan_out, fan_in) in ((table.weight, (3001, 64)), (model.position.weight, (50, 64)), (model.blocks[0].up.weight, (64, 64))):
+        assert abs(float(weight.detach().std()) / (2 / (fan_in + fan_out)) ** 0.5 - 1) < 0.05
+    default = SASRec(num_items=3000, max_len=50, d_model=64, tables=tables)
+    assert abs(float(default.position.weight.detach().std()) - 1.0) < 0.05  # N(0, 1): the 'default' init is unchanged
+    items = torch.tensor([[0, 5, 6]])
+    emb = torch.randn(1, 3, 64)
+    expected = (emb + model.position(torch.arange(47, 50))) * torch.tensor([0.0, 1.0, 1.0]).view(1, 3, 1)
+    assert_close(model._block_input(emb, items), expected)
+    with pytest.raises(ValueError, match="init='he'"):
+        SASRec(num_items=10, init="he")  # type: ignore[arg-type]

@@ -18,11 +18,11 @@ from torch.testing import assert_close
 from lightning_hybrid.testing import run_distributed
 
 
-def _sasrec() -> nn.Module:
+def _sasrec(block: str = "pre_norm") -> nn.Module:
     from lightning_hybrid.models.sasrec import SASRec
 
     torch.manual_seed(0)
-    return SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0)
+    return SASRec(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, mlp_ratio=2, dropout=0.0, block=block)
 
 
 class EncoderModel(nn.Module):
@@ -50,9 +50,9 @@ def _loss(kind: str, model: nn.Module) -> torch.Tensor:
     return model(FEATURES).pow(2).mean()
 
 
-def _run(kind: str, tp: bool, sequence_parallel: bool = False) -> dict[str, Any]:
+def _run(kind: str, tp: bool, sequence_parallel: bool = False, block: str = "pre_norm") -> dict[str, Any]:
     warnings.simplefilter("ignore")
-    model = _sasrec() if kind == "sasrec" else EncoderModel()
+    model = _sasrec(block) if kind == "sasrec" else EncoderModel()
     lengths: list[int] = []
     if kind == "sasrec":
         model.blocks[1].mlp_norm.register_forward_hook(lambda _m, _a, out: lengths.append(_local(out).shape[1]))
@@ -89,12 +89,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).clone()
 
 
-@pytest.mark.parametrize("kind", ["sasrec", "sasrec_sequence_parallel", "encoder_layer_user_plan"])
+@pytest.mark.parametrize(
+    "kind", ["sasrec", "sasrec_sequence_parallel", "sasrec_block_layout", "sasrec_block_layout_sequence_parallel", "encoder_layer_user_plan"]
+)
 def test_tp2_matches_single_process(kind: str) -> None:
     name = "encoder" if kind.startswith("encoder") else "sasrec"
-    sequence_parallel = kind == "sasrec_sequence_parallel"
-    reference = _run(name, tp=False)
-    for result in run_distributed(_run, 2, name, True, sequence_parallel, timeout_s=120):
+    sequence_parallel = kind.endswith("sequence_parallel")
+    block = "sasrec" if "block_layout" in kind else "pre_norm"  # SASRec paper's block: keys/values read the raw stream
+    reference = _run(name, False, False, block)
+    for result in run_distributed(_run, 2, name, True, sequence_parallel, block, timeout_s=120):
         if name == "sasrec":  # inside the stack the residual stream is split along the sequence, or not
             assert set(result["lengths"]) == {4 if sequence_parallel else 8}
         assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)

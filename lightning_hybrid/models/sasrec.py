@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
+from lightning_hybrid.models.blocks import CausalSelfAttentionBlock, causal_padding_mask
 from lightning_hybrid.models.losses import full_softmax_loss, sampled_softmax_loss, token_share
 from lightning_hybrid.optim import GroupedOptimizer
 from lightning_hybrid.parallel import tied_output
@@ -38,51 +39,6 @@ except ImportError as _error:  # the transformer blocks and tables="torch" need 
 
 # feature -> table name (the same names in both table back-ends)
 _TABLE_OF = {"item": "item_id", "category": "category_side", "time": "time_side", "user": "user_side"}
-
-
-class CausalSelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block: causal multi-head self-attention, then a GELU MLP."""
-
-    def __init__(self, d_model: int, num_heads: int, mlp_hidden: int, dropout: float) -> None:
-        super().__init__()
-        if d_model % num_heads != 0:
-            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}.")
-        self.num_heads = num_heads
-        self.attn_norm = nn.LayerNorm(d_model)
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.mlp_norm = nn.LayerNorm(d_model)
-        self.up = nn.Linear(d_model, mlp_hidden)
-        self.down = nn.Linear(mlp_hidden, d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.attn_dropout = dropout
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attn_mask``: [B, 1, L, L] boolean (True = may attend); None means plain causal attention,
-        which lets SDPA pick its fused causal kernels (no padding in the batch)."""
-        h = self.attn_norm(x)
-        # heads from the local projection width and the length from the projections, so a
-        # tensor-parallel split of q/k/v (and a sequence-parallel shard of x) keeps working
-        projected = [proj(h) for proj in (self.q, self.k, self.v)]
-        batch, length = projected[0].shape[:2]
-        q, k, v = (t.view(batch, length, -1, x.shape[-1] // self.num_heads).transpose(1, 2) for t in projected)
-        attn = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=attn_mask is None
-        )
-        x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(batch, length, -1)))
-        return x + self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)))))
-
-
-def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
-    """[B, 1, L, L] boolean mask: position i sees j <= i that is an item; every position sees itself
-    (so a padded query has a defined, ignored output instead of NaN)."""
-    length = items.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
-    real_keys = (items != 0).unsqueeze(1)  # [B, 1, L]
-    eye = torch.eye(length, dtype=torch.bool, device=items.device)
-    return ((causal & real_keys) | eye).unsqueeze(1)
 
 
 class SASRec(pl.LightningModule):
@@ -136,6 +92,13 @@ class SASRec(pl.LightningModule):
         tables: ``"torchrec"`` (an `EmbeddingCollection` that HybridStrategy shards) or
             ``"torch"`` (plain ``nn.Embedding`` tables, replicated like any dense layer: for
             dense-only runs where torchrec/fbgemm are not installed; no text tower).
+        block: the transformer block's layout (`lightning_hybrid.models.blocks`): ``"pre_norm"``
+            (GELU MLP) or ``"sasrec"`` (the SASRec paper's: raw keys/values, ReLU feed-forward).
+        init: ``"default"`` (torchrec's table init, positions N(0, 1), torch's layer init) or
+            ``"xavier"`` (item-side tables, positions, the blocks' projections and a separate output
+            Xavier-normal, as RecTools' SASRec that the published Amazon results use).
+        scale_embeddings: multiply the looked-up embeddings by sqrt(d_model) before the positions
+            are added (Transformer/SASRec paper); RecTools' SASRec does not.
     """
 
     def __init__(
@@ -170,6 +133,9 @@ class SASRec(pl.LightningModule):
         sequence_parallel: bool = False,
         output: Literal["separate", "tied"] = "separate",
         tables: Literal["torchrec", "torch"] = "torchrec",
+        block: Literal["pre_norm", "sasrec"] = "pre_norm",
+        init: Literal["default", "xavier"] = "default",
+        scale_embeddings: bool = True,
     ) -> None:
         super().__init__()
         if tables not in ("torchrec", "torch"):
@@ -179,6 +145,8 @@ class SASRec(pl.LightningModule):
                 f"SASRec(tables='torchrec') needs torchrec, which cannot be imported here ({_TORCHREC_ERROR}). Install "
                 "torchrec and fbgemm-gpu (fbgemm-gpu-cpu on CPU), or use SASRec(tables='torch') for plain nn.Embedding tables."
             )
+        if block not in ("pre_norm", "sasrec") or init not in ("default", "xavier"):
+            raise ValueError(f"SASRec(block={block!r}, init={init!r}): use block 'pre_norm' or 'sasrec', init 'default' or 'xavier'.")
         if tables == "torch" and text_tower:
             raise ValueError("SASRec(tables='torch', text_tower=True): the text tower needs torchrec tables; use tables='torchrec'.")
         if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
@@ -209,8 +177,12 @@ class SASRec(pl.LightningModule):
         self.position = nn.Embedding(max_len, d_model)
         self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            CausalSelfAttentionBlock(d_model, num_heads, d_model * mlp_ratio, dropout) for _ in range(num_blocks)
+            CausalSelfAttentionBlock(d_model, num_heads, d_model * mlp_ratio, dropout, layout=block) for _ in range(num_blocks)
         )
+        if init == "xavier":
+            for param in [*self.position.parameters(), *self.blocks.parameters()]:
+                if param.dim() > 1:
+                    nn.init.xavier_normal_(param)
         self.final_norm = nn.LayerNorm(d_model)
         self.val_metrics = RankingMetrics(eval_ks or [10, 20], prefix="val_")
         self.test_metrics = RankingMetrics(eval_ks or [10, 20], prefix="test_")
@@ -243,6 +215,11 @@ class SASRec(pl.LightningModule):
         if self.hparams.get("output", "separate") == "separate":
             self.output = nn.Linear(d_model, num_items + 1, bias=False)
             nn.init.normal_(self.output.weight, std=d_model**-0.5)
+        if self.hparams.get("init", "default") == "xavier":
+            # the unsharded tables' values are what HybridStrategy shards (lightning_hybrid.parallel.embedding)
+            tables = self.item_tables.values() if isinstance(self.item_tables, nn.ModuleDict) else self.item_tables.embeddings.values()
+            for weight in [t.weight for t in tables] + ([self.output.weight] if hasattr(self, "output") else []):
+                nn.init.xavier_normal_(weight)
         mask = torch.zeros(num_items + 1)
         mask[0] = float("-inf")
         self.register_buffer("padding_score_mask", mask, persistent=False)
@@ -256,7 +233,9 @@ class SASRec(pl.LightningModule):
             tables=[EmbeddingConfig(name="text_token", embedding_dim=d_model, num_embeddings=vocab_size, feature_names=["token"])]
         )
         self.text_encoder = nn.ModuleList(
-            CausalSelfAttentionBlock(d_model, self.hparams.num_heads, d_model * self.hparams.mlp_ratio, self.hparams.dropout)
+            CausalSelfAttentionBlock(
+                d_model, self.hparams.num_heads, d_model * self.hparams.mlp_ratio, self.hparams.dropout, layout=self.hparams.get("block", "pre_norm")
+            )
             for _ in range(self.hparams.text_blocks)
         )
         self.text_proj = nn.Linear(d_model, d_model)
@@ -373,7 +352,8 @@ class SASRec(pl.LightningModule):
         """Scaled embeddings + positions, padding zeroed: the input of the first block."""
         length = items.shape[1]
         positions = torch.arange(self.max_len - length, self.max_len, device=items.device)
-        x = emb * math.sqrt(emb.shape[-1]) + self.position(positions)
+        scale = math.sqrt(emb.shape[-1]) if self.hparams.get("scale_embeddings", True) else 1.0
+        x = emb * scale + self.position(positions)
         return self.input_dropout(x) * (items != 0).unsqueeze(-1)
 
     def table_kernels(self) -> dict[str, str]:
