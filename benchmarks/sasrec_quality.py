@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 M = "--model.init_args."
 
@@ -73,14 +75,28 @@ def _metrics(run_root: Path) -> list[dict[str, str]]:
     return rows
 
 
+def _recipe_paths(recipe: Path, workdir: Path) -> tuple[Path, Path]:
+    """The recipe's run directory (``trainer.default_root_dir``) and its best checkpoint (the
+    ModelCheckpoint's ``dirpath``/``filename``), relative to ``workdir`` as the CLI resolves them:
+    a copy of a recipe (e.g. with another validation cadence) keeps the paths it names."""
+    config = yaml.safe_load(recipe.read_text())
+    trainer = config.get("trainer", {})
+    run_dir = workdir / trainer.get("default_root_dir", f"runs/{recipe.stem}")
+    for callback in trainer.get("callbacks", []):
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            args = callback.get("init_args", {})
+            return run_dir, workdir / args.get("dirpath", run_dir / "checkpoints") / f"{args.get('filename', 'best')}.ckpt"
+    raise ValueError(f"{recipe}: no ModelCheckpoint callback, so no best.ckpt to test; add one as recipes/sasrec_format.yaml does.")
+
+
 def run_variant(name: str, overrides: list[str], *, recipe: Path, data: str, extra: list[str], workdir: Path) -> dict[str, Any]:
     """fit + test of one variant in ``workdir``; returns its row (raises with the log on failure)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "offline"}
     common = ["-c", str(recipe), f"--data.init_args.path={data}", *extra, *overrides]
-    run_dir = workdir / "runs" / recipe.stem
+    run_dir, best = _recipe_paths(recipe, workdir)
     started = time.perf_counter()
-    for stage, args in (("fit", common), ("test", [*common, f"--ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"])):
+    for stage, args in (("fit", common), ("test", [*common, f"--ckpt_path={best}"])):
         log = workdir / f"{stage}.log"
         with log.open("w") as out:
             rc = subprocess.run([*_cli(), stage, *args], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT).returncode

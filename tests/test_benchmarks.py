@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -152,3 +154,21 @@ def test_sasrec_quality_smoke_runs_the_amazon_recipe_as_shipped(tmp_path: Path) 
     assert 0 < row["test_ndcg@10"] <= row["test_hr@10"] <= row["test_hr@20"] <= 1, row
     assert row["test_ndcg@10"] <= row["test_ndcg@20"], row
     assert "recipe" in stdout
+
+
+def test_sasrec_quality_tests_the_checkpoint_a_recipe_copy_names(tmp_path: Path) -> None:
+    """A copy of the recipe under another name (e.g. validated every epoch) keeps the run
+    directory and best.ckpt it names; the benchmark used to look under runs/<file stem>/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sasrec_quality", ROOT / "benchmarks" / "sasrec_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copy = tmp_path / "every_epoch.yaml"
+    copy.write_text((ROOT / "recipes" / "sasrec_format.yaml").read_text().replace("check_val_every_n_epoch: 5", "check_val_every_n_epoch: 1"))
+    run_dir, best = module._recipe_paths(copy, tmp_path / "w")
+    assert (run_dir, best) == (tmp_path / "w" / "runs/sasrec_format", tmp_path / "w" / "runs/sasrec_format/checkpoints/best.ckpt")
+    no_checkpoint = tmp_path / "bare.yaml"
+    no_checkpoint.write_text("trainer:\n  max_epochs: 1\n")
+    with pytest.raises(ValueError, match="no ModelCheckpoint callback"):
+        module._recipe_paths(no_checkpoint, tmp_path)
