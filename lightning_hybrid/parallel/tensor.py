@@ -10,7 +10,7 @@ e.g. ``"blocks.*.q"``) to torch's ParallelStyles or their names:
 Column-wise layers keep their output local (each rank computes ``1/tp`` of the heads or of the MLP
 width); the row-wise layer after them all-reduces, so every block's input and output stay
 replicated on the ``tp`` axis and the rest of the model (norms, embeddings, loss) is unchanged.
-`reference_plan` is the plan of `lightning_hybrid.models.sasrec.CausalSelfAttentionBlock` stacks.
+`reference_plan` is the plan of `lightning_hybrid.models.blocks.CausalSelfAttentionBlock` stacks (either layout).
 A plan may also be a callable ``plan(module, tp_mesh)`` that parallelises the module itself.
 
 Style names (`STYLE_NAMES`):
