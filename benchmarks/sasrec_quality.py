@@ -83,10 +83,14 @@ def _recipe_paths(recipe: Path, workdir: Path) -> tuple[Path, Path]:
     trainer = config.get("trainer", {})
     run_dir = workdir / trainer.get("default_root_dir", f"runs/{recipe.stem}")
     for callback in trainer.get("callbacks", []):
-        if str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
-            args = callback.get("init_args", {})
-            return run_dir, workdir / args.get("dirpath", run_dir / "checkpoints") / f"{args.get('filename', 'best')}.ckpt"
-    raise ValueError(f"{recipe}: no ModelCheckpoint callback, so no best.ckpt to test; add one as recipes/sasrec_format.yaml does.")
+        args = callback.get("init_args", {}) if str(callback.get("class_path", "")).endswith("ModelCheckpoint") else {}
+        if args.get("dirpath") and args.get("filename"):
+            return run_dir, workdir / args["dirpath"] / f"{args['filename']}.ckpt"
+    # (without both, Lightning names the file by epoch and step under the logger's version folder)
+    raise ValueError(
+        f"{recipe}: no ModelCheckpoint callback with dirpath and filename, so no known best checkpoint to test; "
+        "add one as recipes/sasrec_format.yaml does (dirpath: runs/.../checkpoints, filename: best)."
+    )
 
 
 def run_variant(name: str, overrides: list[str], *, recipe: Path, data: str, extra: list[str], workdir: Path) -> dict[str, Any]:

@@ -170,5 +170,5 @@ def test_sasrec_quality_tests_the_checkpoint_a_recipe_copy_names(tmp_path: Path)
     assert (run_dir, best) == (tmp_path / "w" / "runs/sasrec_format", tmp_path / "w" / "runs/sasrec_format/checkpoints/best.ckpt")
     no_checkpoint = tmp_path / "bare.yaml"
     no_checkpoint.write_text("trainer:\n  max_epochs: 1\n")
-    with pytest.raises(ValueError, match="no ModelCheckpoint callback"):
+    with pytest.raises(ValueError, match="no ModelCheckpoint callback with dirpath and filename"):
         module._recipe_paths(no_checkpoint, tmp_path)

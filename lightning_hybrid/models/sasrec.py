@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn import functional as F
 
 from lightning_hybrid.metrics import RankingMetrics, target_ranks
-from lightning_hybrid.models.blocks import CausalSelfAttentionBlock, causal_padding_mask
+from lightning_hybrid.models.blocks import LAYOUTS, CausalSelfAttentionBlock, causal_padding_mask
 from lightning_hybrid.models.losses import full_softmax_loss, sampled_softmax_loss, token_share
 from lightning_hybrid.optim import GroupedOptimizer
 from lightning_hybrid.parallel import tied_output
@@ -145,8 +145,8 @@ class SASRec(pl.LightningModule):
                 f"SASRec(tables='torchrec') needs torchrec, which cannot be imported here ({_TORCHREC_ERROR}). Install "
                 "torchrec and fbgemm-gpu (fbgemm-gpu-cpu on CPU), or use SASRec(tables='torch') for plain nn.Embedding tables."
             )
-        if block not in ("pre_norm", "sasrec") or init not in ("default", "xavier"):
-            raise ValueError(f"SASRec(block={block!r}, init={init!r}): use block 'pre_norm' or 'sasrec', init 'default' or 'xavier'.")
+        if block not in LAYOUTS or init not in ("default", "xavier"):
+            raise ValueError(f"SASRec(block={block!r}, init={init!r}): use block one of {LAYOUTS}, init 'default' or 'xavier'.")
         if tables == "torch" and text_tower:
             raise ValueError("SASRec(tables='torch', text_tower=True): the text tower needs torchrec tables; use tables='torchrec'.")
         if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
