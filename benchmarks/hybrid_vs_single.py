@@ -159,7 +159,7 @@ def _worker(
     )
     data = SequenceDataModule(
         format="synthetic", max_len=cfg["max_len"], batch_size=per_replica, synthetic_users=users, synthetic_items=cfg["items"],
-        drop_last=True, **shape,
+        drop_last=True, length_group=32 if lengths == "long_tail" else 1, **shape,  # (length-grouped: a throughput benchmark)
     )
     records: list[dict[str, float]] = []
     bytes_sent: dict[str, list[float]] = {axis: [] for axis in AXES}

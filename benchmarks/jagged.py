@@ -7,14 +7,17 @@ after the other in one run:
 
   padded: ``SequenceDataModule(batching="padded")`` + ``SASRec(padding_lookups=True)``: every batch
           ``max_len`` wide, random batches, padding ids looked up (the behaviour before 0.2);
-  jagged: the defaults: batches cut to their longest sequence, grouped by length, only real ids
-          looked up; ``jagged+balanced_rows``: also ``row_balance_shards=2`` (items renumbered by
-          frequency so each row-wise shard serves about the same lookups).
+  jagged: the defaults: batches cut to their longest sequence, drawn at random, only real ids
+          looked up;
+  grouped: jagged with ``length_group=32`` (each run of 32 global batches sorted by length, so a
+          batch holds similar lengths: less padding, but it changes what is learnt, see
+          ``SequenceDataModule``); ``grouped+balanced_rows``: also ``row_balance_shards=2`` (items
+          renumbered by frequency so each row-wise shard serves about the same lookups).
 
 Per variant and ``max_len`` (50 and 200): samples/s (median step time of the measured steps),
 embedding all-to-all bytes per step, ids looked up per rank and served per shard (max/mean over
 the shards: row 0, the padding id, lives on shard 0), real tokens per rank (max/mean). Ratios
-jagged / padded are printed.
+jagged / padded and grouped / padded are printed.
 
     python benchmarks/jagged.py            # ~3 min on 2 cores; writes benchmarks/results/jagged.json
     python benchmarks/jagged.py --smoke    # what the test suite runs
@@ -82,7 +85,7 @@ class Probe(Callback):
             Path(self.out).write_text(json.dumps(self.rows[self.warmup :]))
 
 
-def _child(batching: str, max_len: int, size: str, balance_rows: bool, out: str) -> None:
+def _child(variant: str, max_len: int, size: str, balance_rows: bool, out: str) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
@@ -94,10 +97,12 @@ def _child(batching: str, max_len: int, size: str, balance_rows: bool, out: str)
     from lightning_hybrid.models.sasrec import SASRec
 
     cfg = SIZES[size]
+    batching = "padded" if variant == "padded" else "jagged"
     probe = Probe(batching, out, cfg["warmup"])
     data = SequenceDataModule(format="synthetic", max_len=max_len, batch_size=cfg["batch"], synthetic_users=cfg["users"],
                               synthetic_items=cfg["items"], synthetic_min_len=5, synthetic_max_len=204, synthetic_lengths="long_tail",
-                              seed=0, batching=batching, row_balance_shards=SHARDS if balance_rows else None)
+                              seed=0, batching=batching, length_group=32 if variant == "grouped" else 1,
+                              row_balance_shards=SHARDS if balance_rows else None)
     torch.manual_seed(0)
     model = SASRec(max_len=max_len, d_model=64, num_blocks=2, num_heads=2, dropout=0.0, padding_lookups=batching == "padded")
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=HybridStrategy(launcher="spawn", monitor=False, embedding_sharding={"item_id": "row_wise"}),
@@ -106,8 +111,9 @@ def _child(batching: str, max_len: int, size: str, balance_rows: bool, out: str)
     trainer.fit(model, datamodule=data)
 
 
-def run_variant(batching: str, max_len: int, size: str, balance_rows: bool = False) -> dict[str, float]:
-    rows = run_in_fresh_interpreter("benchmarks.jagged", "_child", [batching, max_len, size, balance_rows], what=f"{batching} max_len={max_len}")
+def run_variant(variant: str, max_len: int, size: str, balance_rows: bool = False) -> dict[str, float]:
+    """``variant``: ``padded``, ``jagged`` or ``grouped`` (module docstring)."""
+    rows = run_in_fresh_interpreter("benchmarks.jagged", "_child", [variant, max_len, size, balance_rows], what=f"{variant} max_len={max_len}")
     step = statistics.median(r["step_s"] for r in rows)
     mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
     return {
@@ -129,24 +135,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = "smoke" if args.smoke else "full"
     results: dict[str, Any] = {}
     for max_len in (50, 200):
-        for batching in ("padded", "jagged"):
-            results[f"{batching}@{max_len}"] = run_variant(batching, max_len, size)
+        for variant in ("padded", "jagged", "grouped"):
+            results[f"{variant}@{max_len}"] = run_variant(variant, max_len, size)
     # the item rows renumbered by frequency over the 2 row-wise shards
-    results["jagged+balanced_rows@50"] = run_variant("jagged", 50, size, balance_rows=True)
+    results["grouped+balanced_rows@50"] = run_variant("grouped", 50, size, balance_rows=True)
     print("| variant | samples/s | step (ms) | batch width | embedding bytes/step | ids looked up/rank | served max/mean over shards | tokens max/mean over ranks |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['samples_per_s']:.0f} | {r['step_ms']:.1f} | {r['batch_width']:.1f} | {r['embedding_bytes_per_step']:.0f} | "
               f"{r['ids_looked_up_per_rank']:.0f} | {r['served_per_shard_max_over_mean']:.2f} | {r['tokens_per_rank_max_over_mean']:.3f} |")
-    ratios = {}
-    for max_len in (50, 200):
-        p, j = results[f"padded@{max_len}"], results[f"jagged@{max_len}"]
-        ratios[max_len] = {"samples_per_s": j["samples_per_s"] / p["samples_per_s"],
-                           "embedding_bytes": j["embedding_bytes_per_step"] / max(p["embedding_bytes_per_step"], 1.0)}
-        print(f"| jagged / padded @ {max_len} | {ratios[max_len]['samples_per_s']:.2f}x samples/s | | | "
-              f"{ratios[max_len]['embedding_bytes']:.3f}x bytes | | | |")
+    ratios: dict[str, dict[int, dict[str, float]]] = {"jagged": {}, "grouped": {}}
+    for variant in ratios:
+        for max_len in (50, 200):
+            p, j = results[f"padded@{max_len}"], results[f"{variant}@{max_len}"]
+            ratios[variant][max_len] = {"samples_per_s": j["samples_per_s"] / p["samples_per_s"],
+                                        "embedding_bytes": j["embedding_bytes_per_step"] / max(p["embedding_bytes_per_step"], 1.0)}
+            print(f"| {variant} / padded @ {max_len} | {ratios[variant][max_len]['samples_per_s']:.2f}x samples/s | | | "
+                  f"{ratios[variant][max_len]['embedding_bytes']:.3f}x bytes | | | |")
     summary = {"command": "python benchmarks/jagged.py" + (" --smoke" if args.smoke else ""), "size": SIZES[size], "results": results,
-               "jagged_over_padded": ratios}
+               "jagged_over_padded": ratios["jagged"], "grouped_over_padded": ratios["grouped"]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2))
     return summary

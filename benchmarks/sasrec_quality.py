@@ -148,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{M}max_len=20", f"{M}d_model=16", "--data.init_args.batch_size=16"]
     if not args.data:
         parser.error("--data is required (or --smoke)")
-    recipe = Path(args.recipe) if args.recipe else ROOT / "recipes" / ("sasrec_format.yaml" if str(args.data).endswith(".txt") else "movielens.yaml")
+    recipe = Path(args.recipe).resolve() if args.recipe else ROOT / "recipes" / ("sasrec_format.yaml" if str(args.data).endswith(".txt") else "movielens.yaml")
     workroot = Path(args.workdir or tempfile.mkdtemp(prefix="sasrec_quality_"))
     data = str(Path(args.data).resolve())
-    results = {"data": data, "recipe": str(recipe.relative_to(ROOT) if recipe.resolve().is_relative_to(ROOT) else recipe),
+    results = {"data": data, "recipe": str(recipe.relative_to(ROOT) if recipe.is_relative_to(ROOT) else recipe),
                "extra": extra, "rows": []}
     print(f"{'variant':22s} {'test HR@10':>10s} {'NDCG@10':>8s} {'HR@20':>7s} {'NDCG@20':>8s} {'val NDCG@10':>11s} {'best ep':>7s} {'epochs':>6s} {'fit s':>6s}")
     for name in names:

@@ -115,6 +115,24 @@ def test_token_balanced_split_hand_computed() -> None:
     assert max(sums) / (sum(sums) / 4) <= 1.01 and all(len(p) == 64 for p in split)
 
 
+def test_the_default_training_batches_are_uniformly_random() -> None:
+    """``length_group=1`` (the data module's default): each global batch holds the samples of one
+    consecutive slice of the epoch's seeded permutation (the reference: torch.randperm with seed +
+    epoch), whatever their lengths; grouping is refused for padded batches, naming the fix."""
+    data = SequenceDataModule(**DATA, batch_size=8)
+    assert data.length_group == 1
+    data.setup("fit")
+    n = len(data.train_set)
+    sampler = data.train_dataloader().sampler
+    sampler.set_epoch(2)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(sampler.seed + 2)).tolist()
+    slices = [set(order[k : k + 8]) for k in range(0, n - n % 8, 8)]
+    batches = [set(b) for b in sampler.global_batches() if len(b) == 8]
+    assert sorted(map(sorted, batches)) == sorted(map(sorted, slices))
+    with pytest.raises(ValueError, match=r"length_group=32, batching='padded'.*length_group=1"):
+        SequenceDataModule(**DATA, batching="padded", length_group=32)
+
+
 def test_length_grouped_loader_resumes_mid_epoch_with_the_same_batches() -> None:
     data = SequenceDataModule(**DATA, batch_size=8)
     data.setup("fit")
@@ -170,20 +188,23 @@ def _fit_tokens(strategy_kwargs: dict | None, normalization: str) -> dict:
 
 
 def _dp2_both() -> dict:
-    return {n: _fit_tokens({"embedding_sharding": {"item_id": "row_wise"}}, n) for n in ("global_tokens", "per_rank")}
+    return {n: _fit_tokens({"embedding_sharding": {"item_id": "row_wise"}}, n) for n in ("global_tokens", "epoch_tokens", "per_rank")}
 
 
 def test_global_token_normalisation_makes_dp_equal_one_process() -> None:
     """dp=2 on long-tailed sequences split at random (unequal targets per rank): with the loss
-    normalised over the global batch's targets the parameters equal one process on that batch;
-    each rank's own mean (per_rank) does not."""
+    normalised over the global batch's targets (or the epoch's, the same here) the parameters
+    equal one process on that batch; each rank's own mean (per_rank) does not."""
     from lightning_hybrid.testing import run_distributed
 
     reference = _fit_tokens(None, "global_tokens")["state"]
     ranks = run_distributed(_dp2_both, 2, init_process_group=False, timeout_s=300)
-    exact = ranks[0]["global_tokens"]["state"]
-    for key, value in reference.items():
-        assert_close(exact[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    # (every user in each global batch: the epoch's mean targets per global batch are this batch's,
+    # so epoch_tokens, with no collective, must land on the same parameters)
+    for normalization in ("global_tokens", "epoch_tokens"):
+        exact = ranks[0][normalization]["state"]
+        for key, value in reference.items():
+            assert_close(exact[key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, n=normalization: f"{n} {k}: {m}")
     per_rank = ranks[0]["per_rank"]["state"]
     assert max(float((per_rank[k] - v).abs().max()) for k, v in reference.items()) > 1e-3
     # utilization/token_imbalance: max/mean of the two ranks' real tokens, logged on both ranks
@@ -191,6 +212,50 @@ def test_global_token_normalisation_makes_dp_equal_one_process() -> None:
     assert len(steps) == 3 and any(a[0] != b[0] for a, b in steps)
     for (t0, logged0), (t1, logged1) in steps:
         assert logged0 == logged1 == pytest.approx(max(t0, t1) / ((t0 + t1) / 2))
+
+
+def _epoch_losses(normalization: str, batch_size: int, batching: str) -> list[float]:
+    """The training losses of one epoch at fixed weights (lr 0, no dropout), one process."""
+    from tests.helpers import LossRecorder, quiet_trainer
+
+    model = _model(loss="full", lr=0.0, table_lr=0.0, loss_normalization=normalization)
+    data = SequenceDataModule(**DATA, batch_size=batch_size, batching=batching)
+    recorder = LossRecorder()
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[recorder], log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, datamodule=data)
+    return recorder.losses
+
+
+def test_epoch_token_normalisation_weighs_every_target_alike_under_length_grouping() -> None:
+    """Length-grouped batches of long-tailed sequences: with ``epoch_tokens`` the epoch's losses
+    sum to (batches x the mean over every target of the epoch), the objective of uniformly
+    shuffled batches (the reference: one batch holding every user); each batch's own mean
+    (``global_tokens``) weighs the short batches' few targets up and misses it."""
+    reference = _epoch_losses("global_tokens", 64, "padded")
+    assert len(reference) == 1
+    for normalization in ("epoch_tokens", "global_tokens"):
+        losses = _epoch_losses(normalization, 2, "jagged")  # (46 training sequences: 23 full batches)
+        assert len(losses) == 23
+        if normalization == "epoch_tokens":
+            assert sum(losses) / len(losses) == pytest.approx(reference[0], rel=1e-5)
+        else:
+            assert abs(sum(losses) / len(losses) - reference[0]) > 0.01 * reference[0]
+
+
+def test_epoch_targets_per_sequence_counts_the_training_targets() -> None:
+    """Hand count: users of 7, 3 and 2 interactions. The last two are held out when a user has 3 or
+    more, so they train on 5, 1 and 2 items: 4 targets, none (the user trains on nothing) and 1,
+    mean 2.5; at max_len 2 the first user's targets are cut to 2, mean 1.5."""
+    import pathlib
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "lines.txt"
+        path.write_text("1 1 2 3 4 5 6 7\n2 1 2 3\n3 4 5\n")
+        assert SequenceDataModule(format="sasrec", path=str(path), max_len=50).train_targets_per_sequence() == pytest.approx(2.5)
+        assert SequenceDataModule(format="sasrec", path=str(path), max_len=2).train_targets_per_sequence() == pytest.approx(1.5)
 
 
 def test_rows_balanced_over_shards_even_out_the_lookups_each_shard_serves() -> None:
@@ -216,3 +281,17 @@ def test_rows_balanced_over_shards_even_out_the_lookups_each_shard_serves() -> N
         assert served(balanced, shards) <= 1.10
         assert sorted(balanced.load().item_ids) == sorted(raw.load().item_ids)
         assert balanced.state_dict()["item_ids"] == list(balanced.load().item_ids) != list(raw.load().item_ids)
+
+
+def test_epoch_tokens_without_the_data_modules_count_warns_and_a_bad_count_is_refused() -> None:
+    from lightning_hybrid.models.losses import epoch_targets_per_sequence
+
+    with pytest.warns(UserWarning, match=r"has no train_targets_per_sequence\(\).*'global_tokens'"):
+        assert epoch_targets_per_sequence(object()) == 0.0
+
+    class Empty:
+        def train_targets_per_sequence(self) -> float:
+            return 0.0
+
+    with pytest.raises(ValueError, match=r"Empty.train_targets_per_sequence\(\) returned 0.0"):
+        epoch_targets_per_sequence(Empty())

@@ -90,7 +90,7 @@ class LLMRec(SASRec):
         tensor_parallel_output: Literal["replicated", "gathered", "vocab_parallel"] = "replicated",
         text_tower: bool = False,
         text_blocks: int = 1,
-        loss_normalization: Literal["global_tokens", "per_rank"] = "global_tokens",
+        loss_normalization: Literal["epoch_tokens", "global_tokens", "per_rank"] = "epoch_tokens",
     ) -> None:
         config = backbone_config(backbone)
         super().__init__(

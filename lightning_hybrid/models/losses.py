@@ -5,7 +5,8 @@
 table). `full_softmax_loss`: the exact cross-entropy over every item but the padding row, chunked over
 rows (recomputed in backward) once the logits would be large, optionally label-smoothed over the
 items (`item_cross_entropy`). `token_share`: the factor that turns a rank's mean loss into its share of the global
-batch's mean (``loss_normalization="global_tokens"``).
+batch's mean (``loss_normalization="global_tokens"``); `epoch_targets_per_sequence`: what
+``loss_normalization="epoch_tokens"`` divides by, read from the data module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def sampled_softmax_loss(
@@ -123,6 +125,27 @@ def full_softmax_loss(
         h, t = hidden[start : start + step], targets[start : start + step]
         total = total + checkpoint(_chunk_loss_sum, h, weight, bias, t, label_smoothing, use_reentrant=False)
     return total / rows
+
+
+def epoch_targets_per_sequence(datamodule: Any) -> float:
+    """The mean targets per training sequence that ``loss_normalization="epoch_tokens"`` divides by,
+    from the data module's ``train_targets_per_sequence()``; 0.0 (the step's global mean is used
+    instead) with a warning when the data module does not offer it."""
+    per_sequence = getattr(datamodule, "train_targets_per_sequence", None)
+    if per_sequence is None:
+        rank_zero_warn(
+            f"loss_normalization='epoch_tokens': the data module ({type(datamodule).__name__}) has no "
+            "train_targets_per_sequence(), so each step's loss is its global batch's mean ('global_tokens'). "
+            "Add the method (the mean number of target positions per training sequence) to weigh every target alike."
+        )
+        return 0.0
+    value = float(per_sequence())
+    if not value > 0:
+        raise ValueError(
+            f"loss_normalization='epoch_tokens': {type(datamodule).__name__}.train_targets_per_sequence() returned "
+            f"{value}; it must be the (positive) mean number of target positions per training sequence."
+        )
+    return value
 
 
 def token_share(module: Any, tokens: int) -> float:
