@@ -468,14 +468,14 @@ class SASRec(pl.LightningModule):
             self.sampling_probs.copy_(counts / counts.sum())
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if not bool((batch["target"] != 0).any()):
+        tokens = int((batch["target"] != 0).sum())  # (one host sync: the check and the loss's weight)
+        if tokens == 0:
             raise ValueError(
                 f"SASRec: training batch {batch_idx} has no target positions (every sequence is empty or all "
                 "padding), so its loss is undefined. Drop users with fewer than 2 interactions from the data."
             )
         hidden = self.encode(batch["input"], batch.get("user"), batch.get("time"))
         loss = self._loss(hidden, batch["target"])
-        tokens = int((batch["target"] != 0).sum())
         self.log("train_loss", loss, prog_bar=True, batch_size=tokens)
         normalization = self.hparams.loss_normalization
         if normalization == "epoch_tokens" and self._targets_per_sequence:
