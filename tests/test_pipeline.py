@@ -59,7 +59,13 @@ def _fit(
     optimizer = trainer.optimizers[0]
     momentum = {n: optimizer.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters() if optimizer.state[p].get("momentum_buffer") is not None}
     runner = getattr(trainer.strategy, "pipeline_runner", None)
-    return {"losses": losses, "state": state, "momentum": momentum, "rebalances": list(runner.rebalances) if runner else []}
+    exchange = getattr(trainer.strategy, "dense_exchange", None)
+    overlap = exchange.overlap if exchange is not None else None
+    return {
+        "losses": losses, "state": state, "momentum": momentum, "rebalances": list(runner.rebalances) if runner else [],
+        # buckets the last step's exchange started from gradient hooks, during the schedule
+        "overlapped_buckets": overlap.started_in_backward if overlap is not None else None,
+    }
 
 
 def _check(reference: dict[str, Any], ranks: list[dict[str, Any]], replicas: list[int]) -> None:
@@ -110,15 +116,43 @@ def test_pp2_matches_single_process(schedule: str) -> None:
 SLOW_RANK = {"momentum": 0.9, "slow_pp_rank": 1}
 
 
+def _fit_dp2_pair(kwargs: dict[str, Any], clip: float, model: dict[str, Any] | None) -> dict[str, Any]:
+    # one 4-process job for both dp=2 fits: rebalanced (dp exchange after the schedule) and not
+    # (the exact exchange overlapped with the schedule's backward, bucket_mb small enough for
+    # several buckets)
+    from lightning_hybrid.comm import overlap
+
+    rebalanced = _fit(4, kwargs, clip, 3, 1, model)
+    plain = {k: v for k, v in kwargs.items() if k != "pipeline_rebalance_every"}
+    default_mb = overlap.OverlappedAllReduce.__init__.__kwdefaults__["bucket_mb"]
+    overlap.OverlappedAllReduce.__init__.__kwdefaults__["bucket_mb"] = 0.002
+    try:
+        overlapped = _fit(4, plain, clip, 3, 1, model)
+    finally:
+        overlap.OverlappedAllReduce.__init__.__kwdefaults__["bucket_mb"] = default_mb
+    return {"rebalanced": rebalanced, "overlapped": overlapped}
+
+
 @pytest.mark.parametrize(
     ("extra", "replicas", "clip", "model"),
     [({"data_parallel": 2, "pipeline_rebalance_every": 2}, [0, 1], 0.05, SLOW_RANK), ({"tensor_parallel": 2}, [0], 0.0, None)],
-    ids=["pp2xdp2-clipped-rebalanced", "pp2xtp2"],
+    ids=["pp2xdp2-clipped-rebalanced-and-overlapped", "pp2xtp2"],
 )
 def test_pp2_with_dp2_or_tp2_on_4_processes(extra: dict[str, Any], replicas: list[int], clip: float, model: dict[str, Any] | None) -> None:
     reference = _fit(1, None, clip=clip, model=model)
     kwargs = {"pipeline_parallel": 2, "pipeline_schedule": "1f1b", "embedding_sharding": {"item_id": "row_wise"}, **extra}
-    ranks = run_distributed(_fit, 4, 4, kwargs, clip, 3, 1, model, init_process_group=False, timeout_s=300)
+    if "data_parallel" in extra:
+        pairs = run_distributed(_fit_dp2_pair, 4, kwargs, clip, model, init_process_group=False, timeout_s=300)
+        ranks = [pair["rebalanced"] for pair in pairs]
+        # without the balancer the dp exchange overlaps the schedule's backward: buckets start
+        # from the gradient hooks at each stage parameter's last microbatch, and the run still
+        # equals one process
+        overlapped = [pair["overlapped"] for pair in pairs]
+        assert all(r["overlapped_buckets"] is None for r in ranks)
+        assert all(r["overlapped_buckets"] > 0 for r in overlapped), [r["overlapped_buckets"] for r in overlapped]
+        _check(reference, overlapped, replicas=replicas)
+    else:
+        ranks = run_distributed(_fit, 4, 4, kwargs, clip, 3, 1, model, init_process_group=False, timeout_s=300)
     # mesh (pp, dp, tp): with dp=2 ranks 0 and 1 are the two replicas of stage 0
     _check(reference, ranks, replicas=replicas)
     if "pipeline_rebalance_every" in extra:

@@ -9,8 +9,10 @@ Two paths, chosen by `DenseExchange.build`:
   local SGD / async: they decide themselves when to communicate): after backward, the dense
   gradients go through the compressor (`after_backward`), or `StaleGradients` starts their
   all-reduce, or `LocalSGD` averages the weights after the optimizer step. The exact
-  synchronous exchange without pipeline stages overlaps with backward instead
-  (`lightning_hybrid.comm.overlap`: bucketed all-reduces started from gradient hooks).
+  synchronous exchange overlaps with backward instead (`lightning_hybrid.comm.overlap`:
+  bucketed all-reduces started from gradient hooks): under tensor parallelism always, under a
+  scheduled pipeline when the strategy passes ``pipeline_overlap`` (see `HybridStrategy`: not
+  with gradient accumulation, the zero-bubble schedule or the adaptive balancer).
 
 With ``GradientCompression(hierarchical=True)`` and dp ranks on several nodes, the compressor is
 exact within each node and compressed across nodes (groups from `lightning_hybrid.mesh`).
@@ -92,10 +94,13 @@ class DenseExchange:
         local_sgd_warmup_steps: int = 0,
         async_staleness: int = 1,
         sync_allowed: Callable[[], bool] = lambda: True,
+        pipeline_overlap: tuple[Callable[[], int], Sequence[torch.nn.Parameter]] | None = None,
     ) -> DenseExchange:
         """``explicit_params``: the dense parameters to exchange after backward (None: DDP does,
         with the compressor as its hook). ``sync_allowed``: False while gradients accumulate
-        without an exchange (the strategy's ``no_sync``), read by the overlapped exchange's hooks."""
+        without an exchange (the strategy's ``no_sync``), read by the overlapped exchange's hooks.
+        ``pipeline_overlap``: (the schedule's microbatches per step, the stages' parameters) to
+        overlap the exact exchange with a pipeline's backward (None with pp > 1: after it)."""
         compressor = build_dp_compressor(compression, mesh, local_world_size=local_world_size)
         if explicit_params is None:
             return cls(compressor)
@@ -103,6 +108,11 @@ class DenseExchange:
         local_sgd = stale = overlap = None
         if mode == "sync" and type(compressor) is NoCompression and mesh["pp"].size() == 1:
             overlap = OverlappedAllReduce(explicit_params, group, counter=compressor.counter, armed=sync_allowed)
+        elif mode == "sync" and type(compressor) is NoCompression and pipeline_overlap is not None:
+            arrivals, stage_params = pipeline_overlap
+            overlap = OverlappedAllReduce(
+                explicit_params, group, counter=compressor.counter, armed=sync_allowed, arrivals=arrivals, hooked=stage_params
+            )
         elif mode == "local_sgd":
             local_sgd = LocalSGD(explicit_params, group, counter=compressor.counter, period=local_sgd_period, warmup_steps=local_sgd_warmup_steps)
         elif mode == "async":

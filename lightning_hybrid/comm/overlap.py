@@ -18,9 +18,16 @@ is skipped), waits for all, and writes the averages back: the same numbers as
 
 Hooks act only while ``armed()`` says so (the strategy: not inside ``no_sync`` gradient
 accumulation), so accumulating micro-batches exchange once, on the last one. Used for
-``data_parallel_mode="sync"`` without compression and without pipeline stages (a pipeline runs
-several backwards per step, and its shared layers are summed first); the rest keeps the
-after-backward exchange.
+``data_parallel_mode="sync"`` without compression; the rest keeps the after-backward exchange.
+
+Under a scheduled pipeline a step runs one backward per microbatch, so a stage parameter's
+gradient is final only at its ``arrivals()``-th hook of the step (the schedule's microbatch
+count); only ``hooked`` parameters (the stages' own) are counted, the rest (e.g. a replicated
+table outside the stages, whose gradient the pipeline sums over its ranks after the schedule)
+never start a bucket from a hook and go out in `finish`. The averages are written into each
+parameter's gradient as it is at `finish` (the pipeline step sets gradients aside and puts them
+back between the schedule and the exchange); a parameter that has none by then (a skipped
+non-finite step) is left without one.
 """
 
 from __future__ import annotations
@@ -46,12 +53,18 @@ class OverlappedAllReduce:
         counter: ByteCounter,
         armed: Callable[[], bool] = lambda: True,
         bucket_mb: float = 25.0,
+        arrivals: Callable[[], int] = lambda: 1,
+        hooked: Sequence[torch.nn.Parameter] | None = None,
     ) -> None:
+        """``arrivals()``: backward passes per step that reach each hooked parameter (1; a
+        pipeline's microbatch count); ``hooked``: the parameters whose hooks count (None: all)."""
         if bucket_mb <= 0:
             raise ValueError(f"OverlappedAllReduce(bucket_mb={bucket_mb!r}) must be > 0.")
-        self.group, self.counter, self.armed = group, counter, armed
+        self.group, self.counter, self.armed, self.arrivals = group, counter, armed, arrivals
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.params = list(params)
+        self._hooked = {id(p) for p in (self.params if hooked is None else hooked)}
+        self.started_in_backward = 0  # buckets the last step started from hooks (the overlap achieved)
         self.cap = bucket_mb * 2**20
         self._arrival: list[int] | None = []  # parameter indices in gradient order (until rebuilt)
         self._build(list(reversed(range(len(self.params)))))
@@ -84,13 +97,18 @@ class OverlappedAllReduce:
     def _reset(self) -> None:
         self._ready_count = [0] * len(self.buckets)
         self._seen: set[int] = set()
+        self._hits: dict[int, int] = {}  # hook calls this step, per parameter (pipelines: one per microbatch)
         self._next = 0  # the next bucket to start (they start in index order)
         self._in_flight: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
 
     def _ready(self, param: torch.nn.Parameter) -> None:
-        if self.world == 1 or not self.armed() or id(param) in self._seen:
+        key = id(param)
+        if self.world == 1 or key not in self._hooked or key in self._seen or not self.armed():
             return
-        self._seen.add(id(param))
+        self._hits[key] = self._hits.get(key, 0) + 1
+        if self._hits[key] < self.arrivals():
+            return  # more microbatches will add to this gradient
+        self._seen.add(key)
         if self._arrival is not None:
             self._arrival.append(self._index[id(param)])
         self._ready_count[self._bucket_of[id(param)]] += 1
@@ -99,18 +117,19 @@ class OverlappedAllReduce:
             self._next += 1
 
     def _start(self, index: int) -> None:
-        grads = [local_tensor(p.grad) for p in self.buckets[index] if p.grad is not None]
-        if not grads:
+        params = [p for p in self.buckets[index] if p.grad is not None]
+        if not params:
             return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = torch.cat([local_tensor(p.grad).reshape(-1).float() for p in params])
         self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), self.world))
         work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self._in_flight.append((work, flat, grads))
+        self._in_flight.append((work, flat, params))
 
     def finish(self) -> None:
         """Start what backward did not, wait for every bucket, write the averages back."""
         if self.world == 1:
             return
+        self.started_in_backward = self._next
         try:
             while self._next < len(self.buckets):
                 self._start(self._next)
@@ -119,12 +138,15 @@ class OverlappedAllReduce:
                 with self.counter.timed(self._in_flight[-1][1]):  # the exposed part of the exchange
                     for work, _, _ in self._in_flight:
                         work.wait()
-            for _, flat, grads in self._in_flight:
+            for _, flat, params in self._in_flight:
                 flat /= self.world
                 offset = 0
-                for g in grads:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
+                for p in params:
+                    n = local_tensor(p).numel()
+                    if p.grad is not None:  # (the gradient as it is now: a pipeline step may have put it back)
+                        g = local_tensor(p.grad)
+                        g.copy_(flat[offset : offset + n].view_as(g))
+                    offset += n
         finally:
             self._reset()
         if self._arrival is not None:  # (the first exchange on every rank alike: the broadcast is collective)

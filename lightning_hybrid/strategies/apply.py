@@ -130,6 +130,22 @@ def _layer_pipeline(model: torch.nn.Module, options: HybridOptions, mesh: Device
     return layers
 
 
+def pipeline_overlap(
+    runner: Any, options: Any, accumulate_grad_batches: int
+) -> tuple[Callable[[], int], list[torch.nn.Parameter]] | None:
+    """What the dp exchange needs to overlap with a scheduled pipeline's backward (its
+    microbatch count, its stages' parameters), or None where it must wait for the schedule:
+    no scheduled pipeline; gradient accumulation (the earlier micro-batches' gradients are set
+    aside during the schedule, so a bucket started then would miss them); the zero-bubble
+    schedule (it writes weight gradients itself, past the hooks); the adaptive balancer (it
+    moves parameters between stages)."""
+    if runner is None or accumulate_grad_batches != 1 or options.pipeline_rebalance_every > 0:
+        return None
+    if runner.schedule_name not in ("gpipe", "1f1b", "interleaved_1f1b"):
+        return None
+    return (lambda: runner.current_microbatches), runner.stage_parameters()
+
+
 def apply_data_parallel(
     model: torch.nn.Module,
     *,
@@ -141,10 +157,12 @@ def apply_data_parallel(
     names: Callable[[], dict[int, str]],
     local_world_size: int,
     sync_allowed: Callable[[], bool] = lambda: True,
+    pipeline_overlap: tuple[Callable[[], int], list[torch.nn.Parameter]] | None = None,
 ) -> tuple[torch.nn.Module, DenseExchange | None]:
     """Step 4 (fitting): FSDP2, DDP, or the explicit exchange over the dense rest; returns (the
     module Lightning should call, the exchange). ``sync_allowed``: False inside the strategy's
-    ``block_backward_sync`` (gradient accumulation)."""
+    ``block_backward_sync`` (gradient accumulation); ``pipeline_overlap``: see
+    `DenseExchange.build`."""
     data = options.data
     dp_group = mesh["dp"].get_group()
 
@@ -153,7 +171,7 @@ def apply_data_parallel(
             mesh=mesh, compression=data.gradient_compression, mode=data.data_parallel_mode, local_world_size=local_world_size,
             explicit_params=explicit, names=names() if explicit is not None else None, local_sgd_period=data.local_sgd_period,
             local_sgd_warmup_steps=data.local_sgd_warmup_steps, async_staleness=data.async_staleness,
-            sync_allowed=sync_allowed,
+            sync_allowed=sync_allowed, pipeline_overlap=pipeline_overlap,
         )
 
     if options.layout.dense_parallel == "fsdp":

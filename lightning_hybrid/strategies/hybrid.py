@@ -359,6 +359,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
             self.model, self._exchange = apply.apply_data_parallel(
                 model, options=options, layout=layout, mesh=self.device_mesh, sharded=sharded, device=self.root_device,
                 names=self._param_names, local_world_size=self.num_processes or 1, sync_allowed=lambda: not self._grad_sync_blocked,
+                pipeline_overlap=apply.pipeline_overlap(self._pipeline, options.pipeline, trainer.accumulate_grad_batches),
             )
         elif not self._is_fsdp():  # (an FSDP-sharded model's shards differ by design)
             data_parallel.broadcast_dense_state(model, ignored_modules=sharded, process_group=self.device_mesh["dp"].get_group())
