@@ -9,6 +9,7 @@ to exact) and test HR@10 / NDCG@10 after the same budget of epochs.
     python benchmarks/compression.py --data ../shared/data/ml-latest-small/ratings.csv
     python benchmarks/compression.py --smoke         # synthetic data, seconds; what the test suite runs
     python benchmarks/compression.py --data ../shared/data/ml-latest-small/ratings.csv --link-rate 1000   # 2 simulated nodes (root)
+    python benchmarks/compression.py --data ... --link-rate 1000 --batch-size 16      # less compute per step
 
 With ``--link-rate R`` the two processes are two simulated nodes (`lightning_hybrid.testing.netns`)
 joined by a link shaped to R Mbit/s, launched by torchrun, one agent per node: the step times then
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression.json"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset (exact is always run)")
     parser.add_argument("--link-rate", type=float, default=None, help="Mbit/s: run on 2 simulated nodes joined by a link of this rate")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"users per process and step (default {FULL['batch_size']})")
+    parser.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {FULL['epochs']})")
     parser.add_argument("--node-worker", nargs=2, metavar=("ARGS_JSON", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.node_worker:
@@ -115,7 +118,9 @@ def main() -> None:
 
         write_worker_result(args.node_worker[1], _worker(*json.loads(args.node_worker[0])))
         return
-    cfg = SMOKE if args.smoke else FULL
+    cfg = dict(SMOKE if args.smoke else FULL)
+    # fewer users per step: less compute per byte of gradient, the regime of a slow link
+    cfg.update({k: v for k, v in (("batch_size", args.batch_size), ("epochs", args.epochs)) if v is not None})
     chosen = ["exact", *[v for v in args.variants.split(",") if v and v != "exact"]]
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:

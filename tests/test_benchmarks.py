@@ -145,7 +145,7 @@ def test_dense_side_runs_without_torchrec(tmp_path: Path) -> None:
 
 
 def test_sasrec_quality_smoke_runs_the_amazon_recipe_as_shipped(tmp_path: Path) -> None:
-    """`recipes/sasrec_format.yaml` as shipped (tied output, 256 negatives per position, seen items
+    """`recipes/sasrec_format.yaml` as shipped (tied output, full softmax shard by shard, seen items
     excluded): fit, then test on best.ckpt, through the CLI, on the smoke's tiny lines (the
     plumbing only: two epochs on 60 users say nothing about quality)."""
     result, stdout = _smoke("sasrec_quality.py", tmp_path / "quality.json", "--workdir", str(tmp_path / "runs"))
