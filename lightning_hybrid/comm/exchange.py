@@ -11,8 +11,9 @@ Two paths, chosen by `DenseExchange.build`:
   all-reduce, or `LocalSGD` averages the weights after the optimizer step. The exact
   synchronous exchange overlaps with backward instead (`lightning_hybrid.comm.overlap`:
   bucketed all-reduces started from gradient hooks): under tensor parallelism always, under a
-  scheduled pipeline when the strategy passes ``pipeline_overlap`` (see `HybridStrategy`: not
-  with gradient accumulation, the zero-bubble schedule or the adaptive balancer).
+  scheduled pipeline when the strategy passes ``pipeline_overlap``
+  (`lightning_hybrid.strategies.apply.pipeline_overlap`: not with gradient accumulation, the
+  zero-bubble schedule or the adaptive balancer).
 
 With ``GradientCompression(hierarchical=True)`` and dp ranks on several nodes, the compressor is
 exact within each node and compressed across nodes (groups from `lightning_hybrid.mesh`).

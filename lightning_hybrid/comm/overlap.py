@@ -99,7 +99,7 @@ class OverlappedAllReduce:
         self._seen: set[int] = set()
         self._hits: dict[int, int] = {}  # hook calls this step, per parameter (pipelines: one per microbatch)
         self._next = 0  # the next bucket to start (they start in index order)
-        self._in_flight: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []
+        self._in_flight: list[tuple[Any, torch.Tensor, list[torch.nn.Parameter]]] = []
 
     def _ready(self, param: torch.nn.Parameter) -> None:
         key = id(param)

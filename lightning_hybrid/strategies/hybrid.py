@@ -494,8 +494,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        # (replicated "data_parallel" tables need nothing here: torchrec wraps their lookup in its
-        # own DDP over the whole world)
+        # (replicated "data_parallel" tables need nothing here: torchrec's own DDP covers them)
         if not self._grad_sync_blocked and self._layers is not None:
             self._layers.sum_shared_gradients()
         if not self._grad_sync_blocked and self._exchange is not None:
