@@ -131,3 +131,28 @@ class GroupedOptimizer(Optimizer):
     def __repr__(self) -> str:
         inner = ", ".join(type(o).__name__ for o in self.optimizers)
         return f"GroupedOptimizer({inner})"
+
+
+def network_and_table_optimizer(
+    params: Iterator[torch.nn.Parameter] | Sequence[torch.nn.Parameter],
+    tables: Sequence[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    table_optimizer: str,
+    table_lr: float,
+) -> GroupedOptimizer:
+    """Adam (AdamW with ``weight_decay``) for every parameter of ``params`` outside ``tables``, and
+    ``table_optimizer`` for the embedding tables: Adagrad, which HybridStrategy runs fused inside
+    backward on CPU and GPU, or Adam, on the dense kernel (torch's rule) unless fused is asked for."""
+    table_ids = {id(p) for p in tables}
+    dense = [p for p in params if id(p) not in table_ids]
+    if weight_decay:
+        dense_opt: Optimizer = torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay)
+    else:
+        dense_opt = torch.optim.Adam(dense, lr=lr, betas=(0.9, 0.98))
+    if table_optimizer == "adagrad":
+        table_opt: Optimizer = torch.optim.Adagrad(tables, lr=table_lr)
+    else:
+        table_opt = torch.optim.Adam(tables, lr=table_lr, betas=(0.9, 0.98))
+    return GroupedOptimizer([dense_opt, table_opt])

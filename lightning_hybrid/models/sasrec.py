@@ -28,7 +28,7 @@ from lightning_hybrid.models.losses import (
     sampled_softmax_loss,
     token_share,
 )
-from lightning_hybrid.optim import GroupedOptimizer
+from lightning_hybrid.optim import network_and_table_optimizer
 from lightning_hybrid.parallel import tied_output
 from lightning_hybrid.specs import PipelineSpec, pipeline_runner, reference_plan
 
@@ -526,23 +526,13 @@ class SASRec(pl.LightningModule):
         return self.item_tables(KeyedJaggedTensor.from_lengths_sync(keys=keys, values=ids, lengths=lengths))["item"].values()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # Adam(W) for the network; the item table gets `table_optimizer`: Adagrad runs fused inside
-        # backward on CPU and GPU; Adam runs on the dense kernel (torch's rule) unless fused is asked for
         tables = list(self.item_tables.parameters())
         if self.hparams.text_tower:
             tables += list(self.text_tables.parameters())
-        table_ids = {id(p) for p in tables}
-        dense = [p for p in self.parameters() if id(p) not in table_ids]
         hp = self.hparams
-        if hp.weight_decay:
-            dense_opt: torch.optim.Optimizer = torch.optim.AdamW(dense, lr=hp.lr, weight_decay=hp.weight_decay)
-        else:
-            dense_opt = torch.optim.Adam(dense, lr=hp.lr, betas=(0.9, 0.98))
-        if hp.table_optimizer == "adagrad":
-            table_opt: torch.optim.Optimizer = torch.optim.Adagrad(tables, lr=hp.table_lr)
-        else:
-            table_opt = torch.optim.Adam(tables, lr=hp.table_lr, betas=(0.9, 0.98))
-        return GroupedOptimizer([dense_opt, table_opt])
+        return network_and_table_optimizer(
+            self.parameters(), tables, lr=hp.lr, weight_decay=hp.weight_decay, table_optimizer=hp.table_optimizer, table_lr=hp.table_lr
+        )
 
     # -- evaluation ----------------------------------------------------------------------------
 
