@@ -17,7 +17,8 @@ TF32 off, GPU vs CPU in separate processes: losses and weights <= 1e-4; the GPU 
 (``torch.cuda.set_sync_debug_mode`` count per step); ``phase_times`` (the monitor's
 ``time/step_s`` against CUDA events the check records itself, a step apart); ``checkpoint`` (sync
 and async save, resume, then ``lightning-hybrid convert`` in a CPU-only process);
-``compressors`` (PowerSGD, top-k, fp16 on CUDA against the same call on CPU); ``loss_memory``
+``compressors`` (PowerSGD, top-k, fp16 on CUDA against the same call on CPU, and on the
+overlapped exchange's worker thread and side stream against the direct call); ``loss_memory``
 (peak memory of the full and sampled softmax step against the estimate); ``block_tflops``
 (`gpu_block_tflops.py`: the reference block against ``nn.TransformerEncoderLayer``, >= 0.9x);
 ``tables`` (with torchrec: fused vs dense kernel, fbgemm's lazy Adam vs torch's on untouched rows).
@@ -251,25 +252,42 @@ def check_compressors(dry: bool) -> dict[str, Any]:
     import torch
 
     from lightning_hybrid.comm import compress as C
+    from lightning_hybrid.comm.overlap import CompressorThread
 
     dev = _device(dry)
     torch.manual_seed(0)
     grads = [torch.randn(256, 256), torch.randn(1024, 64), torch.randn(64)]
+    names = [f"g{i}" for i in range(len(grads))]
+
+    def two_ranks(method: str, extra: dict[str, Any]) -> Any:
+        comp = C.build_compressor(C.GradientCompression(method=method, start_iter=0, **extra), None)
+        comp.__class__ = type("TwoRanks", (comp.__class__,), {"world": property(lambda self: 2)})
+        comp.all_gather = lambda t: [t, t.clone()]  # (two identical ranks: the mean is the input's own approximation)
+        comp.all_reduce_sum = lambda t: t.mul_(2)
+        comp.reduce_on_wire = True  # (fp16: the NCCL path, divided before the low-precision sum)
+        return comp
+
     out: dict[str, Any] = {}
     for method, extra in (("powersgd", {"rank": 4}), ("topk", {"density": 0.01}), ("fp16", {})):
         results = []
         for device in ("cpu", dev):
-            comp = C.build_compressor(C.GradientCompression(method=method, start_iter=0, **extra), None)
-            comp.__class__ = type("TwoRanks", (comp.__class__,), {"world": property(lambda self: 2)})  # noqa: B023
-            comp.all_gather = lambda t: [t, t.clone()]  # (two identical ranks: the mean is the input's own approximation)
-            comp.all_reduce_sum = lambda t: t.mul_(2)
-            comp.reduce_on_wire = True  # (fp16: the NCCL path, divided before the low-precision sum)
             work = [g.to(device).clone() for g in grads]
-            comp.reduce(work, names=[f"g{i}" for i in range(len(work))], iteration=5)
+            two_ranks(method, extra).reduce(work, names=names, iteration=5)
             results.append([w.cpu() for w in work])
-        diff = max(float((a - b).abs().max()) for a, b in zip(*results, strict=True))
-        out[method] = diff
+        # on the worker thread of the overlapped exchange and DDP's hook: on CUDA its side stream
+        # must wait for the stream that wrote the gradients (a long matmul queued just before),
+        # and the caller's stream for the side stream's result
+        thread = CompressorThread(two_ranks(method, extra))
+        base = torch.randn(8192 if dev == "cuda" else 256, 8192 if dev == "cuda" else 256, device=dev)
+        work = [g.to(dev) + (base @ base)[0, 0] * 0 for g in grads]
+        thread.submit(work, work[0], names=names, iteration=5).wait()
+        thread.close()
+        results.append([w.cpu() for w in work])
+        diff = max(float((a - b).abs().max()) for a, b in zip(results[0], results[1], strict=True))
+        threaded = max(float((a - b).abs().max()) for a, b in zip(results[1], results[2], strict=True))
+        out[method] = {"device_vs_cpu": diff, "worker_thread_vs_direct": threaded}
         assert diff <= 1e-4, f"{method}: {dev} differs from CPU by {diff:.2e}"
+        assert threaded <= 1e-6, f"{method}: on the worker thread {dev} differs from the direct call by {threaded:.2e}"
     return out
 
 

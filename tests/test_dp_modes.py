@@ -197,7 +197,7 @@ def _overlapped(bucket_mb: float) -> dict[str, Any]:
 
     from lightning_hybrid.comm.compress import NoCompression
     from lightning_hybrid.comm.exchange import DenseExchange
-    from lightning_hybrid.comm.overlap import OverlappedAllReduce
+    from lightning_hybrid.comm.overlap import OverlappedExchange
     from lightning_hybrid.mesh import build_device_mesh
     from lightning_hybrid.plan import ParallelPlan
 
@@ -220,8 +220,8 @@ def _overlapped(bucket_mb: float) -> dict[str, Any]:
     # overlapped: the first micro-batch under no_sync (hooks disarmed), the second armed; twice
     # (the second time with the buckets rebuilt in the order the gradients came)
     net, allowed = model(), [False]
-    overlap = OverlappedAllReduce(list(net.parameters()), dist.group.WORLD, counter=NoCompression().counter,
-                                  armed=lambda: allowed[0], bucket_mb=bucket_mb)
+    overlap = OverlappedExchange(list(net.parameters()), dist.group.WORLD, compressor=NoCompression(None, dist.group.WORLD),
+                                 armed=lambda: allowed[0], bucket_mb=bucket_mb)
     early, started, grads = [], [], []
     for _ in range(2):
         net.zero_grad(set_to_none=True)
@@ -262,3 +262,103 @@ def test_overlapped_exact_exchange_equals_the_after_backward_average() -> None:
                 assert result["last_bucket"] == ["4.weight", "4.bias"]
             n = sum(p.numel() for p in (torch.nn.Linear(6, 40), torch.nn.Linear(40, 30), torch.nn.Linear(30, 1)) for p in p.parameters())
             assert result["bytes"] == 2 * 2 * (2 - 1) / 2 * n * 4
+
+
+def _overlapped_compressed() -> dict[str, Any]:
+    import threading
+
+    import torch.distributed as dist
+
+    from lightning_hybrid.comm.compress import GradientCompression, build_compressor
+    from lightning_hybrid.comm.exchange import DenseExchange
+    from lightning_hybrid.comm.overlap import WORKER_THREAD_PREFIX, OverlappedExchange
+    from lightning_hybrid.mesh import build_device_mesh
+    from lightning_hybrid.plan import ParallelPlan
+
+    rank, world = dist.get_rank(), dist.group.WORLD
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 40), torch.nn.Tanh(), torch.nn.Linear(40, 30), torch.nn.Linear(30, 1))
+
+    def backward(net: torch.nn.Module, step: int) -> None:
+        gen = torch.Generator().manual_seed(10 * rank + step)
+        net(torch.randn(8, 6, generator=gen)).pow(2).mean().backward()
+
+    mesh = build_device_mesh(ParallelPlan(data_parallel=2), "cpu")
+    out: dict[str, Any] = {}
+    for method in ("fp16", "powersgd", "topk", "sign"):
+        config = GradientCompression(method=method, rank=2, density=0.1, start_iter=1, min_numel=64, error_feedback=True)
+        ref, net = model(), model()
+        names = {id(p): n for n, p in net.named_parameters()}
+        ref_compressor, compressor = build_compressor(config, world), build_compressor(config, world)
+        threads: list[str] = []
+
+        def recording(reduce: Any, _threads: list[str] = threads) -> Any:
+            def recorded(*args: Any, **kwargs: Any) -> None:
+                _threads.append(threading.current_thread().name)
+                reduce(*args, **kwargs)
+
+            return recorded
+
+        compressor.reduce = recording(compressor.reduce)  # type: ignore[method-assign]
+        overlap = OverlappedExchange(list(net.parameters()), world, compressor=compressor, names=names, bucket_mb=1e-4)
+        got, want, started = [], [], []
+        for step in range(4):  # step 0 uncompressed (start_iter), then error feedback carries over
+            ref.zero_grad(set_to_none=True)
+            backward(ref, step)
+            ref_compressor.reduce([p.grad for p in ref.parameters()], names=list(dict(ref.named_parameters())), iteration=step)
+            want.append([p.grad.clone() for p in ref.parameters()])
+            net.zero_grad(set_to_none=True)
+            backward(net, step)
+            overlap.finish()
+            compressor.optimizer_steps += 1
+            started.append(overlap.started_in_backward)
+            got.append([p.grad.clone() for p in net.parameters()])
+        overlap.close()
+        out[method] = {"got": got, "want": want, "started": started, "buckets": len(overlap.buckets),
+                       "threads": sorted(set(threads)), "prefix": WORKER_THREAD_PREFIX}
+        # DDP's path (tp = pp = 1): the compressor as its comm hook, on the worker thread
+        exchange = DenseExchange.build(mesh=mesh, compression=config, mode="sync", local_world_size=2)
+        ddp_net = model()
+        ddp = torch.nn.parallel.DistributedDataParallel(ddp_net, bucket_cap_mb=1e-3)
+        exchange.register_ddp_hook(ddp)
+        threads.clear()
+        exchange.compressor.reduce = recording(exchange.compressor.reduce)  # type: ignore[method-assign]
+        ddp_got = []
+        for step in range(4):
+            ddp.zero_grad(set_to_none=True)
+            backward(ddp, step)
+            exchange.after_optimizer_step()
+            ddp_got.append([p.grad.clone() for p in ddp_net.parameters()])
+        exchange.drain()
+        out[method]["ddp"] = ddp_got
+        out[method]["ddp_threads"] = sorted(set(threads))
+    # through DenseExchange.build: the compressed exchange overlaps, on a dp group of its own
+    chosen = DenseExchange.build(mesh=mesh, compression=GradientCompression(method="powersgd"), mode="sync", local_world_size=2,
+                                 explicit_params=list(model().parameters()))
+    group = chosen.compressor.group
+    out["build"] = {"overlap": chosen.overlap is not None, "own_group": group is not mesh["dp"].get_group() and group is not world,
+                    "ranks": dist.get_process_group_ranks(group)}
+    return out
+
+
+def test_overlapped_compressed_exchange_equals_the_after_backward_compressor() -> None:
+    """tp/pp layouts' compressed exchange, started from gradient hooks on a worker thread, and DDP's
+    comm hook on that thread: each method's averages (error feedback, PowerSGD's warm start carried
+    over steps) equal the compressor run after backward on the same gradients; buckets start
+    during backward."""
+    for result in run_distributed(_overlapped_compressed, 2, timeout_s=60):
+        for method in ("fp16", "powersgd", "topk", "sign"):
+            r = result[method]
+            for step, (got, want) in enumerate(zip(r["got"], r["want"], strict=True)):
+                for g, w in zip(got, want, strict=True):
+                    assert_close(g, w, rtol=0, atol=0, msg=lambda m, method=method, step=step: f"{method} step {step}: {m}")
+            assert r["buckets"] > 3 and all(s >= r["buckets"] - 1 for s in r["started"][1:]), (method, r["started"])
+            for threads in (r["threads"], r["ddp_threads"]):
+                assert threads and all(t.startswith(r["prefix"]) for t in threads), (method, threads)
+            # DDP's hook (its own buckets) gives the same averages
+            for step, (got, want) in enumerate(zip(r["ddp"], r["want"], strict=True)):
+                for g, w in zip(got, want, strict=True):
+                    assert_close(g, w, rtol=0, atol=0, msg=lambda m, method=method, step=step: f"DDP {method} step {step}: {m}")
+        assert result["build"] == {"overlap": True, "own_group": True, "ranks": [0, 1]}

@@ -124,12 +124,12 @@ def _fit_dp2_pair(kwargs: dict[str, Any], clip: float, model: dict[str, Any] | N
 
     rebalanced = _fit(4, kwargs, clip, 3, 1, model)
     plain = {k: v for k, v in kwargs.items() if k != "pipeline_rebalance_every"}
-    default_mb = overlap.OverlappedAllReduce.__init__.__kwdefaults__["bucket_mb"]
-    overlap.OverlappedAllReduce.__init__.__kwdefaults__["bucket_mb"] = 0.002
+    default_mb = overlap.OverlappedExchange.__init__.__kwdefaults__["bucket_mb"]
+    overlap.OverlappedExchange.__init__.__kwdefaults__["bucket_mb"] = 0.002
     try:
         overlapped = _fit(4, plain, clip, 3, 1, model)
     finally:
-        overlap.OverlappedAllReduce.__init__.__kwdefaults__["bucket_mb"] = default_mb
+        overlap.OverlappedExchange.__init__.__kwdefaults__["bucket_mb"] = default_mb
     return {"rebalanced": rebalanced, "overlapped": overlapped}
 
 

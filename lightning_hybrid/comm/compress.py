@@ -32,6 +32,7 @@ of B bytes per rank sends (w-1) B.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -95,6 +96,15 @@ class GradientCompression:
             raise ValueError(f"GradientCompression(momentum={self.momentum!r}) must be in [0, 1).")
 
 
+_THREAD = threading.local()
+
+
+def untimed() -> None:
+    """Stop `ByteCounter.timed` from timing this thread's collectives (the overlapped exchange's
+    worker thread: the exchange times its exposed wait instead, where the step waits for it)."""
+    _THREAD.untimed = True
+
+
 class ByteCounter:
     """Bytes this rank sends, total and since the last `take_step`."""
 
@@ -107,7 +117,11 @@ class ByteCounter:
     @contextmanager
     def timed(self, tensor: torch.Tensor) -> Iterator[None]:
         """Time a collective on ``tensor``: a host clock on CPU; CUDA events on GPUs (the host
-        returns before the collective ends there), read by `take_seconds` one step later."""
+        returns before the collective ends there), read by `take_seconds` one step later. Not
+        on a thread marked `untimed`."""
+        if getattr(_THREAD, "untimed", False):
+            yield
+            return
         if tensor.device.type != "cuda":
             started = time.perf_counter()
             try:

@@ -3,17 +3,17 @@
 Two paths, chosen by `DenseExchange.build`:
 
 - **DDP** (tp = pp = 1, ``data_parallel_mode="sync"``): DDP all-reduces the gradients bucket by
-  bucket during backward; a compressor, if any, runs as its comm hook
-  (`lightning_hybrid.comm.hooks`).
+  bucket during backward; a compressor, if any, runs as its comm hook, on a worker thread
+  (`lightning_hybrid.comm.hooks`), so it overlaps backward too.
 - **explicit** (tp > 1: DDP cannot hook DTensor parameters; pp > 1: each stage's replicas only;
-  local SGD / async: they decide themselves when to communicate): after backward, the dense
-  gradients go through the compressor (`after_backward`), or `StaleGradients` starts their
-  all-reduce, or `LocalSGD` averages the weights after the optimizer step. The exact
-  synchronous exchange overlaps with backward instead (`lightning_hybrid.comm.overlap`:
-  bucketed all-reduces started from gradient hooks): under tensor parallelism always, under a
-  scheduled pipeline when the strategy passes ``pipeline_overlap``
-  (`lightning_hybrid.strategies.apply.pipeline_overlap`: not with gradient accumulation, the
-  zero-bubble schedule or the adaptive balancer).
+  local SGD / async: they decide themselves when to communicate). The synchronous exchange,
+  exact or compressed, overlaps with backward (`lightning_hybrid.comm.overlap`: buckets
+  started from gradient hooks) under tensor parallelism always, under a scheduled pipeline when
+  the strategy passes ``pipeline_overlap`` (`lightning_hybrid.strategies.apply.pipeline_overlap`:
+  not with gradient accumulation, the zero-bubble schedule or the adaptive balancer); otherwise
+  the dense gradients go through the compressor after backward (`after_backward`). `StaleGradients`
+  starts their all-reduce after backward (async), `LocalSGD` averages the weights after the
+  optimizer step.
 
 With ``GradientCompression(hierarchical=True)`` and dp ranks on several nodes, the compressor is
 exact within each node and compressed across nodes (groups from `lightning_hybrid.mesh`).
@@ -28,28 +28,31 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_hybrid.comm.compress import (
     Compressor,
     GradientCompression,
     HierarchicalCompressor,
-    NoCompression,
     build_compressor,
 )
 from lightning_hybrid.comm.modes import LocalSGD, StaleGradients
-from lightning_hybrid.comm.overlap import OverlappedAllReduce
+from lightning_hybrid.comm.overlap import CompressorThread, OverlappedExchange
 from lightning_hybrid.parallel.data import local_tensor
 
 
-def build_dp_compressor(config: GradientCompression | None, mesh: DeviceMesh, *, local_world_size: int) -> Compressor:
+def build_dp_compressor(
+    config: GradientCompression | None, mesh: DeviceMesh, *, local_world_size: int, own_group: bool = False
+) -> Compressor:
     """The dp-axis compressor; hierarchical (exact within a node, ``config.method`` across nodes)
-    when asked for and the dp ranks span several nodes."""
-    from lightning_hybrid.mesh import data_parallel_node_groups
+    when asked for and the dp ranks span several nodes. ``own_group``: a compressor on a dp
+    group of its own (hierarchical ones always have theirs), for collectives run on another
+    thread (`lightning_hybrid.comm.overlap`). Collective when it makes groups."""
+    from lightning_hybrid.mesh import data_parallel_node_groups, separate_data_parallel_group
 
-    dp_group = mesh["dp"].get_group()
     world = mesh.mesh.numel()
     if config is None or not config.hierarchical or world <= local_world_size:
-        return build_compressor(config, dp_group)
+        return build_compressor(config, separate_data_parallel_group(mesh) if own_group else mesh["dp"].get_group())
     intra, inter = data_parallel_node_groups(mesh, local_world_size)
     assert intra is not None and inter is not None
     rank_zero_info(
@@ -70,7 +73,7 @@ class DenseExchange:
         names: dict[int, str] | None = None,
         local_sgd: LocalSGD | None = None,
         stale: StaleGradients | None = None,
-        overlap: OverlappedAllReduce | None = None,
+        overlap: OverlappedExchange | None = None,
     ) -> None:
         self.compressor = compressor
         self.overlap = overlap
@@ -80,6 +83,7 @@ class DenseExchange:
         self.stale = stale
         self.bytes_last_step = 0
         self.seconds_last_step = 0.0
+        self._hook_thread: CompressorThread | None = None
 
     @classmethod
     def build(
@@ -101,18 +105,20 @@ class DenseExchange:
         with the compressor as its hook). ``sync_allowed``: False while gradients accumulate
         without an exchange (the strategy's ``no_sync``), read by the overlapped exchange's hooks.
         ``pipeline_overlap``: (the schedule's microbatches per step, the stages' parameters) to
-        overlap the exact exchange with a pipeline's backward (None with pp > 1: after it)."""
-        compressor = build_dp_compressor(compression, mesh, local_world_size=local_world_size)
+        overlap the exchange with a pipeline's backward (None with pp > 1: after it)."""
+        overlapped = explicit_params is not None and mode == "sync" and (mesh["pp"].size() == 1 or pipeline_overlap is not None)
+        compressing = compression is not None and compression.method != "none"
+        # (a compressor run on a worker thread, by the overlap or DDP's hook, needs groups of its own)
+        own_group = compressing and (explicit_params is None or overlapped)
+        compressor = build_dp_compressor(compression, mesh, local_world_size=local_world_size, own_group=own_group)
         if explicit_params is None:
             return cls(compressor)
         group = mesh["dp"].get_group()
         local_sgd = stale = overlap = None
-        if mode == "sync" and type(compressor) is NoCompression and mesh["pp"].size() == 1:
-            overlap = OverlappedAllReduce(explicit_params, group, counter=compressor.counter, armed=sync_allowed)
-        elif mode == "sync" and type(compressor) is NoCompression and pipeline_overlap is not None:
-            arrivals, stage_params = pipeline_overlap
-            overlap = OverlappedAllReduce(
-                explicit_params, group, counter=compressor.counter, armed=sync_allowed, arrivals=arrivals, hooked=stage_params
+        if overlapped:
+            arrivals, stage_params = pipeline_overlap if pipeline_overlap is not None else ((lambda: 1), None)
+            overlap = OverlappedExchange(
+                explicit_params, group, compressor=compressor, names=names, armed=sync_allowed, arrivals=arrivals, hooked=stage_params
             )
         elif mode == "local_sgd":
             local_sgd = LocalSGD(explicit_params, group, counter=compressor.counter, period=local_sgd_period, warmup_steps=local_sgd_warmup_steps)
@@ -123,6 +129,12 @@ class DenseExchange:
 
             stale = StaleGradients(explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter)
         return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale, overlap=overlap)
+
+    def register_ddp_hook(self, ddp: DistributedDataParallel) -> None:
+        """The DDP path: the compressor becomes ``ddp``'s comm hook (`lightning_hybrid.comm.hooks`)."""
+        from lightning_hybrid.comm.hooks import register_compressor
+
+        self._hook_thread = register_compressor(ddp, self.compressor)
 
     @property
     def explicit(self) -> bool:
@@ -153,8 +165,14 @@ class DenseExchange:
         self.seconds_last_step = self.compressor.counter.take_seconds()
 
     def drain(self) -> None:
+        """At the end of fitting: wait for the async gradients in flight, stop the overlap's worker."""
         if self.stale is not None:
             self.stale.drain()
+        if self.overlap is not None:
+            self.overlap.close()
+        if self._hook_thread is not None:
+            self._hook_thread.close()
+            self._hook_thread = None
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's exchange state (compression residuals, local-SGD step, gradients in flight)."""

@@ -1,10 +1,13 @@
 """Compressors as DDP communication hooks (``DistributedDataParallel.register_comm_hook``).
 
 `register_compressor` installs a hook that averages each DDP bucket with a `Compressor`.
-Without compression the hook is an asynchronous all-reduce, like DDP's own, so communication
-still overlaps with the rest of backward; the lossy compressors work synchronously inside the
-hook (their collectives depend on each other: PowerSGD's Q needs the reduced P), which gives up
-that overlap for the bucket being compressed.
+Without compression the hook is an asynchronous all-reduce, like DDP's own. A lossy compressor's
+collectives depend on each other (PowerSGD's Q needs the reduced P), so they cannot be one
+asynchronous call: the hook hands the bucket to a `CompressorThread`, which compresses and
+exchanges it on a worker thread (in bucket order) while backward goes on, and returns the future
+DDP's reducer waits for at the end of backward. So compressed buckets overlap with backward as
+the exact ones do; the compressor needs process groups of its own for that
+(`lightning_hybrid.comm.exchange.build_dp_compressor(own_group=True)`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_hybrid.comm.compress import ByteCounter, Compressor, NoCompression
+from lightning_hybrid.comm.overlap import CompressorThread
 
 
 def _bucket_views(bucket: Any) -> list[torch.Tensor]:
@@ -29,8 +33,10 @@ def _bucket_views(bucket: Any) -> list[torch.Tensor]:
     return views
 
 
-def register_compressor(ddp: DistributedDataParallel, compressor: Compressor) -> None:
-    """Average ``ddp``'s gradient buckets with ``compressor`` (its group must be DDP's).
+def register_compressor(ddp: DistributedDataParallel, compressor: Compressor) -> CompressorThread | None:
+    """Average ``ddp``'s gradient buckets with ``compressor`` (over DDP's ranks; a lossy one on
+    process groups of its own). Returns the worker thread lossy compressors run on (close it when
+    training ends), None for the exact exchange.
 
     The compressor's per-tensor state is keyed by parameter name (DDP regroups its buckets after
     the first step and after every restart), and its schedule (``start_iter``, warm-up) follows
@@ -40,23 +46,25 @@ def register_compressor(ddp: DistributedDataParallel, compressor: Compressor) ->
     from lightning_hybrid.checkpoint import param_names
 
     names = param_names(ddp.module)
+    world = compressor.world
+    if isinstance(compressor, NoCompression):
 
-    # (no annotations: DDP checks them against dist.GradBucket / Future, and this module's are strings)
-    def hook(_state, bucket):  # noqa: ANN001, ANN202
-        buffer = bucket.buffer()
-        world = compressor.world
-        if isinstance(compressor, NoCompression):
+        # (no annotations: DDP checks them against dist.GradBucket / Future, and this module's are strings)
+        def exact(_state, bucket):  # noqa: ANN001, ANN202
+            buffer = bucket.buffer()
             compressor.counter.add(ByteCounter.all_reduce_bytes(buffer.numel() * buffer.element_size(), world))
             work = dist.all_reduce(buffer, group=compressor.group, async_op=True)
             return work.get_future().then(lambda fut: fut.value()[0].div_(world))
-        compressor.reduce(
-            _bucket_views(bucket),
-            key=f"bucket{bucket.index()}",
-            names=[names[id(p)] for p in bucket.parameters()],
-            iteration=compressor.optimizer_steps,
-        )
-        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        done.set_result(buffer)
-        return done
 
-    ddp.register_comm_hook(None, hook)
+        ddp.register_comm_hook(None, exact)
+        return None
+    thread = CompressorThread(compressor)
+
+    def compressed(_state, bucket):  # noqa: ANN001, ANN202
+        return thread.submit(
+            _bucket_views(bucket), bucket.buffer(), key=f"bucket{bucket.index()}",
+            names=[names[id(p)] for p in bucket.parameters()], iteration=compressor.optimizer_steps,
+        )
+
+    ddp.register_comm_hook(None, compressed)
+    return thread

@@ -196,9 +196,7 @@ def apply_data_parallel(
     )
     dense = exchange(None)
     if isinstance(wrapped, DistributedDataParallel):
-        from lightning_hybrid.comm.hooks import register_compressor
-
-        register_compressor(wrapped, dense.compressor)
+        dense.register_ddp_hook(wrapped)
     return wrapped, dense
 
 
