@@ -10,6 +10,7 @@ timeline and stage/shard balance under pp=2).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import statistics
@@ -320,8 +321,71 @@ def _fit_tp_with_a_late_rank() -> list[dict[str, float]]:
     return recorded[1:]
 
 
+DDP_DELAY_S = 0.08
+
+
+def _fit_ddp_with_a_late_rank() -> list[dict[str, float]]:
+    """dp=2 under DDP (a dense MLP, no tables): rank 1's backward starts DDP_DELAY_S late, so
+    rank 0's dense backward ends that much earlier and its reducer waits for rank 1's buckets."""
+    import lightning.pytorch as pl
+
+    from lightning_hybrid import HybridStrategy
+    from tests.helpers import quiet_trainer
+
+    recorded: list[dict[str, float]] = []
+
+    class Dense(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            out = self.net(batch[0])
+            if self.trainer.global_rank == 1:  # (in backward: the per-step loss check must not absorb it)
+                out.register_hook(lambda grad: (time.sleep(DDP_DELAY_S), grad)[1])
+            return out.pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            monitor = next(c for c in self.trainer.callbacks if type(c).__name__ == "HybridMonitor")
+            recorded.append(dict(monitor.last))
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16))
+    trainer = quiet_trainer(strategy=HybridStrategy(), devices=2, max_steps=5, use_distributed_sampler=True)
+    trainer.fit(Dense(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    return recorded[1:]
+
+
+def _fit_with_a_late_rank() -> dict[str, list[dict[str, float]]]:
+    """Both fits in one pair of processes (a launch costs more than either)."""
+    warnings.simplefilter("ignore")
+    return {"tp": _fit_tp_with_a_late_rank(), "ddp": _fit_ddp_with_a_late_rank()}
+
+
+@functools.lru_cache(maxsize=1)
+def _late_rank_runs() -> tuple[dict[str, list[dict[str, float]]], ...]:
+    return tuple(run_distributed(_fit_with_a_late_rank, 2, init_process_group=False, timeout_s=240))
+
+
+def test_ddp_waits_for_a_late_rank_are_timed_as_the_dp_exchange() -> None:
+    """DDP's exchange overlaps backward, so it was booked as compute; what outlasts the dense
+    backward (here: waiting for the late rank's buckets) is the dp exchange's."""
+    early, late = (rank["ddp"] for rank in _late_rank_runs())
+    assert statistics.median(s["time/dp_exchange_s"] for s in early) >= DDP_DELAY_S - 0.01
+    for step in early:
+        assert step["time/dp_exchange_s"] <= DDP_DELAY_S + 0.1  # (+ the ordinary waits of a 2-core box)
+        parts = ("time/embedding_s", "time/dp_exchange_s", "time/pipeline_idle_s", "time/optimizer_s", "time/tp_wait_s")
+        assert step["time/dense_compute_s"] == pytest.approx(step["time/step_s"] - sum(step.get(k, 0.0) for k in parts), abs=1e-9)
+    assert statistics.median(s["time/dp_exchange_s"] for s in late) < DDP_DELAY_S / 2
+    for step in late:
+        assert step["time/dense_compute_s"] >= DDP_DELAY_S  # its sleep is its own time
+
+
 def test_tensor_parallel_waits_are_timed_apart_from_compute() -> None:
-    early, late = run_distributed(_fit_tp_with_a_late_rank, 2, init_process_group=False, timeout_s=180)
+    early, late = (rank["tp"] for rank in _late_rank_runs())
     for step in early:  # rank 0 waits for rank 1 in the all-reduce, and that is not compute
         assert TP_DELAY_S - 0.005 <= step["time/tp_wait_s"] <= TP_DELAY_S + 0.1  # (+ the ordinary waits of a 2-core box)
         parts = ("time/embedding_s", "time/dp_exchange_s", "time/pipeline_idle_s", "time/optimizer_s", "time/tp_wait_s")

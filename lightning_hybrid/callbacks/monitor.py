@@ -7,9 +7,10 @@ wandb workspace shows one panel section per group:
 - ``throughput/``: ``samples_per_s`` (all replicas), ``samples_per_s_rank``, ``tokens_per_s``
   (non-zero entries of ``batch[token_key]``, when the batch has it);
 - ``time/``: ``step_s`` and its parts ``embedding_s`` (forward of the sharded embedding modules:
-  input all-to-all, lookup, output all-to-all), ``dp_exchange_s`` (waiting in synchronous
-  data-parallel collectives: compressed exchanges, local-SGD averages, stale-gradient waits;
-  DDP's overlapped all-reduce is not visible here), ``pipeline_idle_s`` (schedule time not spent
+  input all-to-all, lookup, output all-to-all), ``dp_exchange_s`` (waiting for the data-parallel
+  exchange: the part of an overlapped exchange, DDP's or the explicit one, that backward did not
+  hide (`lightning_hybrid.comm.hooks.ExposedWait`, `lightning_hybrid.comm.overlap`), local-SGD
+  averages, stale-gradient waits), ``pipeline_idle_s`` (schedule time not spent
   in this rank's stage compute), ``optimizer_s`` (from ``on_before_optimizer_step`` to the end of
   the step: clipping and the step), ``tp_wait_s`` (tensor parallelism on CPU: waiting for the
   DTensor collectives, see `lightning_hybrid.parallel.tensor.TPWaitTimer`) and

@@ -23,7 +23,7 @@ The exchange also keeps the per-step byte and time counts the monitor logs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info
@@ -39,6 +39,9 @@ from lightning_hybrid.comm.compress import (
 from lightning_hybrid.comm.modes import LocalSGD, StaleGradients
 from lightning_hybrid.comm.overlap import CompressorThread, OverlappedExchange
 from lightning_hybrid.parallel.data import local_tensor
+
+if TYPE_CHECKING:
+    from lightning_hybrid.comm.hooks import ExposedWait
 
 
 def build_dp_compressor(
@@ -84,6 +87,7 @@ class DenseExchange:
         self.bytes_last_step = 0
         self.seconds_last_step = 0.0
         self._hook_thread: CompressorThread | None = None
+        self._ddp_wait: ExposedWait | None = None
 
     @classmethod
     def build(
@@ -131,17 +135,23 @@ class DenseExchange:
         return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale, overlap=overlap)
 
     def register_ddp_hook(self, ddp: DistributedDataParallel) -> None:
-        """The DDP path: the compressor becomes ``ddp``'s comm hook (`lightning_hybrid.comm.hooks`)."""
-        from lightning_hybrid.comm.hooks import register_compressor
+        """The DDP path: the compressor becomes ``ddp``'s comm hook, and the part of its exchange
+        backward does not hide is timed (`lightning_hybrid.comm.hooks`)."""
+        from lightning_hybrid.comm.hooks import ExposedWait, dense_parameters, register_compressor
 
-        self._hook_thread = register_compressor(ddp, self.compressor)
+        if self.compressor.world > 1:
+            self._ddp_wait = ExposedWait(dense_parameters(ddp), self.compressor.counter)
+        self._hook_thread = register_compressor(ddp, self.compressor, self._ddp_wait)
 
     @property
     def explicit(self) -> bool:
         return bool(self.params)
 
     def after_backward(self) -> None:
-        """The explicit path's exchange of this step's gradients (no-op on the DDP path)."""
+        """The explicit path's exchange of this step's gradients (on the DDP path, whose hooks
+        exchanged them during backward: the time of it that backward did not hide)."""
+        if self._ddp_wait is not None:
+            self._ddp_wait.after_backward()
         if not self.params or self.compressor.world == 1:
             return
         if self.overlap is not None:

@@ -82,9 +82,12 @@ class CompressorThread:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_THREAD_PREFIX, initializer=untimed)
         self._side_stream: Any = None
 
-    def submit(self, tensors: list[torch.Tensor], result: torch.Tensor, **reduce_kwargs: Any) -> torch.futures.Future:
+    def submit(
+        self, tensors: list[torch.Tensor], result: torch.Tensor, *, done: Callable[[Any], Any] = lambda value: value, **reduce_kwargs: Any
+    ) -> torch.futures.Future:
         """Average ``tensors`` in place with ``compressor.reduce(tensors, **reduce_kwargs)``; the
-        future's value is ``result`` (DDP's hook returns its bucket buffer)."""
+        future's value is ``done(result)`` (DDP's hook returns its bucket buffer; ``done`` runs on
+        the worker when the exchange has finished)."""
         device = result.device
         cuda = device.type == "cuda"
         future: torch.futures.Future = torch.futures.Future(devices=[device] if cuda else None)
@@ -99,12 +102,12 @@ class CompressorThread:
             try:
                 if written is None:
                     self.compressor.reduce(tensors, **reduce_kwargs)
-                    future.set_result(result)
+                    future.set_result(done(result))
                     return
                 with torch.cuda.stream(self._side_stream):
                     self._side_stream.wait_event(written)
                     self.compressor.reduce(tensors, **reduce_kwargs)
-                    future.set_result(result)  # (records the side stream's work on the future)
+                    future.set_result(done(result))  # (records the side stream's work on the future)
             except BaseException as error:  # noqa: BLE001 - handed to whoever waits
                 future.set_exception(error)
 
