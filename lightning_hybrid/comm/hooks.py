@@ -25,19 +25,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_hybrid.comm.compress import ByteCounter, Compressor, NoCompression
-from lightning_hybrid.comm.overlap import CompressorThread
+from lightning_hybrid.comm.overlap import CompressorThread, flat_views
 from lightning_hybrid.timing import Stopwatch
 
 
 def _bucket_views(bucket: Any) -> list[torch.Tensor]:
     """The bucket's gradients as views of its flat buffer, in the parameters' shapes."""
-    buffer = bucket.buffer()
-    views, offset = [], 0
-    for param in bucket.parameters():
-        n = param.numel()
-        views.append(buffer[offset : offset + n].view(param.shape))
-        offset += n
-    return views
+    return flat_views(bucket.buffer(), [param.shape for param in bucket.parameters()])
 
 
 class ExposedWait:

@@ -64,6 +64,15 @@ from lightning_hybrid.parallel.data import local_tensor
 WORKER_THREAD_PREFIX = "lightning-hybrid-dp-exchange"
 
 
+def flat_views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Consecutive views of the 1-D ``flat``, one per shape (a bucket's gradients in its buffer)."""
+    views, offset = [], 0
+    for shape in shapes:
+        views.append(flat[offset : offset + shape.numel()].view(shape))
+        offset += shape.numel()
+    return views
+
+
 class CompressorThread:
     """Runs ``compressor.reduce`` calls on one worker thread, in the order they were submitted, so
     a compressed exchange goes on while backward computes (torch ops and collectives release the
@@ -143,7 +152,7 @@ class OverlappedExchange:
         self.group, self.compressor, self.armed, self.arrivals = group, compressor, armed, arrivals
         self.counter = compressor.counter
         self.exact = isinstance(compressor, NoCompression)
-        self.world = compressor.world if dist.is_initialized() else 1
+        self.world = compressor.world
         self.params = list(params)
         self.names = [(names or {}).get(id(p), str(i)) for i, p in enumerate(self.params)]
         self._hooked = {id(p) for p in (self.params if hooked is None else hooked)}
@@ -213,11 +222,7 @@ class OverlappedExchange:
         self._in_flight.append((work, flat, params))
 
     def _submit(self, index: int, flat: torch.Tensor, params: list[torch.nn.Parameter]) -> Any:
-        views, offset = [], 0
-        for p in params:
-            shape = local_tensor(p).shape
-            views.append(flat[offset : offset + shape.numel()].view(shape))
-            offset += shape.numel()
+        views = flat_views(flat, [local_tensor(p).shape for p in params])
         if self._thread is None:
             self._thread = CompressorThread(self.compressor)
         names = [self.names[self._index[id(p)]] for p in params]
@@ -239,13 +244,9 @@ class OverlappedExchange:
             for _, flat, params in self._in_flight:
                 if self.exact:
                     flat /= self.world
-                offset = 0
-                for p in params:
-                    n = local_tensor(p).numel()
+                for p, average in zip(params, flat_views(flat, [local_tensor(p).shape for p in params]), strict=True):
                     if p.grad is not None:  # (the gradient as it is now: a pipeline step may have put it back)
-                        g = local_tensor(p.grad)
-                        g.copy_(flat[offset : offset + n].view_as(g))
-                    offset += n
+                        local_tensor(p.grad).copy_(average)
         finally:
             self._reset()
         if self._arrival is not None:  # (the first exchange on every rank alike: the broadcast is collective)
