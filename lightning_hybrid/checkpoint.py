@@ -95,6 +95,35 @@ def param_names(module: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
 
 
+def local_parts(value: Any) -> list[torch.Tensor]:
+    """What this rank holds of a state-dict value, as views (writing them writes the value): a
+    ShardedTensor's local shards (none, one, or several per rank), a DTensor's local tensor, a
+    plain tensor itself."""
+    if isinstance(value, ShardedTensor):
+        return [shard.tensor for shard in value.local_shards()]
+    if isinstance(value, DTensor):
+        return [value.to_local()]
+    return [value]
+
+
+def like_with_parts(template: Any, parts: list[torch.Tensor]) -> Any:
+    """A state-dict value with ``template``'s sharding (ShardedTensor metadata, DTensor mesh and
+    placements) around this rank's ``parts`` (as `local_parts` lists them): what DCP saves or
+    loads shard-aware, e.g. an averaged copy of the weights."""
+    if isinstance(template, ShardedTensor):
+        shards = [Shard(tensor=t, metadata=s.metadata) for t, s in zip(parts, template.local_shards(), strict=True)]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(shards, template.metadata(), process_group=template._process_group)
+    (local,) = parts
+    if isinstance(template, DTensor):
+        return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False, shape=template.shape, stride=template.stride())
+    return local
+
+
+def cloned_like(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a state dict with the same sharding, that later training steps cannot change."""
+    return {k: like_with_parts(v, [p.detach().clone() for p in local_parts(v)]) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 def _local_sharded_like(template: ShardedTensor, local: torch.Tensor) -> ShardedTensor:
     shards = template.local_shards()
     if len(shards) > 1:

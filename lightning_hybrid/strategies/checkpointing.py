@@ -1,7 +1,7 @@
 """What HybridStrategy writes into a checkpoint directory and reads back, shard-aware.
 
 A checkpoint is one torch.distributed.checkpoint (DCP) directory (`lightning_hybrid.checkpoint`
-writes and reads it atomically). Its DCP state has four parts:
+writes and reads it atomically). Its DCP state has these parts:
 
 - ``model``: the LightningModule's state dict (ShardedTensor table shards, DTensor TP/FSDP
   weights, each pipeline stage's own blocks), resharded on load into any layout;
@@ -9,7 +9,10 @@ writes and reads it atomically). Its DCP state has four parts:
   ShardedTensors with the table's sharding);
 - ``fused``: fbgemm's optimizer state of fused tables, per sharded module;
 - ``per_rank_<r>``: this rank's own state (RNG streams, the dp exchange's residuals and gradients
-  in flight, local-SGD replica weights), restored only into the same layout.
+  in flight, local-SGD replica weights), restored only into the same layout;
+- ``current_model_state`` (with weight averaging only): the training weights, sharded like
+  ``model``, which then holds the averaged weights; a resumed fit trains on from the former and
+  hands the latter to the callback as ``checkpoint["state_dict"]``.
 
 Hyper-parameters and Lightning's loop state go into ``meta.pt`` as plain values.
 """
@@ -32,6 +35,11 @@ from lightning_hybrid import checkpoint as ckpt
 from lightning_hybrid.export import MODEL_CLASS_KEY
 from lightning_hybrid.parallel.data import local_tensor
 from lightning_hybrid.plan import ParallelPlan
+
+#: the checkpoint key under which weight averaging (Lightning's `WeightAveraging`, and
+#: `lightning_hybrid.callbacks.EMAWeightAveraging`) keeps the training weights while ``state_dict``
+#: holds the averaged ones: what ``test``/``predict``/export read
+AVERAGED_FROM = "current_model_state"
 
 
 def fused_states(sharded_modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, Any]]:
@@ -100,6 +108,8 @@ def save(
         "fused": {name: sd for name, sd in fused_states(sharded_modules).items() if sd["state"]},
         f"per_rank_{rank}": ckpt.pack(per_rank),
     }
+    if AVERAGED_FROM in checkpoint:  # a weight-averaging callback's training weights: shard-aware too
+        state[AVERAGED_FROM] = checkpoint.pop(AVERAGED_FROM)
     ckpt.set_loader_positions(checkpoint)
     checkpoint["lightning_hybrid"] = {
         "world_size": world_size,
@@ -126,6 +136,9 @@ def load(
     meta = ckpt.load_meta(path)
     keys = ckpt.saved_keys(path)
     state: dict[str, Any] = {"model": module.state_dict()}
+    averaged = fitting and any(k.startswith(f"{AVERAGED_FROM}.") for k in keys)
+    if averaged:  # resuming a weight-averaged fit: train on from the training weights, hand the average over
+        state[AVERAGED_FROM], state["model"] = state["model"], ckpt.cloned_like(state["model"])
     optimizer_states: dict[str, Any] = {}
     fused: dict[str, Any] = {}
     if fitting:
@@ -164,6 +177,8 @@ def load(
         if (fqn or "root") in fused:
             sharded.fused_optimizer.load_state_dict(fused[fqn or "root"])
     per_rank = ckpt.unpack(state[own_key]) if own_key in state else None
+    if averaged:
+        meta["state_dict"] = state["model"]  # (the callback's on_load_checkpoint reads the average here)
     return meta, per_rank
 
 

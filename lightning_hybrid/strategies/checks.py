@@ -5,6 +5,7 @@
   that the others skipped.
 - `check_replica_batch`: the ranks of one tensor/pipeline-parallel replica must train on the same
   batch; a sampler that splits over all ranks instead of the dp axis would silently mix halves.
+- `refuse_unsharded_weight_averaging` (at setup): Lightning's weight averaging of an unsharded copy.
 """
 
 from __future__ import annotations
@@ -83,3 +84,21 @@ PREDICT_UNDER_PIPELINE = (
     "inside a schedule). Checkpoints reshard on load: predict from the checkpoint with pipeline_parallel=1 (e.g. "
     "--trainer.strategy.init_args.pipeline_parallel=1)."
 )
+
+
+def refuse_unsharded_weight_averaging(callbacks: Any) -> None:
+    """Lightning's `WeightAveraging` (`EMAWeightAveraging`, SWA) deep-copies the module before the
+    strategy sets it up and averages it parameter by parameter with the set-up module, whose
+    tables are shards and tp weights DTensors by then: refuse it, on every rank, naming the
+    shard-aware callback with the same arguments."""
+    from lightning.pytorch.callbacks.weight_averaging import WeightAveraging
+
+    for callback in callbacks:
+        if isinstance(callback, WeightAveraging):
+            raise ValueError(
+                f"HybridStrategy cannot run Lightning's {type(callback).__name__}: it averages a copy of the module made "
+                "before HybridStrategy shards the tables and splits the weights (a whole copy of every table per rank, "
+                "averaged against shards). Use lightning_hybrid.callbacks.EMAWeightAveraging (the same arguments: decay, "
+                "update_every_n_steps, update_starting_at_step, update_starting_at_epoch), which averages each rank's shards."
+            )
+

@@ -327,6 +327,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         fitting = trainer.state.fn == TrainerFn.FITTING
+        checks.refuse_unsharded_weight_averaging(trainer.callbacks)
         self._reset_step_state()
         options, layout, model = self._options, self.plan, self.lightning_module
         if layout.tensor_parallel * layout.pipeline_parallel > 1 and self._replica_pg is None:
@@ -588,9 +589,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name, cls, description="lightning_hybrid: torchrec-sharded embeddings + tensor/pipeline/data parallelism"
-        )
+        strategy_registry.register(cls.strategy_name, cls, description="lightning_hybrid: torchrec-sharded embeddings + tensor/pipeline/data parallelism")
 
 
 def _train_loader(trainer: Any) -> Any:
