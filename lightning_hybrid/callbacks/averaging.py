@@ -16,10 +16,11 @@ export`` of ``best.ckpt`` serve the average) with the training weights beside th
 ``current_model_state`` (sharded like the model under HybridStrategy), a resumed ``fit`` goes on
 from both, and the module holds the average when ``fit`` ends.
 
-Composes with every HybridStrategy layout (dp, row/table/column-wise tables on either kernel, tp,
-pp, FSDP, compressed and asynchronous dp). Under ``data_parallel_mode="local_sgd"`` each replica
-averages its own weights between the weight averages, and a resumed fit starts every replica's
-average from the checkpoint's (rank 0's).
+Tested against one process under dp, tp, pp and FSDP with a row-wise sharded table on the dense
+and the fused kernel (`tests/test_averaging.py`); other sharding types (several shards per rank
+included) and dp modes go through the same per-rank parts. Under ``data_parallel_mode="local_sgd"``
+each replica averages its own weights between the weight averages, and a resumed fit starts every
+replica's average from the checkpoint's (rank 0's).
 """
 
 from __future__ import annotations
