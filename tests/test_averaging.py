@@ -175,3 +175,20 @@ def test_ema_under_hybrid_strategy_equals_one_process() -> None:
             assert result["whole"]["test"] == pytest.approx(reference["whole"]["test"], abs=1e-6), layout
     for result in ranks:
         assert result["refused"] is not None and "lightning_hybrid.callbacks.EMAWeightAveraging" in result["refused"]
+
+
+def test_bad_arguments_and_the_moving_pipeline_balancer_are_refused_naming_the_fix() -> None:
+    from types import SimpleNamespace
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.callbacks import EMAWeightAveraging
+
+    with pytest.raises(ValueError, match=r"decay=1.0.*\[0, 1\)"):
+        EMAWeightAveraging(decay=1.0)
+    with pytest.raises(ValueError, match=r"update_every_n_steps=-1"):
+        EMAWeightAveraging(update_every_n_steps=-1)
+    with pytest.raises(ValueError, match=r"never updates the average"):
+        EMAWeightAveraging(update_every_n_steps=0)
+    strategy = HybridStrategy(pipeline_parallel=2, pipeline_microbatches=2, pipeline_rebalance_every=4)
+    with pytest.raises(ValueError, match=r"pipeline_rebalance_every=4.*pipeline_split='balanced'"):
+        EMAWeightAveraging().on_fit_start(SimpleNamespace(strategy=strategy), torch.nn.Linear(2, 2))  # type: ignore[arg-type]

@@ -18,7 +18,9 @@ from both, and the module holds the average when ``fit`` ends.
 
 Tested against one process under dp, tp, pp and FSDP with a row-wise sharded table on the dense
 and the fused kernel (`tests/test_averaging.py`); other sharding types (several shards per rank
-included) and dp modes go through the same per-rank parts. Under ``data_parallel_mode="local_sgd"``
+included) and dp modes go through the same per-rank parts. Refused: the pipeline balancer that
+moves blocks between ranks while training (``pipeline_rebalance_every``), whose moved weights the
+per-rank average would not follow. Under ``data_parallel_mode="local_sgd"``
 each replica averages its own weights between the weight averages, and a resumed fit starts every
 replica's average from the checkpoint's (rank 0's).
 """
@@ -103,6 +105,13 @@ class EMAWeightAveraging(Callback):
     # -- the average ------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pipeline = getattr(getattr(trainer.strategy, "options", None), "pipeline", None)
+        if getattr(pipeline, "pipeline_rebalance_every", 0):
+            raise ValueError(
+                f"EMAWeightAveraging with HybridStrategy(pipeline_rebalance_every={pipeline.pipeline_rebalance_every}): the "
+                "balancer moves blocks between ranks while training, and each rank's average would stay with the blocks it "
+                "had. Balance once before training instead (pipeline_rebalance_every=0, pipeline_split='balanced') or drop the callback."
+            )
         # after the strategy's setup: the module is sharded and these views stay valid (optimizers
         # update in place); the average starts as the weights, as Lightning's copy of the module does
         self._live = _averaged_parts(pl_module)
