@@ -88,6 +88,7 @@ class EMAWeightAveraging(Callback):
         self._latest_update_step = 0
         self._latest_update_epoch = -1
         self._pending: tuple[Any, Any] | None = None  # what a checkpoint restored before on_fit_start
+        self._flat: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Lightning's `EMAWeightAveraging.should_update`: after which optimizer steps / epochs to update."""
@@ -96,11 +97,6 @@ class EMAWeightAveraging(Callback):
             if started and self.update_every_n_steps > 0 and step_idx % self.update_every_n_steps == 0:
                 return True
         return epoch_idx is not None and self.update_starting_at_epoch is not None and epoch_idx >= self.update_starting_at_epoch
-
-    @property
-    def averaged_parts(self) -> dict[str, list[torch.Tensor]] | None:
-        """name -> this rank's parts of the average (``None`` outside ``fit``)."""
-        return self._average
 
     # -- the average ------------------------------------------------------------------------------
 
@@ -116,13 +112,13 @@ class EMAWeightAveraging(Callback):
         # update in place); the average starts as the weights, as Lightning's copy of the module does
         self._live = _averaged_parts(pl_module)
         self._average = {name: [p.detach().clone() for p in parts] for name, parts in self._live.items()}
+        # (flat, once: every optimizer step updates them all with one foreach call)
+        self._flat = ([a for parts in self._average.values() for a in parts], [w for parts in self._live.values() for w in parts])
         if self._pending is not None:  # (a strategy that restores before its setup, e.g. DDP)
             self._apply_pending()
 
     def _update(self) -> None:
-        assert self._live is not None and self._average is not None
-        averages = [a for parts in self._average.values() for a in parts]
-        weights = [w.detach() for parts in self._live.values() for w in parts]
+        averages, weights = self._flat
         with torch.no_grad():
             if self._n_averaged == 0:
                 torch._foreach_copy_(averages, weights)
