@@ -125,16 +125,12 @@ def cloned_like(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _local_sharded_like(template: ShardedTensor, local: torch.Tensor) -> ShardedTensor:
-    shards = template.local_shards()
-    if len(shards) > 1:
+    if len(template.local_shards()) > 1:
         raise NotImplementedError(
             "Optimizer state of a dense-kernel table with several shards on one rank cannot be "
             "checkpointed yet; use one shard per rank (e.g. row_wise) or the fused kernel."
         )
-    local_shards = [Shard(tensor=local, metadata=shards[0].metadata)] if shards else []
-    return ShardedTensor._init_from_local_shards_and_global_metadata(
-        local_shards, template.metadata(), process_group=template._process_group
-    )
+    return like_with_parts(template, [local] if template.local_shards() else [])
 
 
 def optimizer_state_dict(

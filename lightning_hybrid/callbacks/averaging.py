@@ -49,6 +49,11 @@ def _averaged_parts(module: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
     }
 
 
+def _cloned_parts(state: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+    """name -> copies of this rank's parts of each tensor of a state dict."""
+    return {name: [p.detach().clone() for p in local_parts(v)] for name, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 class EMAWeightAveraging(Callback):
     """Exponential moving average of the weights, shard-aware (module docstring).
 
@@ -191,10 +196,7 @@ class EMAWeightAveraging(Callback):
         # the training weights are under TRAINING_WEIGHTS); neither: a checkpoint without averaging
         # whose weights the module holds, where the average starts
         averaged, training = checkpoint.get("state_dict"), checkpoint.get(TRAINING_WEIGHTS)
-        self._pending = (
-            {name: [p.detach().clone() for p in local_parts(v)] for name, v in averaged.items() if isinstance(v, torch.Tensor)} if averaged else None,
-            {name: [p.detach().clone() for p in local_parts(v)] for name, v in training.items() if isinstance(v, torch.Tensor)} if training else None,
-        )
+        self._pending = (_cloned_parts(averaged) if averaged else None, _cloned_parts(training) if training else None)
         if self._live is not None:  # (restored after on_fit_start, as HybridStrategy does; else there)
             self._apply_pending()
 
