@@ -53,7 +53,11 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
     mine: dict[str, torch.Tensor] = {}  # whole (non-table) entries of this rank
     gather_device = _collective_device()
     for key, value in module.state_dict().items():
-        if isinstance(value, ShardedTensor):
+        if isinstance(value, ShardedTensor) and _on_a_subgroup(value):
+            whole = _gather_from_subgroup(value, dst)
+            if rank == dst:
+                full[key] = whole
+        elif isinstance(value, ShardedTensor):
             # NCCL gathers device tensors only: the whole table lands on dst's device, then the CPU
             out = torch.empty(value.size(), dtype=value.dtype, device=gather_device) if rank == dst else None
             value.gather(dst=dst, out=out)
@@ -76,6 +80,28 @@ def full_state_dict(module: nn.Module, *, dst: int = 0) -> dict[str, torch.Tenso
                 for key, value in (part or {}).items():
                     full.setdefault(key, value)
     return full
+
+
+def _on_a_subgroup(value: ShardedTensor) -> bool:
+    group = value._process_group
+    return dist.is_initialized() and group is not None and dist.get_world_size(group) < dist.get_world_size()
+
+
+def _gather_from_subgroup(value: ShardedTensor, dst: int) -> torch.Tensor | None:
+    """A ShardedTensor spread over a group of ranks (one copy of the tables per group,
+    `parallel.table_groups`) made whole on global rank ``dst``: torch's ``gather`` indexes its
+    global placement ranks by group rank. The members of ``dst``'s group send their shards."""
+    in_dst_group = dst in dist.get_process_group_ranks(value._process_group)
+    mine = [(s.metadata.shard_offsets, s.tensor.detach().cpu()) for s in value.local_shards()] if in_dst_group else []
+    gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == dst else []
+    dist.gather_object(mine, gathered if dist.get_rank() == dst else None, dst=dst)
+    if dist.get_rank() != dst:
+        return None
+    whole = torch.empty(value.size(), dtype=value.dtype)
+    for part in gathered:
+        for offsets, tensor in part or []:
+            whole[tuple(slice(o, o + n) for o, n in zip(offsets, tensor.shape, strict=True))] = tensor
+    return whole
 
 
 def _collective_device() -> torch.device:

@@ -197,12 +197,15 @@ class EmbeddingShardingSpec:
         constraints: full torchrec `ParameterConstraints` per table (merged under the above).
         memory_per_rank_bytes: capacity the planner may use per rank for tables (None: torchrec's
             default for the device).
+        shard_group_size: shard the tables inside groups of this many ranks (``"node"``: one node's
+            processes), one copy per group (`lightning_hybrid.parallel.table_groups`); None: all ranks.
     """
 
     sharding_types: dict[str, str] = field(default_factory=dict)
     compute_kernels: dict[str, str] = field(default_factory=dict)
     constraints: dict[str, ParameterConstraints] = field(default_factory=dict)
     memory_per_rank_bytes: int | None = None
+    shard_group_size: int | str | None = None  # ranks per copy of the tables (`parallel.table_groups`)
 
 
 def validate_sharding_types(sharding_types: Mapping[str, str]) -> None:
@@ -397,6 +400,8 @@ def shard_embeddings_in_place(
     sharded = {fqn: model.get_submodule(fqn) for fqn in plan.plan}
     for module in sharded.values():
         use_torch_sequence_lookup(module)
+        # the ranks holding this module's shards (all ranks, or a table group: `table_groups`)
+        module.hybrid_shard_group = env.process_group
     for fqn, module in sharded.items():
         # torchrec initialises sharded tables afresh; put the user's values back (full -> local shards).
         module.load_state_dict(saved[fqn], strict=False)

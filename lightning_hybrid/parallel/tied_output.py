@@ -99,12 +99,17 @@ def _sharded_rows(module: nn.Module, table: str) -> TableRows:
                 weight = emb.weights[start : start + rows * dim].view(rows, dim)
                 metadata = config.local_metadata
                 offset = int(metadata.shard_offsets[0]) if metadata is not None else 0
-                return TableRows(weight, offset, int(config.num_embeddings), dist.group.WORLD)
+                return TableRows(weight, offset, int(config.num_embeddings), _shard_group(module))
     # a table-wise table placed on another rank: no rows here
     config = _table_config(module, table)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     rows = torch.zeros(0, int(config.embedding_dim), device=device, requires_grad=True)
-    return TableRows(rows, 0, int(config.num_embeddings), dist.group.WORLD)
+    return TableRows(rows, 0, int(config.num_embeddings), _shard_group(module))
+
+
+def _shard_group(module: nn.Module) -> Any:
+    # all ranks, or the table group holding this copy of the table (`parallel.table_groups`)
+    return getattr(module, "hybrid_shard_group", None) or dist.group.WORLD
 
 
 def _table_config(module: nn.Module, table: str) -> Any:

@@ -235,7 +235,8 @@ def apply_clipping(
 
     def clip_grad_by_norm(optimizer: Optimizer, value: float) -> None:
         clip.clip_grad_norm_across_shards(
-            plugin.main_params(optimizer), sharded_ids, float(value), stage_group=stage_group, stage_shared_ids=stage_shared
+            plugin.main_params(optimizer), sharded_ids, float(value), group=tables.shard_group, stage_group=stage_group,
+            stage_shared_ids=stage_shared,
         )
 
     plugin.clip_grad_by_norm = clip_grad_by_norm  # (Lightning's plugin owns clipping; only the norm changes)

@@ -127,6 +127,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         embedding_kernels: dict[str, KernelName] | None = None,
         embedding_constraints: dict[str, Any] | None = None,
         embedding_memory_per_rank: int | None = None,
+        embedding_shard_group_size: int | Literal["node"] | None = None,
         validate_inputs: bool = True,
         nonfinite_loss: NonFinitePolicy = "stop",
         async_checkpoint: bool = False,
@@ -147,8 +148,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         validate(options, torchrec_available=emb is not None)
         self._options = options
         self.planned: Any = None  # the planner's Estimate when plan="auto"
-        self.num_nodes = 1
-        self.skipped_steps = 0
+        self.num_nodes, self.skipped_steps = 1, 0
         self.balance_report: dict[str, Any] | None = None
         self._plan: ParallelPlan | None = None
         self._mesh: DeviceMesh | None = None
@@ -164,9 +164,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
 
     def _reset_step_state(self) -> None:
         self._names_by_id: dict[int, str] | None = None
-        self._replica_checked_epoch = -1
-        self._skip_backward = False
-        self._grad_sync_blocked = False
+        self._replica_checked_epoch, self._skip_backward, self._grad_sync_blocked = -1, False, False
         self._shard_templates: dict[str, Any] | None = None
         self.tp_bytes_last_step = self.embedding_bytes_last_step = 0
 
@@ -495,11 +493,13 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        # (replicated "data_parallel" tables need nothing here: torchrec's own DDP covers them)
-        if not self._grad_sync_blocked and self._layers is not None:
+        if self._grad_sync_blocked:
+            return
+        if self._layers is not None:
             self._layers.sum_shared_gradients()
-        if not self._grad_sync_blocked and self._exchange is not None:
+        if self._exchange is not None:
             self._exchange.after_backward()
+        self._tables.after_backward()  # (the copies of tables in groups; see ShardedTables.after_backward)
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:

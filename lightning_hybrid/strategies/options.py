@@ -125,10 +125,18 @@ class EmbeddingOptions:
         "table name -> torchrec ``ParameterConstraints`` for full control of the planner (Python API).", None)
     embedding_memory_per_rank: int | None = _doc(
         "bytes of device memory the planner may fill with tables per rank (default: torchrec's device default).", None)
+    embedding_shard_group_size: int | Literal["node"] | None = _doc(
+        "shard the tables inside consecutive groups of this many ranks (``\"node\"``: the processes of one node) and keep "
+        "one copy of them per group, their gradients averaged across the copies each step (torchrec's 2D layout, "
+        "`lightning_hybrid.parallel.table_groups`): the embedding all-to-alls stay inside a node. Dense kernel, "
+        "tensor_parallel=1, pipeline_parallel=1. Default: one group of all ranks.", None)
 
     @property
     def any_set(self) -> bool:
-        return bool(self.embedding_sharding or self.embedding_kernels or self.embedding_constraints or self.embedding_memory_per_rank)
+        return bool(
+            self.embedding_sharding or self.embedding_kernels or self.embedding_constraints or self.embedding_memory_per_rank
+            or self.embedding_shard_group_size is not None
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,6 +280,7 @@ def validate(options: HybridOptions, *, torchrec_available: bool = True) -> None
             "HybridStrategy(shard_embeddings=False) keeps every table whole on every rank, so embedding_sharding / "
             "embedding_kernels / embedding_constraints have nothing to act on. Drop them, or set shard_embeddings=True."
         )
+    _validate_table_groups(options)
     resolve_launcher(options.process.launcher)  # raises on unknown names
     dp = layout.data_parallel
     if dp != "auto" and (isinstance(dp, bool) or not isinstance(dp, int) or dp < 1):
@@ -326,6 +335,44 @@ def validate(options: HybridOptions, *, torchrec_available: bool = True) -> None
         raise ValueError(f"HybridStrategy(plan={options.planning.plan!r}): use 'manual' or 'auto'.")
     if reliability.nonfinite_loss not in ("stop", "skip", "warn", "off"):
         raise ValueError(f"HybridStrategy(nonfinite_loss={reliability.nonfinite_loss!r}): use 'stop', 'skip', 'warn' or 'off'.")
+
+
+def _validate_table_groups(options: HybridOptions) -> None:
+    embedding, layout = options.embedding, options.layout
+    size = embedding.embedding_shard_group_size
+    if size is None:
+        return
+    name = f"HybridStrategy(embedding_shard_group_size={size!r}"
+    if size != "node" and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+        raise ValueError(
+            f"{name}): use an integer >= 2 (ranks per copy of the tables) or 'node'. To keep every table whole on every "
+            "rank use embedding_sharding={table: 'data_parallel'} or shard_embeddings=False."
+        )
+    if not embedding.shard_embeddings:
+        raise ValueError(f"{name}, shard_embeddings=False): there are no shards to group. Drop one of them.")
+    fused = sorted(t for t, k in (embedding.embedding_kernels or {}).items() if k == "fused")
+    if fused:
+        raise ValueError(
+            f"{name}, embedding_kernels={{{fused[0]!r}: 'fused'}}): the copies of a table average its gradient, which "
+            "fbgemm's fused kernel does not keep. Use 'dense' for these tables (the default under table groups)."
+        )
+    if _degree(layout.tensor_parallel) > 1 or _degree(layout.pipeline_parallel) > 1:
+        raise ValueError(
+            f"{name}, tensor_parallel={layout.tensor_parallel}, pipeline_parallel={layout.pipeline_parallel}) is not "
+            "supported: the ranks of one tp/pp replica split each lookup between them over the whole world. Use "
+            "tensor_parallel=1 and pipeline_parallel=1 with table groups, or drop embedding_shard_group_size."
+        )
+    if options.data.data_parallel_mode != "sync":
+        raise ValueError(
+            f"{name}, data_parallel_mode={options.data.data_parallel_mode!r}) is not supported yet: the table copies average "
+            "their gradients every step, which local SGD / async replicas would not match. Use data_parallel_mode='sync' "
+            "(exact or gradient_compression) with table groups, or drop embedding_shard_group_size."
+        )
+    if options.planning.plan == "auto":
+        raise ValueError(
+            f"{name}, plan='auto'): the planner does not rank table groups; set the layout by hand (data_parallel) or "
+            "drop embedding_shard_group_size."
+        )
 
 
 def _validate_rebalance(pipe: PipelineOptions, layout: LayoutOptions, data: DataParallelOptions, pp: int) -> None:

@@ -43,7 +43,23 @@ class ShardedTables:
     dp_table_params: list[torch.nn.Parameter] = field(default_factory=list)
     byte_counter: Any = None
     lookup_counter: Any = None  # parallel.lookup_load.LookupCounter (fitting on several ranks)
+    groups: Any = None  # parallel.table_groups.TableGroups: tables sharded per group, one copy per group
     _fused_by_table: dict[str, Any] | None = None  # fixed once sharded; read every step
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The ranks a table's shards are spread over (None: all ranks)."""
+        return self.groups.shard_group if self.groups is not None else None
+
+    def after_backward(self) -> None:
+        """Average the table gradients over the copies of the tables (`table_groups`); no-op with one copy."""
+        if self.groups is None:
+            return
+        from lightning_hybrid.parallel.table_groups import average_table_gradients, table_parameters
+
+        sent = average_table_gradients(table_parameters(self.modules.values()), self.groups)
+        if self.byte_counter is not None:
+            self.byte_counter.add(sent)
 
     def fused_param_ids(self) -> set[int]:
         if self.choice is None:
@@ -126,6 +142,7 @@ def sharding_spec(options: Any) -> Any:
     return EmbeddingShardingSpec(
         sharding_types=dict(options.embedding_sharding or {}), compute_kernels=dict(options.embedding_kernels or {}),
         constraints=dict(options.embedding_constraints or {}), memory_per_rank_bytes=options.embedding_memory_per_rank,
+        shard_group_size=options.embedding_shard_group_size,
     )
 
 
@@ -178,6 +195,22 @@ def _with_model_kernels(model: torch.nn.Module, spec: Any) -> Any:
     return replace(spec, compute_kernels={**needed, **spec.compute_kernels})
 
 
+def _table_groups(size: int | str | None, layout: ParallelPlan, local_world_size: int | None) -> Any:
+    from lightning_hybrid.parallel.table_groups import make_table_groups, resolve_group_size
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    resolved = resolve_group_size(size, world=world, local_world_size=local_world_size or world)
+    if resolved is None:
+        return None
+    if layout.tensor_parallel > 1 or layout.pipeline_parallel > 1:  # ("auto" axes resolve only here)
+        raise ValueError(
+            f"HybridStrategy(embedding_shard_group_size={size!r}) with tensor_parallel={layout.tensor_parallel}, "
+            f"pipeline_parallel={layout.pipeline_parallel} is not supported: use tensor_parallel=1 and pipeline_parallel=1 "
+            "with table groups, or drop embedding_shard_group_size."
+        )
+    return make_table_groups(resolved)
+
+
 def apply_embedding_sharding(
     model: torch.nn.Module,
     *,
@@ -192,7 +225,8 @@ def apply_embedding_sharding(
     replica_group: dist.ProcessGroup | None,
 ) -> ShardedTables:
     """Shard every torchrec table of ``model`` in place (collective); see the module docstring.
-    ``spec``: a `lightning_hybrid.parallel.embedding.EmbeddingShardingSpec`."""
+    ``spec``: a `lightning_hybrid.parallel.embedding.EmbeddingShardingSpec` (with ``shard_group_size``:
+    one copy of the tables per group of ranks, `lightning_hybrid.parallel.table_groups`)."""
     from torchrec.distributed.types import ShardingEnv
 
     from lightning_hybrid.parallel import embedding as emb
@@ -204,6 +238,9 @@ def apply_embedding_sharding(
         return ShardedTables()
     infos = emb.table_infos(modules)
     spec = _with_model_kernels(model, spec)
+    groups = _table_groups(spec.shard_group_size, layout, local_world_size)
+    if groups is not None:  # the copies average gradients: the dense kernel keeps them
+        spec = replace(spec, compute_kernels={**{i.table_name: emb_optim.DENSE for i in infos}, **spec.compute_kernels})
     weights = {info.table_name: model.get_parameter(info.weight_fqn) for info in infos}
     dp_tables = [t for t, s in spec.sharding_types.items() if s == "data_parallel"]
     choice = None
@@ -234,15 +271,20 @@ def apply_embedding_sharding(
             for info in infos
         }
     constraints = emb.build_constraints(infos, spec, kernels)
-    env = ShardingEnv.from_process_group(dist.group.WORLD)
+    env = ShardingEnv.from_process_group(dist.group.WORLD) if groups is None else groups.sharding_env()
     plan = emb.plan_sharding_on_rank0(
-        model, env=env, device=device, constraints=constraints, local_world_size=local_world_size,
+        model, env=env if groups is None else groups.planning_env(), device=device, constraints=constraints,
+        local_world_size=local_world_size if groups is None else min(groups.size, local_world_size or groups.size),
         memory_per_rank_bytes=spec.memory_per_rank_bytes,
     )
+    if groups is not None:
+        from lightning_hybrid.parallel.table_groups import move_plan_to_group
+
+        move_plan_to_group(plan, groups)
     summary = emb.plan_summary(plan)
     if fitting:
         refuse_multi_shard_dense_state(summary, kernels, user_optimizers, dist.get_rank())
-    tables = ShardedTables(plan=plan, choice=choice)
+    tables = ShardedTables(plan=plan, choice=choice, groups=groups)
     tables.modules = emb.shard_embeddings_in_place(model, plan=plan, env=env, device=device)
     if fitting and dist.get_world_size() > 1:
         from lightning_hybrid.parallel.lookup_load import LookupCounter
@@ -276,7 +318,8 @@ def apply_embedding_sharding(
         for module in tables.modules.values():
             split_lookup_over_group(module, group, summed_grads=summed, grad_scale=scale)
     rank_zero_info(
-        "HybridStrategy embedding plan:\n"
+        ("" if groups is None else f"HybridStrategy: tables sharded in {groups.copies} groups of {groups.size} ranks, one copy each\n")
+        + "HybridStrategy embedding plan:\n"
         + "\n".join(f"  {t}: {s['sharding_type']} ({s['compute_kernel']}) on ranks {s['ranks']}" for t, s in summary.items())
     )
     return tables

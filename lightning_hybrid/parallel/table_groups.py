@@ -1,0 +1,157 @@
+"""Tables sharded inside a group of ranks and replicated across the groups (torchrec's "2D" layout).
+
+With ``HybridStrategy(embedding_shard_group_size=k)`` (or ``"node"``: the processes of one node),
+the world splits into consecutive groups of ``k`` ranks. Each group holds every table whole,
+sharded between its own ranks by one torchrec plan (made once for ``k`` ranks, its ranks moved
+to each group's), so the embedding all-to-alls of a step stay inside a group: inside a node
+when the groups are nodes, where links are fast. The groups are copies of one another; after
+each backward every table-shard gradient is averaged over the ranks that hold the same shard in
+the other groups (one all-reduce per step across nodes, of the shards' gradients), so every copy
+takes the same optimizer step and the job trains exactly as with tables sharded over all ranks.
+
+torchrec's `DMPCollection` builds the same layout on CUDA and keeps the copies together by
+averaging weights and optimizer state every few steps (`DMPCollection.sync`); here the gradients
+are averaged every step instead, which is exact for any optimizer and leaves nothing to sync.
+It needs each shard's gradient, so tables use the dense kernel (fbgemm's fused kernel applies
+its update inside backward and keeps no gradient to average).
+
+Usable without Lightning::
+
+    groups = make_table_groups(group_size=2)               # collective: every rank, same order
+    plan = plan_sharding_on_rank0(model, env=groups.planning_env(), ...)   # planned for 2 ranks
+    move_plan_to_group(plan, groups)                       # ranks 0..1 -> this group's ranks
+    shard_embeddings_in_place(model, plan=plan, env=groups.sharding_env(), device=device)
+    loss.backward(); average_table_gradients(table_params, groups)
+
+Cost per step, across the groups: the gradient of every shard a rank holds (dense: the whole
+shard, ``rows x dim`` per table, whatever the batch touched), all-reduced over the ``world / k``
+copies. It pays where the all-to-alls it keeps inside a node are large next to that: many ids per
+step or wide rows against small tables; on these machines' jagged batches it does not
+(docs/benchmarks.md measures it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TableGroups:
+    """This rank's table groups: ``shard_group`` (the ``size`` ranks that share one copy of the
+    tables, ``index``-th of ``copies``) and ``replica_group`` (the ranks holding the same shards in
+    every copy)."""
+
+    size: int
+    copies: int
+    index: int
+    shard_group: dist.ProcessGroup
+    replica_group: dist.ProcessGroup
+
+    @property
+    def first_rank(self) -> int:
+        """Global rank of this group's first member (its ranks are consecutive)."""
+        return self.index * self.size
+
+    def planning_env(self) -> Any:
+        """A torchrec ShardingEnv for planning: ``size`` ranks, broadcast over the whole world so
+        every copy gets the same plan (global rank 0 plans; see `plan_sharding_on_rank0`)."""
+        from torchrec.distributed.types import ShardingEnv
+
+        return ShardingEnv(world_size=self.size, rank=dist.get_rank(), pg=dist.group.WORLD)
+
+    def sharding_env(self) -> Any:
+        """The torchrec ShardingEnv the tables are sharded in: this group's ranks only."""
+        from torchrec.distributed.types import ShardingEnv
+
+        return ShardingEnv.from_process_group(self.shard_group)
+
+
+def resolve_group_size(value: int | str | None, *, world: int, local_world_size: int) -> int | None:
+    """The group size ``embedding_shard_group_size=value`` asks for on ``world`` ranks, or None for
+    one group of every rank (the ordinary layout). Raises ValueError naming the value and the fix."""
+    if value is None:
+        return None
+    size = local_world_size if value == "node" else value
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise ValueError(
+            f"HybridStrategy(embedding_shard_group_size={value!r}): use an integer >= 2 (ranks per copy of the tables) "
+            "or 'node'. To keep every table whole on every rank use embedding_sharding={table: 'data_parallel'} or "
+            "shard_embeddings=False."
+        )
+    if world % size:
+        raise ValueError(
+            f"HybridStrategy(embedding_shard_group_size={value!r}) asks for groups of {size} ranks, which do not divide "
+            f"the {world} ranks of this job. Use a divisor of {world} (the processes per node with 'node')."
+        )
+    return None if size == world else size
+
+
+def make_table_groups(group_size: int) -> TableGroups:
+    """Create the shard and replica groups for consecutive groups of ``group_size`` ranks.
+    Collective: every rank calls it, and every group is created on every rank in one order."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    copies = world // group_size
+    shard_group = replica_group = None
+    for index in range(copies):  # consecutive ranks: one node's processes under torchrun and SLURM
+        members = list(range(index * group_size, (index + 1) * group_size))
+        group = dist.new_group(members)
+        if rank in members:
+            shard_group = group
+    for position in range(group_size):
+        members = [index * group_size + position for index in range(copies)]
+        group = dist.new_group(members)
+        if rank in members:
+            replica_group = group
+    assert shard_group is not None and replica_group is not None
+    return TableGroups(group_size, copies, rank // group_size, shard_group, replica_group)
+
+
+def move_plan_to_group(plan: Any, groups: TableGroups) -> None:
+    """Shift the shard placements of a torchrec ShardingPlan made for ``groups.size`` ranks
+    (0..size-1) to this rank's group, in place: torchrec's ShardedTensors name global ranks as
+    placements, while its table-wise and column-wise shardings index ``ParameterSharding.ranks``
+    within the sharding environment's group (they stay 0..size-1)."""
+    offset = groups.first_rank
+    for module_plan in plan.plan.values():
+        for sharding in module_plan.values():
+            spec = sharding.sharding_spec
+            for shard in getattr(spec, "shards", None) or []:
+                placement = shard.placement
+                placement._rank = int(placement.rank()) + offset  # (torch's _remote_device has no setter)
+
+
+def table_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parameter]:
+    """The parameters of sharded table modules whose gradients the copies average."""
+    return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+
+def average_table_gradients(params: Iterable[torch.nn.Parameter], groups: TableGroups) -> int:
+    """Average the gradients of ``params`` over ``groups.replica_group`` in place (one coalesced
+    all-reduce); return the bytes this rank sent (ring count). Parameters without a gradient this
+    step take part with zeros, so every copy issues the same collective."""
+    params = list(params)
+    if groups.copies == 1 or not params:
+        return 0
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # one extra slot per parameter counts the copies that had a gradient: a parameter no copy
+    # touched keeps no gradient (an optimizer skips it, as it would on one process)
+    had = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [had])
+    dist.all_reduce(flat, group=groups.replica_group)  # (gloo has no AVG: sum, then divide)
+    counts = flat[-len(params) :].tolist()
+    flat = flat[: -len(params)].div_(groups.copies)
+    start = 0
+    for p, g, count in zip(params, grads, counts, strict=True):
+        n = g.numel()
+        if p.grad is not None:
+            p.grad.copy_(flat[start : start + n].view_as(p.grad))
+        elif count > 0:
+            p.grad = flat[start : start + n].view_as(p).clone()
+        start += n
+    nbytes = flat.numel() * flat.element_size()
+    return int(2 * (groups.copies - 1) / groups.copies * nbytes)

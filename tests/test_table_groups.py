@@ -1,0 +1,157 @@
+"""Tables sharded inside groups of ranks, one copy per group (`lightning_hybrid.parallel.table_groups`,
+``HybridStrategy(embedding_shard_group_size=...)``): on 4 processes in 2 groups of 2, training
+(clipped), validation, test, checkpoints and resuming equal one process; what cannot compose is
+refused at construction."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lightning_hybrid.testing import run_distributed
+
+DATA = dict(format="synthetic", max_len=8, synthetic_users=48, synthetic_items=30, synthetic_min_len=4, synthetic_max_len=12, seed=3)
+CLIP = 0.05  # (small: every step clips, so a norm summed over the wrong ranks changes the run)
+WORLD = 4
+
+#: layout -> HybridStrategy options on WORLD processes
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "row_wise": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": 2},
+    "table_wise": {"embedding_sharding": {"item_id": "table_wise"}, "embedding_shard_group_size": 2},
+    "row_wise_fsdp": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": 2, "dense_parallel": "fsdp"},
+    "row_wise_powersgd": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": 2,
+                          "gradient_compression": {"method": "powersgd", "rank": 2, "min_numel": 10**9}},
+}
+
+
+def _model() -> Any:
+    from tests.helpers import sgd_sasrec_class
+
+    torch.manual_seed(0)
+    model = sgd_sasrec_class(momentum=0.9)(num_items=30, max_len=8, d_model=16, num_blocks=2, num_heads=2, dropout=0.0, output="tied", top_k=5)
+    model.clip_tables = True  # (the tables use the dense kernel here: they are clipped with the rest)
+    return model
+
+
+def _trainer(layout: str | None, epochs: int, root: Path) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.comm.compress import GradientCompression
+    from tests.helpers import LossRecorder, quiet_trainer
+
+    options = dict(LAYOUTS[layout]) if layout else {}
+    if "gradient_compression" in options:
+        options["gradient_compression"] = GradientCompression(**options["gradient_compression"])
+    strategy = HybridStrategy(**options) if layout else "auto"
+    return quiet_trainer(
+        strategy=strategy, devices=WORLD if layout else 1, max_epochs=epochs, gradient_clip_val=CLIP, num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath=root, save_last=True), LossRecorder()], enable_checkpointing=True, default_root_dir=str(root),
+    )
+
+
+def _run(layout: str | None, root: str) -> dict[str, Any]:
+    """Fit 3 epochs and test the model and last.ckpt; fit 1 epoch and resume to 3 from its last.ckpt."""
+    warnings.simplefilter("ignore")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.data.sequences import SequenceDataModule
+
+    devices = WORLD if layout else 1
+    data = SequenceDataModule(**DATA, batch_size=12 // devices)
+    out: dict[str, Any] = {}
+    for name, epochs, resume in (("whole", 3, False), ("first", 1, False), ("resumed", 3, True)):
+        folder = Path(root) / ("split" if name != "whole" else name)
+        model = _model()
+        trainer = _trainer(layout, epochs, folder)
+        trainer.fit(model, datamodule=data, ckpt_path=str(folder / "last.ckpt") if resume else None)
+        weights = full_state_dict(model) if devices > 1 else {k: v.detach().clone() for k, v in model.state_dict().items()}
+        out[name] = {"losses": _losses(trainer), "after_fit": weights}
+        if name == "whole":
+            out[name]["test"] = trainer.test(model, datamodule=data, verbose=False)[0]
+            out[name]["test_last_ckpt"] = _trainer(layout, 1, folder / "test").test(
+                _model(), datamodule=data, ckpt_path=str(folder / "last.ckpt"), verbose=False
+            )[0]
+            out[name]["groups"] = None if layout is None else _group_ranks(trainer)
+    return out
+
+
+def _losses(trainer: Any) -> list[float]:
+    from tests.helpers import LossRecorder
+
+    return next(c for c in trainer.callbacks if isinstance(c, LossRecorder)).losses
+
+
+def _group_ranks(trainer: Any) -> list[int]:
+    """The global ranks holding this rank's copy of the item table (from its sharded module)."""
+    import torch.distributed as dist
+
+    module = next(iter(trainer.strategy.sharded_modules.values()))
+    return dist.get_process_group_ranks(module.hybrid_shard_group)
+
+
+def _layouts(root: str) -> dict[str, Any]:
+    return {layout: _run(layout, str(Path(root) / layout)) for layout in LAYOUTS}
+
+
+@functools.cache
+def _one_process() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as root:
+        return _run(None, root)
+
+
+@functools.cache
+def _four_processes() -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as root:
+        return run_distributed(_layouts, WORLD, root, init_process_group=False, timeout_s=500)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_tables_in_groups_of_two_train_test_and_resume_as_one_process(layout: str) -> None:
+    reference = _one_process()
+    results = [r[layout] for r in _four_processes()]
+    assert [r["whole"]["groups"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    for name in ("whole", "resumed"):
+        mean = [sum(r[name]["losses"][i] for r in results) / WORLD for i in range(len(reference[name]["losses"]))]
+        assert_close(torch.tensor(mean), torch.tensor(reference[name]["losses"]), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{layout} {n}: {m}")
+        for key, value in reference[name]["after_fit"].items():
+            assert_close(results[0][name]["after_fit"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key, n=name: f"{layout} {n} {k}: {m}")
+    for result in results:
+        assert result["whole"]["test"] == pytest.approx(reference["whole"]["test"], abs=1e-6)
+        assert result["whole"]["test_last_ckpt"] == pytest.approx(reference["whole"]["test_last_ckpt"], abs=1e-6)
+
+
+def test_group_sizes_and_combinations_that_cannot_work_are_refused_naming_the_fix() -> None:
+    from lightning_hybrid import HybridStrategy
+    from lightning_hybrid.parallel.table_groups import resolve_group_size
+
+    assert resolve_group_size(None, world=8, local_world_size=4) is None
+    assert resolve_group_size("node", world=8, local_world_size=4) == 4
+    assert resolve_group_size(2, world=8, local_world_size=4) == 2
+    assert resolve_group_size("node", world=4, local_world_size=4) is None  # one node: the ordinary layout
+    with pytest.raises(ValueError, match=r"groups of 4 ranks.*6 ranks.*divisor of 6"):
+        resolve_group_size(4, world=6, local_world_size=2)
+    for bad in (1, 0, "rack", True):
+        with pytest.raises(ValueError, match=r"embedding_shard_group_size=.*integer >= 2.*'node'"):
+            HybridStrategy(embedding_shard_group_size=bad)
+    with pytest.raises(ValueError, match=r"embedding_kernels=\{'item_id': 'fused'\}.*'dense'"):
+        HybridStrategy(embedding_shard_group_size=2, embedding_kernels={"item_id": "fused"})
+    with pytest.raises(ValueError, match=r"tensor_parallel=2.*tensor_parallel=1 and pipeline_parallel=1"):
+        HybridStrategy(embedding_shard_group_size=2, tensor_parallel=2)
+    with pytest.raises(ValueError, match=r"pipeline_parallel=2.*tensor_parallel=1 and pipeline_parallel=1"):
+        HybridStrategy(embedding_shard_group_size="node", pipeline_parallel=2)
+    with pytest.raises(ValueError, match=r"shard_embeddings=False.*Drop one"):
+        HybridStrategy(embedding_shard_group_size=2, shard_embeddings=False)
+    for mode in ("local_sgd", "async"):
+        with pytest.raises(ValueError, match=rf"data_parallel_mode='{mode}'.*data_parallel_mode='sync'"):
+            HybridStrategy(embedding_shard_group_size=2, data_parallel_mode=mode)
+    with pytest.raises(ValueError, match=r"plan='auto'.*by hand"):
+        HybridStrategy(embedding_shard_group_size=2, plan="auto")
