@@ -32,7 +32,9 @@ network namespaces joined by links shaped to each rate (`lightning_hybrid.testin
 processes per node (``--procs-per-node 1,2``), launched as users launch across nodes (torchrun, one
 agent per node, c10d rendezvous). Added layouts that only differ across nodes: ``hybrid_hier``
 (table sharded, PowerSGD across nodes only, exact inside a node) and ``hybrid_localsgd`` (table
-sharded, local SGD with period 4 across the replicas). Bytes are also measured at the links:
+sharded, local SGD with period 4 across the replicas), and with 2 processes per node
+``hybrid_2d`` (the table sharded inside each node, one copy per node, gradients averaged across
+the copies: ``embedding_shard_group_size="node"``; its trade-off alone: benchmarks/table_groups.py). Bytes are also measured at the links:
 ``inter_node_mb`` is what a node sent on its shaped link per step, ``intra_node_mb`` what its
 ranks sent each other over its loopback (``/proc/net/dev`` inside each namespace), and every rate's
 measured line rate (a 16 MB all-reduce probe) is printed next to the set one.
@@ -90,9 +92,11 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "hybrid_hier": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": {**POWERSGD, "hierarchical": True}},
     "hybrid_localsgd": {"embedding_sharding": {"item_id": "row_wise"}, "data_parallel_mode": "local_sgd", "local_sgd_period": 4,
                         "local_sgd_warmup_steps": 2},
+    # (2 processes per node and up) the table sharded inside each node, one copy per node (`parallel.table_groups`)
+    "hybrid_2d": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": "node"},
 }
-CROSS_NODE = ("hybrid_hier", "hybrid_localsgd")
-LINK_LAYOUTS = ("dp", "mp", "pp", "hybrid_ddp", "hybrid", "hybrid_hier", "hybrid_localsgd", "hybrid_pp", "hybrid_pp_ddp")
+CROSS_NODE = ("hybrid_hier", "hybrid_localsgd", "hybrid_2d")
+LINK_LAYOUTS = ("dp", "mp", "pp", "hybrid_ddp", "hybrid", "hybrid_hier", "hybrid_localsgd", "hybrid_2d", "hybrid_pp", "hybrid_pp_ddp")
 SINGLE = ("dp", "mp", "tp", "pp")
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
 AXES = ("dp", "tp", "pp", "embedding")
@@ -256,7 +260,7 @@ def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix:
         for name, layout in LAYOUTS.items():
             if name not in chosen:
                 continue
-            if name in ("hybrid_tp", "hybrid_pp_ddp") and processes < 4:  # (hybrid_pp_ddp = hybrid_pp without dp)
+            if name in ("hybrid_tp", "hybrid_pp_ddp", "hybrid_2d") and processes < 4:  # (hybrid_pp_ddp = hybrid_pp without dp)
                 continue
             if name in CROSS_NODE and not prefix:  # (they differ from `hybrid` only across nodes)
                 continue

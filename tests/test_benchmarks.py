@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.testing import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,3 +174,14 @@ def test_sasrec_quality_tests_the_checkpoint_a_recipe_copy_names(tmp_path: Path)
     no_checkpoint.write_text("trainer:\n  max_epochs: 1\n")
     with pytest.raises(ValueError, match="no ModelCheckpoint callback with dirpath and filename"):
         module._recipe_paths(no_checkpoint, tmp_path)
+
+
+def test_table_groups_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("table_groups.py", tmp_path / "groups.json")
+    row = result["results"]["loopback"]["tiny"]
+    # the same batches and steps give the same table whether it is sharded over all 4 ranks or per pair
+    tables = row["tables"]
+    assert len(tables["world"]) == 64
+    assert_close(torch.tensor(tables["node"]), torch.tensor(tables["world"]), rtol=1e-5, atol=1e-6)
+    assert row["node_speedup"] == row["world"]["step_ms"] / row["node"]["step_ms"]
+    assert "| loopback | tiny |" in stdout

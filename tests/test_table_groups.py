@@ -129,6 +129,52 @@ def test_tables_in_groups_of_two_train_test_and_resume_as_one_process(layout: st
         assert result["whole"]["test_last_ckpt"] == pytest.approx(reference["whole"]["test_last_ckpt"], abs=1e-6)
 
 
+def _grads(rank: int) -> dict[str, torch.Tensor | None]:
+    """Each rank's gradients for the averaging test: sparse rows, all rows, none, one copy only, 1-D."""
+    g = torch.Generator().manual_seed(rank)
+    sparse = torch.zeros(40, 3)
+    rows = torch.randperm(40, generator=g)[: 2 + rank]  # (a different count per copy: padded gathers)
+    sparse[rows] = torch.randn(len(rows), 3, generator=g)
+    if rank == 1:
+        sparse[39, 0] = float("nan")  # a non-finite gradient must reach every copy
+    return {"sparse": sparse, "dense": torch.randn(10, 3, generator=g), "none": None,
+            "half": torch.randn(6, 2, generator=g) if rank >= 2 else None, "flat": torch.randn(5, generator=g)}
+
+
+def _average_on_ranks() -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from lightning_hybrid.parallel.table_groups import average_table_gradients, make_table_groups
+
+    groups = make_table_groups(2)
+    params = {}
+    for name, grad in _grads(dist.get_rank()).items():
+        shape = {"none": (4, 2), "half": (6, 2)}.get(name, grad.shape if grad is not None else None)
+        params[name] = torch.nn.Parameter(torch.zeros(shape))
+        params[name].grad = grad
+    sent = average_table_gradients(list(params.values()), groups)
+    dense_only = {n: torch.nn.Parameter(torch.zeros(p.shape)) for n, p in params.items() if n == "sparse"}
+    dense_only["sparse"].grad = _grads(dist.get_rank())["sparse"]
+    sent_dense = average_table_gradients(list(dense_only.values()), groups, sparse_below=0.0)
+    return {"grads": {n: p.grad for n, p in params.items()}, "sent": sent, "sparse_dense_path": dense_only["sparse"].grad,
+            "sent_dense": sent_dense}
+
+
+def test_averaging_across_copies_is_the_mean_on_the_sparse_and_dense_paths() -> None:
+    ranks = run_distributed(_average_on_ranks, WORLD, timeout_s=120)
+    for rank, got in enumerate(ranks):
+        mine, other = _grads(rank), _grads((rank + 2) % WORLD)  # copies: ranks r and r + 2 hold the same shards
+        for name in ("sparse", "dense", "flat"):
+            assert_close(got["grads"][name], (mine[name] + other[name]) / 2, equal_nan=True, msg=name)
+        assert got["grads"]["none"] is None
+        assert_close(got["grads"]["half"], _grads(2 + rank % 2)["half"] / 2)  # (a missing gradient counts as zero)
+        assert_close(got["sparse_dense_path"], got["grads"]["sparse"], equal_nan=True)
+        assert bool(torch.isnan(got["grads"]["sparse"][39, 0])) == (rank % 2 == 1)  # (rank 1 and its copy, rank 3)
+        assert got["grads"]["sparse"].ne(0).any(1).sum() < 40
+    # the sparse path sends the touched rows (at most 5 of 40 here), not the whole shard
+    assert ranks[0]["sent_dense"] > 2 * ranks[0]["sent"] / 5
+
+
 def test_group_sizes_and_combinations_that_cannot_work_are_refused_naming_the_fix() -> None:
     from lightning_hybrid import HybridStrategy
     from lightning_hybrid.parallel.table_groups import resolve_group_size

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lightning_hybrid.comm.compress import ByteCounter
+
 
 @dataclass(frozen=True)
 class TableGroups:
@@ -130,28 +132,77 @@ def table_parameters(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Parame
     return [p for module in modules for p in module.parameters() if p.requires_grad]
 
 
-def average_table_gradients(params: Iterable[torch.nn.Parameter], groups: TableGroups) -> int:
-    """Average the gradients of ``params`` over ``groups.replica_group`` in place (one coalesced
-    all-reduce); return the bytes this rank sent (ring count). Parameters without a gradient this
-    step take part with zeros, so every copy issues the same collective."""
+def average_table_gradients(params: Iterable[torch.nn.Parameter], groups: TableGroups, *, sparse_below: float = 0.25) -> int:
+    """Average the gradients of ``params`` over ``groups.replica_group`` in place, exactly; return
+    the bytes this rank sent.
+
+    A table's gradient is non-zero only in the rows some copy looked up. Where the most rows any
+    copy touched is under ``sparse_below`` of the shard's rows, the copies exchange just those rows
+    and their indices (an all-gather; a step of a long-tailed catalogue touches a small fraction of
+    it); otherwise the whole gradient goes in one coalesced all-reduce. A parameter no copy has a
+    gradient for keeps none (an optimizer skips it, as on one process); one that only some copies
+    have gets the average on all of them.
+    """
     params = list(params)
     if groups.copies == 1 or not params:
         return 0
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    # one extra slot per parameter counts the copies that had a gradient: a parameter no copy
-    # touched keeps no gradient (an optimizer skips it, as it would on one process)
-    had = torch.tensor([float(p.grad is not None) for p in params], dtype=grads[0].dtype, device=grads[0].device)
-    flat = torch.cat([g.reshape(-1) for g in grads] + [had])
-    dist.all_reduce(flat, group=groups.replica_group)  # (gloo has no AVG: sum, then divide)
-    counts = flat[-len(params) :].tolist()
-    flat = flat[: -len(params)].div_(groups.copies)
-    start = 0
-    for p, g, count in zip(params, grads, counts, strict=True):
-        n = g.numel()
-        if p.grad is not None:
-            p.grad.copy_(flat[start : start + n].view_as(p.grad))
-        elif count > 0:
-            p.grad = flat[start : start + n].view_as(p).clone()
-        start += n
-    nbytes = flat.numel() * flat.element_size()
-    return int(2 * (groups.copies - 1) / groups.copies * nbytes)
+    group, copies = groups.replica_group, groups.copies
+    rows = [_touched_rows(p) for p in params]
+    # rows each copy touched per parameter (-1: no gradient): one small all-gather decides the rest
+    counts = torch.tensor([-1 if r is None else len(r) for r in rows], dtype=torch.int64)
+    gathered = [torch.empty_like(counts) for _ in range(copies)]
+    dist.all_gather(gathered, counts, group=group)
+    per_copy = torch.stack(gathered)  # [copies, params]
+    sent = ByteCounter.all_gather_bytes(counts.numel() * 8, copies)
+    dense: list[torch.nn.Parameter] = []
+    for j, p in enumerate(params):
+        if bool((per_copy[:, j] < 0).all()):
+            continue  # no copy has a gradient: leave it None everywhere
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        most = int(per_copy[:, j].max())
+        if p.grad.dim() == 2 and most < sparse_below * p.grad.shape[0]:
+            sent += _average_rows(p.grad, rows[j], per_copy[:, j].clamp(min=0).tolist(), group)
+        else:
+            dense.append(p)
+    if dense:
+        flat = torch.cat([p.grad.reshape(-1) for p in dense])
+        dist.all_reduce(flat, group=group)  # (gloo has no AVG: sum, then divide)
+        flat.div_(copies)
+        start = 0
+        for p in dense:
+            p.grad.copy_(flat[start : start + p.grad.numel()].view_as(p.grad))
+            start += p.grad.numel()
+        sent += ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), copies)
+    return int(sent)
+
+
+def _touched_rows(p: torch.nn.Parameter) -> torch.Tensor | None:
+    if p.grad is None:
+        return None
+    grad = p.grad
+    if grad.dim() != 2:
+        return torch.arange(grad.numel())
+    # (amax of |row| != 0: a fast exact test; NaN rows count as touched, so they reach the other copies)
+    return grad.abs().amax(dim=1).ne(0).nonzero().squeeze(1)
+
+
+def _average_rows(grad: torch.Tensor, mine: torch.Tensor | None, counts: list[int], group: dist.ProcessGroup) -> float:
+    """Average a [rows, dim] gradient whose non-zero rows are ``mine`` here and ``counts[c]`` rows
+    on copy ``c``: every copy all-gathers each copy's rows (padded to the largest count) and adds
+    them up in copy order, so all copies get the same sum, bit for bit."""
+    copies, width = len(counts), max(counts)
+    index = torch.zeros(width, dtype=torch.int64, device=grad.device)
+    values = torch.zeros(width, grad.shape[1], dtype=grad.dtype, device=grad.device)
+    if mine is not None and len(mine):
+        index[: len(mine)] = mine.to(grad.device)
+        values[: len(mine)] = grad[mine.to(grad.device)]
+    indices = [torch.empty_like(index) for _ in range(copies)]
+    rows = [torch.empty_like(values) for _ in range(copies)]
+    dist.all_gather(indices, index, group=group)
+    dist.all_gather(rows, values, group=group)
+    grad.zero_()
+    for c in range(copies):
+        grad.index_add_(0, indices[c][: counts[c]], rows[c][: counts[c]])
+    grad.div_(copies)
+    return ByteCounter.all_gather_bytes(index.numel() * 8 + values.numel() * values.element_size(), copies)
