@@ -11,4 +11,5 @@
 - `amp`: fp16 loss scaling when gradients are sharded.
 - `tied_output`: item scores through the sharded item table itself (exact shard-parallel softmax, ranks, top-k).
 - `lookup_load`: lookups served per rank, from the plan's shard row ranges.
+- `table_groups`: tables sharded inside groups of ranks (a node), one copy per group (torchrec's 2D layout).
 """

@@ -6,7 +6,7 @@ sharded between its own ranks by one torchrec plan (made once for ``k`` ranks, i
 to each group's), so the embedding all-to-alls of a step stay inside a group: inside a node
 when the groups are nodes, where links are fast. The groups are copies of one another; after
 each backward every table-shard gradient is averaged over the ranks that hold the same shard in
-the other groups (one all-reduce per step across nodes, of the shards' gradients), so every copy
+the other groups (one exchange per step across nodes, of the shards' gradients), so every copy
 takes the same optimizer step and the job trains exactly as with tables sharded over all ranks.
 
 torchrec's `DMPCollection` builds the same layout on CUDA and keeps the copies together by
@@ -19,15 +19,22 @@ Usable without Lightning::
 
     groups = make_table_groups(group_size=2)               # collective: every rank, same order
     plan = plan_sharding_on_rank0(model, env=groups.planning_env(), ...)   # planned for 2 ranks
-    move_plan_to_group(plan, groups)                       # ranks 0..1 -> this group's ranks
+    move_plan_to_group(plan, groups)                       # placements 0..1 -> this group's ranks
     shard_embeddings_in_place(model, plan=plan, env=groups.sharding_env(), device=device)
     loss.backward(); average_table_gradients(table_params, groups)
 
-Cost per step, across the groups: the gradient of every shard a rank holds (dense: the whole
-shard, ``rows x dim`` per table, whatever the batch touched), all-reduced over the ``world / k``
-copies. It pays where the all-to-alls it keeps inside a node are large next to that: many ids per
-step or wide rows against small tables; on these machines' jagged batches it does not
-(docs/benchmarks.md measures it).
+Cost per step, across the groups: each shard's gradient, averaged over the ``world / k`` copies.
+A step touches few rows of a large catalogue, so where the most rows any copy touched is under a
+quarter of the shard the copies exchange just those rows and their indices (an all-gather);
+otherwise the whole shard's gradient goes in one all-reduce. Against sharding over all ranks it
+pays where the all-to-alls it keeps inside a node are large next to that: many ids per step
+against few or wide rows; `benchmarks/table_groups.py` measures both regimes (docs/benchmarks.md).
+
+Under HybridStrategy (``embedding_shard_group_size``) it composes with the dense parameters on
+DDP or FSDP2, exact or compressed dp exchange, norm clipping (table norms summed over the shard
+group), the tied output (`parallel.tied_output` scores over the shard group), DCP checkpoints,
+resuming and `lightning_hybrid.checkpoint.full_state_dict`; tensor/pipeline parallelism, local
+SGD / async and the fused kernel are refused at construction (`strategies.options`).
 """
 
 from __future__ import annotations
