@@ -1,6 +1,8 @@
 """Tables sharded inside groups of ranks, one copy per group (`lightning_hybrid.parallel.table_groups`,
 ``HybridStrategy(embedding_shard_group_size=...)``): on 4 processes in 2 groups of 2, training
-(clipped), validation, test, checkpoints and resuming equal one process; what cannot compose is
+(clipped; DDP, FSDP2, the compressor's exchange), test, checkpoints and resuming equal one process;
+the copies' averaging equals the mean on its sparse and dense paths, and pooled tables trained with
+the plain functions per pair equal the same tables sharded over all ranks; what cannot compose is
 refused at construction."""
 
 from __future__ import annotations
@@ -157,10 +159,49 @@ def _average_on_ranks() -> dict[str, Any]:
     dense_only["sparse"].grad = _grads(dist.get_rank())["sparse"]
     sent_dense = average_table_gradients(list(dense_only.values()), groups, sparse_below=0.0)
     return {"grads": {n: p.grad for n, p in params.items()}, "sent": sent, "sparse_dense_path": dense_only["sparse"].grad,
-            "sent_dense": sent_dense}
+            "sent_dense": sent_dense, "pooled": {kind: (_pooled_steps("all", kind), _pooled_steps("pairs", kind)) for kind in ("row_wise", "table_wise", "column_wise")}}
 
 
-def test_averaging_across_copies_is_the_mean_on_the_sparse_and_dense_paths() -> None:
+def _pooled_steps(layout: str, kind: str) -> dict[str, torch.Tensor]:
+    """Two pooled tables (an EmbeddingBagCollection, fbgemm's dense kernel) sharded ``kind`` over all
+    4 ranks or per pair with the plain functions, 3 Adagrad steps; the whole tables after them."""
+    import torch.distributed as dist
+    from torchrec.distributed.types import ShardingEnv
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from lightning_hybrid.checkpoint import full_state_dict
+    from lightning_hybrid.parallel import embedding as emb
+    from lightning_hybrid.parallel import table_groups as tg
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.ebc = EmbeddingBagCollection(tables=[EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=40, feature_names=["f"]),
+                                               EmbeddingBagConfig(name="u", embedding_dim=8, num_embeddings=30, feature_names=["g"])])
+    spec = emb.EmbeddingShardingSpec(sharding_types={"t": kind, "u": kind}, compute_kernels={"t": "dense", "u": "dense"})
+    constraints = emb.build_constraints(emb.table_infos(emb.find_embedding_modules(model)), spec, {"t": "dense", "u": "dense"})
+    groups = tg.make_table_groups(2) if layout == "pairs" else None
+    env = groups.sharding_env() if groups else ShardingEnv.from_process_group(dist.group.WORLD)
+    plan = emb.plan_sharding_on_rank0(model, env=groups.planning_env() if groups else env, device=torch.device("cpu"),
+                                      constraints=constraints, local_world_size=2)
+    if groups:
+        tg.move_plan_to_group(plan, groups)
+    params = tg.table_parameters(emb.shard_embeddings_in_place(model, plan=plan, env=env, device=torch.device("cpu")).values())
+    optimizer = torch.optim.Adagrad(params, lr=0.1)
+    for step in range(3):
+        g = torch.Generator().manual_seed(10 * step + dist.get_rank())
+        ids = torch.cat([torch.randint(0, 40, (6,), generator=g), torch.randint(0, 30, (6,), generator=g)])
+        batch = KeyedJaggedTensor.from_lengths_sync(keys=["f", "g"], values=ids, lengths=torch.tensor([2, 1, 3, 3, 2, 1]))
+        model.ebc(batch).values().square().sum().backward()
+        if groups:
+            tg.average_table_gradients(params, groups)
+        optimizer.step()
+        optimizer.zero_grad()
+    return full_state_dict(model.ebc)
+
+
+def test_averaging_across_copies_is_the_mean_and_pooled_tables_train_as_over_all_ranks() -> None:
     ranks = run_distributed(_average_on_ranks, WORLD, timeout_s=120)
     for rank, got in enumerate(ranks):
         mine, other = _grads(rank), _grads((rank + 2) % WORLD)  # copies: ranks r and r + 2 hold the same shards
@@ -173,6 +214,11 @@ def test_averaging_across_copies_is_the_mean_on_the_sparse_and_dense_paths() -> 
         assert got["grads"]["sparse"].ne(0).any(1).sum() < 40
     # the sparse path sends the touched rows (at most 5 of 40 here), not the whole shard
     assert ranks[0]["sent_dense"] > 2 * ranks[0]["sent"] / 5
+    # pooled tables (fbgemm's dense kernel), Adagrad: per pair equals over all ranks, each sharding type
+    for kind, (everywhere, pairs) in ranks[0]["pooled"].items():
+        assert set(pairs) == set(everywhere) == {"embedding_bags.t.weight", "embedding_bags.u.weight"}
+        for key, value in everywhere.items():
+            assert_close(pairs[key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key, t=kind: f"{t} {k}: {m}")
 
 
 def test_group_sizes_and_combinations_that_cannot_work_are_refused_naming_the_fix() -> None:

@@ -156,10 +156,11 @@ def average_table_gradients(params: Iterable[torch.nn.Parameter], groups: TableG
     group, copies = groups.replica_group, groups.copies
     rows = [_touched_rows(p) for p in params]
     # rows each copy touched per parameter (-1: no gradient): one small all-gather decides the rest
-    counts = torch.tensor([-1 if r is None else len(r) for r in rows], dtype=torch.int64)
+    # (on the parameters' device: NCCL moves device tensors only)
+    counts = torch.tensor([-1 if r is None else len(r) for r in rows], dtype=torch.int64, device=params[0].device)
     gathered = [torch.empty_like(counts) for _ in range(copies)]
     dist.all_gather(gathered, counts, group=group)
-    per_copy = torch.stack(gathered)  # [copies, params]
+    per_copy = torch.stack(gathered).cpu()  # [copies, params]
     sent = ByteCounter.all_gather_bytes(counts.numel() * 8, copies)
     dense: list[torch.nn.Parameter] = []
     for j, p in enumerate(params):
