@@ -34,6 +34,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: layouts (and the one-process reference) also resumed from last.ckpt; the others fit and test once (test time)
+RESUMED = (None, "row_wise", "row_wise_fsdp")
+
+
 def _model() -> Any:
     from tests.helpers import sgd_sasrec_class
 
@@ -70,7 +74,8 @@ def _run(layout: str | None, root: str) -> dict[str, Any]:
     devices = WORLD if layout else 1
     data = SequenceDataModule(**DATA, batch_size=12 // devices)
     out: dict[str, Any] = {}
-    for name, epochs, resume in (("whole", 3, False), ("first", 1, False), ("resumed", 3, True)):
+    runs = (("whole", 3, False), ("first", 1, False), ("resumed", 3, True))
+    for name, epochs, resume in runs if layout in RESUMED else runs[:1]:
         folder = Path(root) / ("split" if name != "whole" else name)
         model = _model()
         trainer = _trainer(layout, epochs, folder)
@@ -121,7 +126,7 @@ def test_tables_in_groups_of_two_train_test_and_resume_as_one_process(layout: st
     reference = _one_process()
     results = [r[layout] for r in _four_processes()]
     assert [r["whole"]["groups"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    for name in ("whole", "resumed"):
+    for name in ("whole", "resumed") if layout in RESUMED else ("whole",):
         mean = [sum(r[name]["losses"][i] for r in results) / WORLD for i in range(len(reference[name]["losses"]))]
         assert_close(torch.tensor(mean), torch.tensor(reference[name]["losses"]), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{layout} {n}: {m}")
         for key, value in reference[name]["after_fit"].items():
