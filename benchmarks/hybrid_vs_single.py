@@ -69,6 +69,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_hybrid.testing import pin_to_core, run_distributed  # noqa: E402
+from lightning_hybrid.testing.netns import link_bytes_sent  # noqa: E402
 
 GPU_FULL = {
     "items": 500_000, "d_model": 512, "num_blocks": 4, "num_heads": 8, "max_len": 200, "global_batch": 128, "steps": 20, "warmup": 5,
@@ -112,16 +113,6 @@ def flops_per_token(cfg: dict[str, Any]) -> float:
     d, length, negatives = cfg["d_model"], cfg["max_len"], cfg.get("num_negatives", 256)
     per_block = 2 * 6 * d * d + 4 * length * d
     return 3.0 * (cfg["num_blocks"] * per_block + 2 * d * (1 + negatives))
-
-
-def _link_counters() -> dict[str, float]:
-    """Bytes sent so far on this network namespace's shaped link (eth0) and its loopback."""
-    out = {}
-    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
-        name, _, fields = line.partition(":")
-        if name.strip() in ("eth0", "lo"):
-            out[name.strip()] = float(fields.split()[8])  # (transmit bytes)
-    return out
 
 
 def _worker(
@@ -172,11 +163,11 @@ def _worker(
     class Keep(pl.Callback):
         def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
             if nodes > 1 and len(records) == cfg["warmup"]:
-                links.append(_link_counters())
+                links.append(link_bytes_sent())
 
         def on_train_end(self, trainer: Any, *args: Any) -> None:
             if nodes > 1 and links:
-                links.append(_link_counters())
+                links.append(link_bytes_sent())
 
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
             monitor = next(c for c in trainer.callbacks if isinstance(c, HybridMonitor))

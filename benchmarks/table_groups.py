@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_hybrid.testing import benchmark_parser, run_distributed  # noqa: E402
+from lightning_hybrid.testing.netns import link_bytes_sent  # noqa: E402
 
 REGIMES: dict[str, dict[str, int]] = {
     "catalogue": {"rows": 100_000, "dim": 64, "sequences": 64, "max_len": 50},
@@ -41,16 +42,6 @@ REGIMES: dict[str, dict[str, int]] = {
 SMOKE = {"tiny": {"rows": 64, "dim": 8, "sequences": 4, "max_len": 6}}
 LAYOUTS = ("world", "node")
 STEPS, WARMUP = 12, 3
-
-
-def _link_bytes() -> dict[str, float]:
-    """Bytes sent so far on this namespace's shaped link (eth0) and its loopback."""
-    out = {"eth0": 0.0, "lo": 0.0}
-    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
-        name, _, fields = line.partition(":")
-        if name.strip() in out:
-            out[name.strip()] = float(fields.split()[8])
-    return out
 
 
 def _batch(cfg: dict[str, int], rank: int, step: int) -> Any:
@@ -96,7 +87,7 @@ def _layout_steps(cfg: dict[str, int], layout: str, local_world_size: int) -> di
     for step in range(STEPS):
         batch = _batch(cfg, rank, step)
         dist.barrier()
-        before, start = _link_bytes(), time.perf_counter()
+        before, start = link_bytes_sent(), time.perf_counter()
         # (tanh: bounded, so rows keep a non-zero gradient step after step)
         loss = (model.ec(batch)["f"].values() @ weight).tanh().sum() / cfg["sequences"]
         loss.backward()
@@ -107,7 +98,7 @@ def _layout_steps(cfg: dict[str, int], layout: str, local_world_size: int) -> di
         dist.barrier()  # (the step ends when the slowest rank's does)
         if step >= WARMUP:
             times.append(time.perf_counter() - start)
-            after = _link_bytes()
+            after = link_bytes_sent()
             link.append({k: after[k] - before[k] for k in after})
     table = full_state_dict(model.ec).get("embeddings.t.weight")
     return {"step_s": statistics.median(times), "link_mb": {k: statistics.median(m[k] for m in link) / 1e6 for k in ("eth0", "lo")},

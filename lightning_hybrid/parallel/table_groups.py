@@ -154,10 +154,11 @@ def average_table_gradients(params: Iterable[torch.nn.Parameter], groups: TableG
     if groups.copies == 1 or not params:
         return 0
     group, copies = groups.replica_group, groups.copies
-    rows = [_touched_rows(p) for p in params]
-    # rows each copy touched per parameter (-1: no gradient): one small all-gather decides the rest
-    # (on the parameters' device: NCCL moves device tensors only)
-    counts = torch.tensor([-1 if r is None else len(r) for r in rows], dtype=torch.int64, device=params[0].device)
+    rows = [_touched_rows(p.grad) if p.grad is not None and p.grad.dim() == 2 else None for p in params]
+    # rows each copy touched per parameter (-1: no gradient; other than 2-D: every entry): one small
+    # all-gather decides the rest (on the parameters' device: NCCL moves device tensors only)
+    sizes = [-1 if p.grad is None else len(r) if r is not None else p.grad.numel() for p, r in zip(params, rows, strict=True)]
+    counts = torch.tensor(sizes, dtype=torch.int64, device=params[0].device)
     gathered = [torch.empty_like(counts) for _ in range(copies)]
     dist.all_gather(gathered, counts, group=group)
     per_copy = torch.stack(gathered).cpu()  # [copies, params]
@@ -185,12 +186,7 @@ def average_table_gradients(params: Iterable[torch.nn.Parameter], groups: TableG
     return int(sent)
 
 
-def _touched_rows(p: torch.nn.Parameter) -> torch.Tensor | None:
-    if p.grad is None:
-        return None
-    grad = p.grad
-    if grad.dim() != 2:
-        return torch.arange(grad.numel())
+def _touched_rows(grad: torch.Tensor) -> torch.Tensor:
     # (amax of |row| != 0: a fast exact test; NaN rows count as touched, so they reach the other copies)
     return grad.abs().amax(dim=1).ne(0).nonzero().squeeze(1)
 

@@ -187,6 +187,17 @@ class SimulatedCluster:
             return [json.loads(f.read_text()) for f in files]
 
 
+def link_bytes_sent() -> dict[str, float]:
+    """Bytes sent so far by this network namespace on its shaped link (``eth0``) and its loopback
+    (``lo``), from ``/proc/net/dev``; zeros for an interface it does not have."""
+    out = {"eth0": 0.0, "lo": 0.0}
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        if name.strip() in out:
+            out[name.strip()] = float(fields.split()[8])  # (transmit bytes)
+    return out
+
+
 def write_worker_result(out_dir: str, result: Any) -> None:
     """In a `SimulatedCluster.run_workers` rank: its result, for the caller."""
     import json
