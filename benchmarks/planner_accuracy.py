@@ -15,7 +15,8 @@ On shaped links (``--links``, from ``hybrid_vs_single.py --link-rates``): every 
 2 simulated nodes at each rate, the cluster's inter-node link set to the rate the probe measured
 (2 CPU cores shared by the nodes: one core per node), calibrated on all rows, leave-one-out
 errors, and at each rate and size the planner's first choice among the layouts it models against
-the fastest measured one (local SGD and hierarchical compression are not in the cost model: left out):
+the fastest measured one (local SGD and hierarchical compression are not in the cost model: left
+out; tables sharded per node, ``hybrid_2d``, are):
 
     python benchmarks/planner_accuracy.py --links benchmarks/results/hybrid_vs_single_links.json benchmarks/results/hybrid_vs_single_links_p4.json
 """
@@ -54,12 +55,15 @@ def _hybrid_vs_single() -> Any:
     return hybrid_vs_single
 
 
-def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int]) -> Layout:
-    """The planner's Layout of a hybrid_vs_single layout (its strategy options and resolved degrees)."""
+def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int], per_node: int | None = None) -> Layout:
+    """The planner's Layout of a hybrid_vs_single layout (its strategy options and resolved degrees;
+    ``per_node``: processes per simulated node, what ``embedding_shard_group_size="node"`` means)."""
     # (with dp = 1 there is nothing to compress: the strategy's compressor is a no-op there)
     compression = (strategy.get("gradient_compression") or {}).get("method", "none") if measured["dp"] > 1 else "none"
     pp = measured["pp"]
+    group = strategy.get("embedding_shard_group_size")
     return Layout(
+        table_group=per_node if group == "node" else group,
         dp=measured["dp"], tp=measured["tp"], pp=pp, microbatches=max(2, pp) if pp > 1 else 1,
         table="replicated" if strategy.get("shard_embeddings") is False else "row_wise", compression=compression,
         powersgd_rank=(strategy.get("gradient_compression") or {}).get("rank", 4),
@@ -99,10 +103,11 @@ def links(paths: list[Path], out: Path) -> dict[str, Any]:
     names, measurements = [], []
     for key, row in rows.items():
         rate, size, name = key.split("/")
-        if name in hvs.CROSS_NODE:
+        if name in hvs.CROSS_NODE and name != "hybrid_2d":
             continue
         cluster = link_cluster(measured_rates[rate.removesuffix("Mbit")], int(size[1:]))
-        measurements.append(Measurement(model, layout_of(name, hvs.LAYOUTS[name], row["layout"]), cfg["global_batch"] / row["samples_per_s"], cluster))
+        layout = layout_of(name, hvs.LAYOUTS[name], row["layout"], per_node=cluster.devices_per_node)
+        measurements.append(Measurement(model, layout, cfg["global_batch"] / row["samples_per_s"], cluster))
         names.append(key)
     base = CostModel(measurements[0].cluster)
     fitted = calibrate(base, measurements)

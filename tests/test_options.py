@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,6 +74,36 @@ def test_a_planned_layout_is_validated_and_the_user_s_options_win() -> None:
     mine = HybridOptions.from_kwargs(gradient_compression=GradientCompression(method="fp16"))
     merged, why = auto.merge(Layout(dp=2, compression="powersgd"), mine, None)
     assert merged is None and "gradient_compression" in why
+
+
+def test_a_planned_table_group_merges_and_the_user_s_group_size_restricts_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hybrid.planner.cost import Estimate
+
+    merged, _ = auto.merge(Layout(dp=4, table_group=2), HybridOptions.from_kwargs(plan="auto"), "item_id")
+    assert merged is not None and merged.embedding.embedding_shard_group_size == 2
+    assert merged.embedding.embedding_sharding == {"item_id": "row_wise"}
+    # the options the strategy refuses with table groups exclude such a layout
+    merged, why = auto.merge(Layout(dp=4, table_group=2), HybridOptions.from_kwargs(plan="auto", data_parallel_mode="local_sgd"), "item_id")
+    assert merged is None and "data_parallel_mode='local_sgd'" in why
+
+    def fake_search(cost, spec):  # noqa: ANN001, ANN202
+        est = lambda layout, s: Estimate(layout=layout, parts={}, features={}, step_s=s, memory_bytes=0.0, fits=True)  # noqa: E731
+        return [est(Layout(dp=8), 0.01), est(Layout(dp=8, table_group=2), 0.02), est(Layout(dp=8, table_group=4), 0.03)]
+
+    import lightning_hybrid.planner as planner
+
+    monkeypatch.setattr(planner, "search", fake_search)
+    module = SimpleNamespace(planner_spec=lambda global_batch: None)
+    choose = functools.partial(auto.choose_layout, module=module, datamodule=SimpleNamespace(batch_size=2), world_size=8, device_type="cpu")
+    _, chosen = choose(HybridOptions.from_kwargs(plan="auto"), devices_per_node=4)
+    assert chosen.layout == Layout(dp=8)  # nothing set: the fastest
+    # "node" is the processes per node (4 here): only the layout with groups of 4 agrees
+    options, chosen = choose(HybridOptions.from_kwargs(plan="auto", embedding_shard_group_size="node"), devices_per_node=4)
+    assert chosen.layout == Layout(dp=8, table_group=4) and options.embedding.embedding_shard_group_size == 4
+    _, chosen = choose(HybridOptions.from_kwargs(plan="auto", embedding_shard_group_size=2), devices_per_node=4)
+    assert chosen.layout == Layout(dp=8, table_group=2)
+    with pytest.raises(ValueError, match=r"embedding_shard_group_size=4 \(planned None\)"):
+        choose(HybridOptions.from_kwargs(plan="auto", embedding_shard_group_size=4, data_parallel_mode="local_sgd"), devices_per_node=4)
 
 
 def test_choose_layout_skips_layouts_the_options_forbid(monkeypatch: pytest.MonkeyPatch) -> None:

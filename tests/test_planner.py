@@ -68,6 +68,37 @@ def test_tensor_and_pipeline_parts() -> None:
     assert interleaved.parts["bubble"] == pytest.approx(interleaved.parts["compute"] * 1 / 16)
 
 
+def test_tables_sharded_per_node_price_their_all_to_alls_inside_the_node_and_the_averaging_across() -> None:
+    cost = CostModel(_gpu_cluster(nodes=2))  # 2 nodes x 8 GPUs, NVLink inside, InfiniBand across
+    intra, inter = cost.cluster.intra_node, cost.cluster.inter_node
+    lookups = (64 / 16) * 50  # positions per rank (replica batch 4 x 50)
+    volume = lookups * (64 * 4 + 8)  # fp32 rows and int64 ids
+    everywhere = cost.estimate(MODEL, Layout(dp=16))
+    assert everywhere.parts["emb_comm"] == pytest.approx(2 * all_to_all_time(volume, 16, inter))
+    per_node = cost.estimate(MODEL, Layout(dp=16, table_group=8))
+    # the two all-to-alls over the node's 8 ranks on NVLink; each shard's touched rows (a node looks
+    # up 8 x 200 rows, 200 per shard, under 1/4 of its 12,500) all-gathered with its copy on the other node
+    assert per_node.parts["emb_comm"] == pytest.approx(2 * all_to_all_time(volume, 8, intra) + all_gather_time(volume, 2, inter))
+    assert per_node.parts["emb_comm"] < everywhere.parts["emb_comm"]
+    # a shard the copies touch densely is all-reduced whole: 16 x 4 x 50 lookups on 2-rank groups of a 1,000-row table
+    small = dataclasses.replace(MODEL, num_items=999)
+    dense = cost.estimate(small, Layout(dp=16, table_group=2))
+    assert dense.parts["emb_comm"] == pytest.approx(2 * all_to_all_time(volume, 2, intra) + all_reduce_time(500 * 64 * 4, 8, inter))
+    # memory: the node's shard of the table on the dense kernel (weights, gradient, Adagrad state)
+    gap = per_node.memory_bytes - everywhere.memory_bytes
+    assert gap == pytest.approx(MODEL.table_params / 8 * 12 - MODEL.table_params / 16 * 8)
+    assert Layout(dp=16, table_group=8).strategy_kwargs()["embedding_shard_group_size"] == 8
+    assert Layout(dp=16, table_group=8).describe() == "dp16 x tp1 x pp1, table row_wise per 8 ranks"
+    # what the strategy refuses, the planner does not price; and it searches every proper group size
+    assert "needs a row-wise table, tp=1 and pp=1" in cost.validate(MODEL, Layout(dp=8, tp=2, table_group=8))
+    assert "needs a row-wise table" in cost.validate(MODEL, Layout(dp=16, table="replicated", table_group=8))
+    assert "must divide the 16 devices" in cost.validate(MODEL, Layout(dp=16, table_group=16))
+    assert "must divide the 16 devices" in cost.validate(MODEL, Layout(dp=16, table_group=3))
+    groups = {layout.table_group for layout in candidate_layouts(MODEL, 16) if layout.tp == layout.pp == 1}
+    assert groups == {None, 2, 4, 8}
+    assert all(layout.table_group is None for layout in candidate_layouts(MODEL, 16) if layout.tp * layout.pp > 1)
+
+
 def test_compression_cuts_the_bytes_it_should() -> None:
     cost = CostModel(_gpu_cluster(nodes=4))
     big = dataclasses.replace(MODEL, num_items=5_000_000, d_model=256)  # a 1.3B-value output layer: bytes dominate

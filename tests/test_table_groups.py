@@ -1,6 +1,7 @@
 """Tables sharded inside groups of ranks, one copy per group (`lightning_hybrid.parallel.table_groups`,
 ``HybridStrategy(embedding_shard_group_size=...)``): on 4 processes in 2 groups of 2, training
-(clipped; DDP, FSDP2, the compressor's exchange), test, checkpoints and resuming equal one process;
+(clipped; DDP, FSDP2, the compressor's exchange, the layout around the groups planned by
+``plan="auto"``), test, checkpoints and resuming equal one process;
 the copies' averaging equals the mean on its sparse and dense paths, and pooled tables trained with
 the plain functions per pair equal the same tables sharded over all ranks; what cannot compose is
 refused at construction."""
@@ -31,7 +32,11 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "row_wise_fsdp": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": 2, "dense_parallel": "fsdp"},
     "row_wise_powersgd": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": 2,
                           "gradient_compression": {"method": "powersgd", "rank": 2, "min_numel": 10**9}},
+    # the planner chooses the rest of the layout (dp 4, the item table row-wise, exact exchange:
+    # with memory passes priced dear, compressing the exchange does not pay; see _trainer)
+    "planned": {"plan": "auto", "cluster": "cpu-2core", "embedding_shard_group_size": 2},
 }
+PLANNER_SCALE = {"compute": 1.0, "memory": 1000.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 1.0, "overhead": 0.0}
 
 
 #: layouts (and the one-process reference) also resumed from last.ckpt; the others fit and test once (test time)
@@ -57,6 +62,12 @@ def _trainer(layout: str | None, epochs: int, root: Path) -> Any:
     options = dict(LAYOUTS[layout]) if layout else {}
     if "gradient_compression" in options:
         options["gradient_compression"] = GradientCompression(**options["gradient_compression"])
+    if options.get("plan") == "auto":
+        import json
+
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "scale.json").write_text(json.dumps({"scale": PLANNER_SCALE}))
+        options["planner_calibration"] = str(root / "scale.json")
     strategy = HybridStrategy(**options) if layout else "auto"
     return quiet_trainer(
         strategy=strategy, devices=WORLD if layout else 1, max_epochs=epochs, gradient_clip_val=CLIP, num_sanity_val_steps=0,
@@ -88,6 +99,7 @@ def _run(layout: str | None, root: str) -> dict[str, Any]:
                 _model(), datamodule=data, ckpt_path=str(folder / "last.ckpt"), verbose=False
             )[0]
             out[name]["groups"] = None if layout is None else _group_ranks(trainer)
+            out[name]["planned"] = getattr(getattr(trainer.strategy, "planned", None), "layout", None)
     return out
 
 
@@ -126,6 +138,10 @@ def test_tables_in_groups_of_two_train_test_and_resume_as_one_process(layout: st
     reference = _one_process()
     results = [r[layout] for r in _four_processes()]
     assert [r["whole"]["groups"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    if layout == "planned":
+        from lightning_hybrid.planner import Layout
+
+        assert results[0]["whole"]["planned"] == Layout(dp=4, table_group=2)
     for name in ("whole", "resumed") if layout in RESUMED else ("whole",):
         mean = [sum(r[name]["losses"][i] for r in results) / WORLD for i in range(len(reference[name]["losses"]))]
         assert_close(torch.tensor(mean), torch.tensor(reference[name]["losses"]), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{layout} {n}: {m}")
@@ -250,5 +266,5 @@ def test_group_sizes_and_combinations_that_cannot_work_are_refused_naming_the_fi
     for mode in ("local_sgd", "async"):
         with pytest.raises(ValueError, match=rf"data_parallel_mode='{mode}'.*data_parallel_mode='sync'"):
             HybridStrategy(embedding_shard_group_size=2, data_parallel_mode=mode)
-    with pytest.raises(ValueError, match=r"plan='auto'.*by hand"):
-        HybridStrategy(embedding_shard_group_size=2, plan="auto")
+    with pytest.raises(ValueError, match=r"data_parallel_mode='local_sgd'.*data_parallel_mode='sync'"):
+        HybridStrategy(embedding_shard_group_size=2, plan="auto", data_parallel_mode="local_sgd")

@@ -76,6 +76,7 @@ def plan_yaml(estimate: Any, spec: ModelSpec) -> dict[str, Any]:
         "pipeline_virtual_stages": layout.virtual_stages, "pipeline_split": "even",
         "shard_embeddings": layout.table != "replicated",
         "embedding_sharding": {"item_id": "row_wise"} if layout.table == "row_wise" else {},
+        "embedding_shard_group_size": layout.table_group,
         "gradient_compression": layout.strategy_kwargs().get("gradient_compression"),
     }
     return {

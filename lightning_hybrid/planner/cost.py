@@ -13,7 +13,9 @@ sharded, and the gradient compression on the dp axis. `CostModel.estimate` price
   Adagrad on the table: the whole table when replicated, only the touched rows when sharded);
 - communication (alpha-beta model on the slowest link the group crosses): the dp gradient
   all-reduce (or its compressed form), tp all-reduces of block activations (2 forward and 2
-  backward per block), pp sends of activations and their gradients, the embedding all-to-all;
+  backward per block), pp sends of activations and their gradients, the embedding all-to-all
+  (over the table group when the table is sharded per group of ranks, plus the averaging of each
+  shard's gradient over its copies);
 - host-side dispatch of tensor-parallel (DTensor) blocks and a fixed per-step overhead
   (framework, Python), both zero unless calibrated.
 
@@ -184,6 +186,9 @@ class Layout:
     compression: CompressionName = "none"
     powersgd_rank: int = 4
     topk_density: float = 0.01
+    #: row-wise table sharded inside consecutive groups of this many ranks, one copy per group
+    #: (``HybridStrategy(embedding_shard_group_size=...)``, torchrec's 2D layout); None: one group of all ranks
+    table_group: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -200,7 +205,8 @@ class Layout:
         return "hybrid"
 
     def describe(self) -> str:
-        parts = [f"dp{self.dp} x tp{self.tp} x pp{self.pp}", f"table {self.table}"]
+        parts = [f"dp{self.dp} x tp{self.tp} x pp{self.pp}",
+                 f"table {self.table}" + (f" per {self.table_group} ranks" if self.table_group else "")]
         if self.pp > 1:
             parts.append(f"{self.schedule} x{self.microbatches}" + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
         if self.compression != "none":
@@ -214,6 +220,8 @@ class Layout:
             out.update(pipeline_schedule=self.schedule, pipeline_microbatches=self.microbatches, pipeline_virtual_stages=self.virtual_stages)
         if self.table == "replicated":
             out["shard_embeddings"] = False
+        if self.table_group:
+            out["embedding_shard_group_size"] = self.table_group
         if self.compression == "powersgd":
             out["gradient_compression"] = {"method": "powersgd", "rank": self.powersgd_rank}
         elif self.compression == "topk":
@@ -270,6 +278,12 @@ class CostModel:
             return f"microbatches={layout.microbatches} must divide the replica batch {int(per_replica)} and be >= pp={layout.pp}"
         if layout.compression != "none" and layout.dp == 1:
             return "gradient compression needs dp > 1"
+        k = layout.table_group
+        if k is not None:
+            if layout.table != "row_wise" or layout.tp > 1 or layout.pp > 1:
+                return f"table_group={k} needs a row-wise table, tp=1 and pp=1"
+            if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < c.world_size or c.world_size % k:
+                return f"table_group={k!r} must divide the {c.world_size} devices and lie in [2, {c.world_size})"
         return None
 
     def estimate(self, model: ModelSpec, layout: Layout) -> Estimate:
@@ -291,8 +305,13 @@ class CostModel:
         output_flops = 3 * model.output_forward_flops(replica)
         looked_up = tokens + (replica * model.negatives if model.tied_output and model.negatives else 0)
         lookup_bytes = 3 * looked_up * model.d_model * bpv  # gather, scatter-add of gradients, update
+        group = layout.table_group or c.world_size  # ranks that shard one copy of the table
         if layout.table == "replicated":
             table_bytes = 16 * model.table_params  # the whole table's dense gradient: zero, Adagrad read/write
+        elif layout.table_group:
+            # table groups train the shard on the dense kernel: its whole gradient is zeroed, scanned
+            # for touched rows, averaged and stepped (Adagrad read/write) every step
+            table_bytes = 20 * model.table_params / group
         else:
             table_bytes = 16 * looked_up * dp * model.d_model / c.world_size
         block_update = 32 * model.block_params / (tp * pp)  # Adam: read/write weight, grad, two moments
@@ -369,7 +388,18 @@ class CostModel:
             parts["pp_comm"] += collective("all_reduce", model.table_params * bpv / tp, pp, pp_link)
         if layout.table == "row_wise" and c.world_size > 1:
             lookup_volume = looked_up * (model.d_model * bpv + 8)  # embeddings and int64 ids
-            parts["emb_comm"] = collective("all_to_all", lookup_volume, c.world_size, c.link_for(c.world_size), times=2)
+            parts["emb_comm"] = collective("all_to_all", lookup_volume, group, c.link_for(group), times=2)
+            if layout.table_group:
+                # each shard's gradient averaged over the copies (parallel.table_groups): the rows its
+                # group touched (indices + rows, all-gathered) while they are under 1/4 of the shard,
+                # else the whole shard all-reduced
+                copies, shard_rows = c.world_size // group, (model.num_items + 1) / group
+                touched = min(looked_up * group, model.num_items + 1) / group
+                copies_link = c.link_for(copies, stride=group)
+                if touched < shard_rows / 4:
+                    parts["emb_comm"] += collective("all_gather", touched * (model.d_model * bpv + 8), copies, copies_link)
+                else:
+                    parts["emb_comm"] += collective("all_reduce", shard_rows * model.d_model * bpv, copies, copies_link)
             if tp * pp > 1:  # each rank of a tp/pp replica looks up 1/(tp pp) of its batch, then they gather (parallel.replica_lookup)
                 replica_link = c.link_for(tp * pp, stride=1 if pp == 1 else dp * tp)
                 parts["emb_comm"] += collective("all_gather", looked_up * model.d_model * bpv / (tp * pp), tp * pp, replica_link, times=2)
@@ -402,6 +432,8 @@ class CostModel:
         dense = (model.block_params / (tp * pp) + model.output_params) * (bpv + bpv + 8)
         if layout.table == "replicated":
             table = model.table_params * (bpv + bpv + 4)  # weights, dense gradient, Adagrad state
+        elif layout.table_group:
+            table = model.table_params / layout.table_group * (bpv + bpv + 4)  # the group's shard, dense kernel
         else:
             table = model.table_params / self.cluster.world_size * (bpv + 4)  # fused: no gradient kept
         replica = model.global_batch / dp

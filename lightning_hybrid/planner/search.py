@@ -1,5 +1,6 @@
 """Search over layouts: every dp x tp x pp factorisation of the cluster, microbatches, schedule,
-table layout and compression, priced by a `CostModel`; the ranked candidates that fit in memory.
+table layout (replicated, row-wise over all ranks, or row-wise inside groups of ranks with one
+copy per group) and compression, priced by a `CostModel`; the ranked candidates that fit in memory.
 
 `single_mode_layouts` are the layouts a user would pick without lightning_hybrid (pure data
 parallel with a replicated table, pure model parallel, tensor- or pipeline-parallel only); the
@@ -27,7 +28,9 @@ def candidate_layouts(
     compressions: Sequence[CompressionName] = COMPRESSIONS,
     max_microbatch_factor: int = 4,
 ) -> Iterator[Layout]:
-    """Every layout worth pricing. tp stays inside a node (its collectives are the most frequent)."""
+    """Every layout worth pricing. tp stays inside a node (its collectives are the most frequent).
+    Table groups (the row-wise table sharded inside groups of ``k`` ranks, one copy per group) are
+    priced for every proper divisor ``k >= 2`` of the world where tp = pp = 1."""
     for tp in _divisors(world_size):
         if devices_per_node is not None and tp > devices_per_node:
             continue
@@ -38,9 +41,13 @@ def candidate_layouts(
             replica = model.global_batch // dp
             micro_options = [1] if pp == 1 else sorted({pp * f for f in (1, 2, max_microbatch_factor) if replica % (pp * f) == 0})
             for microbatches in micro_options:
-                for table in ("replicated", "row_wise"):
+                groups: list[int | None] = [None]
+                if tp == pp == 1:
+                    groups += [k for k in _divisors(world_size) if 2 <= k < world_size]
+                for table, group in [("replicated", None)] + [("row_wise", k) for k in groups]:
                     for compression in compressions if dp > 1 else ("none",):
-                        yield Layout(dp=dp, tp=tp, pp=pp, microbatches=microbatches, table=table, compression=compression)  # type: ignore[arg-type]
+                        yield Layout(dp=dp, tp=tp, pp=pp, microbatches=microbatches, table=table,  # type: ignore[arg-type]
+                                     compression=compression, table_group=group)
 
 
 def single_mode_layouts(model: ModelSpec, world_size: int) -> list[Layout]:

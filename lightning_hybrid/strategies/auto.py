@@ -21,7 +21,8 @@ from lightning_hybrid.strategies.options import HybridOptions, validate
 
 #: the options a planned layout sets, and how (flat option name -> value from the layout)
 PLANNED = ("data_parallel", "tensor_parallel", "pipeline_parallel", "pipeline_schedule", "pipeline_microbatches",
-           "pipeline_virtual_stages", "shard_embeddings", "embedding_sharding", "gradient_compression")
+           "pipeline_virtual_stages", "shard_embeddings", "embedding_sharding", "embedding_shard_group_size",
+           "gradient_compression")
 
 
 def layout_options(layout: Any, options: HybridOptions, table_name: str | None) -> dict[str, Any]:
@@ -34,6 +35,7 @@ def layout_options(layout: Any, options: HybridOptions, table_name: str | None) 
         "pipeline_microbatches": layout.microbatches if layout.pp > 1 else None,
         "pipeline_virtual_stages": layout.virtual_stages,
         "shard_embeddings": layout.table != "replicated",
+        "embedding_shard_group_size": getattr(layout, "table_group", None),
     }
     sharding = dict(options.embedding.embedding_sharding or {})
     if layout.table == "row_wise" and table_name is not None:
@@ -110,6 +112,10 @@ def choose_layout(
     table_name = "item_id" if hasattr(module, "item_tables") else None  # the reference recommender's table
     skipped: list[str] = []
     explicit = options.explicit()
+    if options.embedding.embedding_shard_group_size == "node":
+        # compare the user's "node" with the planner's group sizes as the number it stands for
+        node = devices_per_node if devices_per_node < world_size else None
+        options = options.replace(embedding_shard_group_size=node)
     for estimate in ranked:
         merged, why = merge(estimate.layout, options, table_name, explicit)
         if merged is not None:

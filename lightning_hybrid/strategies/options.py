@@ -368,11 +368,6 @@ def _validate_table_groups(options: HybridOptions) -> None:
             "their gradients every step, which local SGD / async replicas would not match. Use data_parallel_mode='sync' "
             "(exact or gradient_compression) with table groups, or drop embedding_shard_group_size."
         )
-    if options.planning.plan == "auto":
-        raise ValueError(
-            f"{name}, plan='auto'): the planner does not rank table groups; set the layout by hand (data_parallel) or "
-            "drop embedding_shard_group_size."
-        )
 
 
 def _validate_rebalance(pipe: PipelineOptions, layout: LayoutOptions, data: DataParallelOptions, pp: int) -> None:
