@@ -5,7 +5,12 @@
 * ``subprocess``: Lightning's script launcher, which re-runs ``sys.argv`` for ranks 1..N-1 (what
   ``strategy="ddp"`` does). The main process is rank 0 and keeps its trainer state. It cannot work
   under pytest (the children would re-run the whole test session) or in a notebook.
-* ``spawn``: fresh interpreters via ``torch.multiprocessing``. Works anywhere, including pytest.
+* ``spawn``: new processes via ``torch.multiprocessing``. Works anywhere, including pytest.
+  Where the platform has it they fork from a fork server that has torch, torchrec, Lightning and
+  this package imported once (the first launch starts it; every later one skips the ~8 s of
+  imports per rank a fresh interpreter pays), and start as spawned ranks do: the caller's
+  environment and global torch state of now, parameters not shared with the parent. Elsewhere,
+  fresh interpreters (``start_method="spawn"``).
   Lightning's own spawn launcher sends rank 0's ``state_dict()`` back, which fails for sharded
   tables (ShardedTensor cannot be unpickled in the parent) and would hold only rank 0's shards;
   ours gathers full tensors from all ranks first, and also sends back the fit-loop progress so
@@ -23,12 +28,27 @@ import tempfile
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+import torch.multiprocessing as mp
+from lightning.fabric.strategies.launchers.multiprocessing import _disable_module_memory_sharing
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _GlobalStateSnapshot,
+    _MultiProcessingLauncher,
+    _WorkerOutput,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_hybrid.checkpoint import full_state_dict
 
 LauncherName = Literal["auto", "subprocess", "spawn"]
+
+#: imported once by the fork server, so ranks forked from it start with them loaded
+FORKSERVER_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "torchrec", "lightning_hybrid"]
+
+
+def spawn_start_method() -> Literal["forkserver", "spawn"]:
+    """How the ``spawn`` launcher starts ranks here: from a warm fork server where the platform has one."""
+    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
 
 
 def running_under_pytest() -> bool:
@@ -48,8 +68,61 @@ def resolve_launcher(name: LauncherName) -> Literal["subprocess", "spawn"]:
     return "spawn" if running_under_pytest() or is_interactive() else "subprocess"
 
 
+class _EnvironmentWhenPickled:
+    """Unpickles as the caller's ``os.environ`` at the moment it was pickled for a rank, after the
+    arguments before it: pickling Lightning's WandbLogger starts the wandb service (in its
+    ``__getstate__``), which the ranks then find through the ``WANDB_SERVICE`` it sets."""
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, str]]]:
+        return dict, (dict(os.environ),)
+
+
 class HybridSpawnLauncher(_MultiProcessingLauncher):
     """Spawn launcher that returns whole (gathered) weights and loop progress to the parent."""
+
+    def launch(self, function: Any, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        if self._start_method != "forkserver":
+            return super().launch(function, *args, trainer=trainer, **kwargs)
+        # Lightning's launch treats a fork server like fork (no global-state snapshot, CPU tensors
+        # left shared with the parent); ranks from the server must start as spawned ones do
+        if self._already_fit and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            raise NotImplementedError(
+                "Calling `trainer.fit()` twice on the same Trainer instance with HybridStrategy's spawn launcher is not "
+                "supported: create a new Trainer and pass `fit(ckpt_path=...)`."
+            )
+        assert self._strategy.cluster_environment is not None
+        os.environ["MASTER_PORT"] = str(self._strategy.cluster_environment.main_port)
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts: the first launch)
+        return_queue = context.SimpleQueue()
+        # (the environment last: pickling the trainer before it can change it, see _EnvironmentWhenPickled)
+        process_args = [trainer, function, args, kwargs, return_queue, _GlobalStateSnapshot.capture(), _EnvironmentWhenPickled()]
+        process_context = mp.start_processes(
+            self._forkserver_wrapping, args=process_args, nprocs=self._strategy.num_processes, start_method="forkserver", join=False
+        )
+        self.procs = process_context.processes
+        while not process_context.join():
+            pass
+        worker_output = return_queue.get()
+        if trainer is None:
+            return worker_output
+        self._already_fit |= trainer.state.fn == TrainerFn.FITTING
+        self._recover_results_in_main_process(worker_output, trainer)
+        return worker_output.trainer_results
+
+    def _forkserver_wrapping(
+        self, process_idx: int, trainer: Any, function: Any, args: Any, kwargs: Any, return_queue: Any,
+        global_states: _GlobalStateSnapshot, parent_env: dict[str, str],
+    ) -> None:
+        # a rank forked from the server inherits the server's environment (a snapshot from its
+        # start): put the caller's of now in place, as spawn would
+        for key in set(os.environ) - set(parent_env):
+            del os.environ[key]
+        os.environ.update(parent_env)
+        if isinstance(self._strategy.accelerator, CPUAccelerator):
+            # torch pickles CPU tensors to the ranks through shared memory: each rank needs its own weights
+            args, kwargs = _disable_module_memory_sharing((args, kwargs))
+        self._wrapping_function(process_idx, trainer, function, args, kwargs, return_queue, global_states)
 
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
         checkpoint_callback = trainer.checkpoint_callback

@@ -75,6 +75,47 @@ def test_fit_with_registered_name_from_pytest() -> None:
         assert not torch.equal(after[key], before[key]), key
 
 
+class _LaunchProbe(pl.Callback):
+    """Writes, on each rank, what it saw at the start of training."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        seen = {"probe": os.environ.get("LH_LAUNCH_PROBE"), "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "shared": [name for name, p in pl_module.named_parameters() if p.is_shared()]}
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(seen))
+
+
+def test_spawned_ranks_see_the_callers_environment_and_state_and_own_their_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher inside pytest forks its ranks from a fork server started before this test
+    (by an earlier launch or `run_distributed`): each rank must still see the environment and
+    global torch state of the moment of the launch, and hold weights of its own (torch sends CPU
+    tensors to such ranks through shared memory; shared weights would be updated by every rank)."""
+    import json
+
+    from lightning_hybrid.launch import spawn_start_method
+
+    run_distributed(_noop, 2)  # (make sure a fork server runs already, as in a test session)
+    monkeypatch.setenv("LH_LAUNCH_PROBE", "set after the fork server started")
+    torch.use_deterministic_algorithms(True)
+    try:
+        trainer = quiet_trainer(strategy="hybrid", devices=2, max_steps=1, callbacks=[_LaunchProbe(str(tmp_path))])
+        trainer.fit(PlainDLRM(), train_dataloaders=loader(batch_size=8, n=32))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert trainer.strategy.launcher._start_method == spawn_start_method()
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert seen == {"probe": "set after the fork server started", "deterministic": True, "shared": []}, (rank, seen)
+
+
+def _noop() -> None:
+    return None
+
+
 def _resume_worker(tmp: str, optimizer: str, sharding: dict[str, str]) -> dict[str, Any]:
     warnings.simplefilter("ignore")
     from lightning_hybrid import HybridStrategy

@@ -54,7 +54,7 @@ from lightning_hybrid.comm.compress import GradientCompression
 from lightning_hybrid.comm.exchange import DenseExchange
 from lightning_hybrid.comm.modes import DataParallelMode
 from lightning_hybrid.failfast import FailFast, augment_with_remote_error
-from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_launcher
+from lightning_hybrid.launch import HybridSpawnLauncher, LauncherName, resolve_launcher, spawn_start_method
 from lightning_hybrid.mesh import build_device_mesh, replica_group
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.parallel import pipeline
@@ -258,7 +258,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         if self.cluster_environment.creates_processes_externally:
             return
         if resolve_launcher(self._options.process.launcher) == "spawn":
-            self._launcher = HybridSpawnLauncher(self, start_method="spawn")
+            self._launcher = HybridSpawnLauncher(self, start_method=spawn_start_method())
         else:
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 

@@ -88,17 +88,17 @@ def _worker(
                 pass
 
 
-# imported once by the fork server, so forked ranks start with them loaded (missing ones are skipped)
-_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "torchrec", "lightning_hybrid"]
-
-
 def _context(start_method: str | None) -> Any:
     method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"run_distributed(start_method={method!r}): use 'forkserver' or 'spawn'.")
     ctx = mp.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(_PRELOAD)  # (read when the server starts: the first call)
+        # imported once by the fork server, so forked ranks start with them loaded (missing ones are
+        # skipped); HybridStrategy's launcher uses the same list and server in a test session
+        from lightning_hybrid.launch import FORKSERVER_PRELOAD
+
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts: the first call)
     return ctx
 
 
