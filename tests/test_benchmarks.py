@@ -65,15 +65,8 @@ def test_tp_vs_dp_smoke(tmp_path: Path) -> None:
 
 
 def test_gpu_block_tflops_script_runs_on_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "tflops.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_block_tflops.py"), "--device", "cpu", "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    row = json.loads(out.read_text())["rows"][0]
+    result, _ = _smoke("gpu_block_tflops.py", tmp_path / "tflops.json", "--device", "cpu")
+    row = result["rows"][0]
     assert row["ours_tflops"] > 0 and row["encoder_layer_tflops"] > 0
 
 
