@@ -12,7 +12,8 @@ sharded, and the gradient compression on the dp axis. `CostModel.estimate` price
 - memory-bound work: embedding gathers and scatters, optimizer updates (Adam on dense weights,
   Adagrad on the table: the whole table when replicated, only the touched rows when sharded);
 - communication (alpha-beta model on the slowest link the group crosses): the dp gradient
-  all-reduce (or its compressed form), tp all-reduces of block activations (2 forward and 2
+  all-reduce (or its compressed form; only what outlasts backward, 2/3 of the compute, since the
+  buckets are exchanged while backward runs), tp all-reduces of block activations (2 forward and 2
   backward per block), pp sends of activations and their gradients, the embedding all-to-all
   (over the table group when the table is sharded per group of ranks, plus the averaging of each
   shard's gradient over its copies);
@@ -349,6 +350,7 @@ class CostModel:
             comm["latency"] += latency_s
             return bandwidth_s + latency_s
 
+        before_dp = dict(comm)
         dp_link = c.link_for(dp, stride=tp)
         grad_bytes = exchanged * bpv
         compress_flops = compress_bytes = 0.0
@@ -375,8 +377,17 @@ class CostModel:
             kept = layout.topk_density * grad_bytes / bpv
             parts["dp_comm"] = collective("all_gather", kept * 8, dp, dp_link)
             compress_bytes = 4 * grad_bytes  # residual update and selection passes
+        dp_part = {k: comm[k] - before_dp[k] for k in comm}
         parts["compute"] += compress_flops / flops_per_s
         parts["memory"] += compress_bytes / mem_per_s
+        # the dp exchange runs while backward still computes (DDP buckets, overlapped compressed
+        # buckets): only what outlasts backward (2/3 of the step's compute) is on the step's path
+        dp_total = parts["dp_comm"]
+        if dp_total > 0:
+            exposed = max(0.0, dp_total - 2 / 3 * parts["compute"]) / dp_total
+            for key in ("bandwidth", "latency"):
+                comm[key] -= (1 - exposed) * dp_part[key]
+            parts["dp_comm"] *= exposed
         tp_link = c.link_for(tp)
         activation = tokens * model.d_model * bpv
         parts["tp_comm"] = collective("all_reduce", activation, tp, tp_link, times=4 * model.num_blocks / pp)
