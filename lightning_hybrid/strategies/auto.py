@@ -35,7 +35,7 @@ def layout_options(layout: Any, options: HybridOptions, table_name: str | None) 
         "pipeline_microbatches": layout.microbatches if layout.pp > 1 else None,
         "pipeline_virtual_stages": layout.virtual_stages,
         "shard_embeddings": layout.table != "replicated",
-        "embedding_shard_group_size": getattr(layout, "table_group", None),
+        "embedding_shard_group_size": layout.table_group,
     }
     sharding = dict(options.embedding.embedding_sharding or {})
     if layout.table == "row_wise" and table_name is not None:
