@@ -38,17 +38,16 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
 )
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightning_hybrid import forkserver
 from lightning_hybrid.checkpoint import full_state_dict
 
 LauncherName = Literal["auto", "subprocess", "spawn"]
 
-#: imported once by the fork server, so ranks forked from it start with them loaded
-FORKSERVER_PRELOAD = ["torch", "torch.distributed", "lightning.pytorch", "torchrec", "lightning_hybrid"]
 
 
 def spawn_start_method() -> Literal["forkserver", "spawn"]:
     """How the ``spawn`` launcher starts ranks here: from a warm fork server where the platform has one."""
-    return "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    return forkserver.default_start_method()
 
 
 def running_under_pytest() -> bool:
@@ -92,9 +91,7 @@ class HybridSpawnLauncher(_MultiProcessingLauncher):
             )
         assert self._strategy.cluster_environment is not None
         os.environ["MASTER_PORT"] = str(self._strategy.cluster_environment.main_port)
-        context = mp.get_context("forkserver")
-        context.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts: the first launch)
-        return_queue = context.SimpleQueue()
+        return_queue = forkserver.context("forkserver").SimpleQueue()
         # (the environment last: pickling the trainer before it can change it, see _EnvironmentWhenPickled)
         process_args = [trainer, function, args, kwargs, return_queue, _GlobalStateSnapshot.capture(), _EnvironmentWhenPickled()]
         process_context = mp.start_processes(
@@ -114,11 +111,7 @@ class HybridSpawnLauncher(_MultiProcessingLauncher):
         self, process_idx: int, trainer: Any, function: Any, args: Any, kwargs: Any, return_queue: Any,
         global_states: _GlobalStateSnapshot, parent_env: dict[str, str],
     ) -> None:
-        # a rank forked from the server inherits the server's environment (a snapshot from its
-        # start): put the caller's of now in place, as spawn would
-        for key in set(os.environ) - set(parent_env):
-            del os.environ[key]
-        os.environ.update(parent_env)
+        forkserver.adopt_environment(parent_env)  # (the server's environment is a snapshot from its start)
         if isinstance(self._strategy.accelerator, CPUAccelerator):
             # torch pickles CPU tensors to the ranks through shared memory: each rank needs its own weights
             args, kwargs = _disable_module_memory_sharing((args, kwargs))

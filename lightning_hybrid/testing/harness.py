@@ -12,7 +12,9 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import torch
-import torch.multiprocessing as mp
+
+from lightning_hybrid.forkserver import adopt_environment, default_start_method
+from lightning_hybrid.forkserver import context as forkserver_context
 
 
 class DistributedTestError(RuntimeError):
@@ -51,11 +53,7 @@ def _worker(
     queue: Any,
     parent_env: dict[str, str],
 ) -> None:
-    # A forkserver child inherits the environment of the fork server (a snapshot from its start),
-    # not the caller's: put the caller's environment of now in place, as spawn would.
-    for key in set(os.environ) - set(parent_env):
-        del os.environ[key]
-    os.environ.update(parent_env)
+    adopt_environment(parent_env)  # (a forkserver child has the server's environment from its start)
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -89,17 +87,11 @@ def _worker(
 
 
 def _context(start_method: str | None) -> Any:
-    method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    method = start_method or default_start_method()
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"run_distributed(start_method={method!r}): use 'forkserver' or 'spawn'.")
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        # imported once by the fork server, so forked ranks start with them loaded (missing ones are
-        # skipped); HybridStrategy's launcher uses the same list and server in a test session
-        from lightning_hybrid.launch import FORKSERVER_PRELOAD
-
-        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts: the first call)
-    return ctx
+    # (HybridStrategy's spawn launcher uses the same fork server in a test session)
+    return forkserver_context(method)
 
 
 def run_distributed(
