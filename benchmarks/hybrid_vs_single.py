@@ -32,7 +32,9 @@ network namespaces joined by links shaped to each rate (`lightning_hybrid.testin
 processes per node (``--procs-per-node 1,2``), launched as users launch across nodes (torchrun, one
 agent per node, c10d rendezvous). Added layouts that only differ across nodes: ``hybrid_hier``
 (table sharded, PowerSGD across nodes only, exact inside a node) and ``hybrid_localsgd`` (table
-sharded, local SGD with period 4 across the replicas), and with 2 processes per node
+sharded, local SGD with period 4 across the replicas), ``hybrid_async`` (table sharded, the exact
+dp all-reduce applied one step late, `data_parallel_mode="async"`, so it crosses the link while the
+next step computes), and with 2 processes per node
 ``hybrid_2d`` (the table sharded inside each node, one copy per node, gradients averaged across
 the copies: ``embedding_shard_group_size="node"``; its trade-off alone: benchmarks/table_groups.py). Bytes are also measured at the links:
 ``inter_node_mb`` is what a node sent on its shaped link per step, ``intra_node_mb`` what its
@@ -93,11 +95,15 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "hybrid_hier": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": {**POWERSGD, "hierarchical": True}},
     "hybrid_localsgd": {"embedding_sharding": {"item_id": "row_wise"}, "data_parallel_mode": "local_sgd", "local_sgd_period": 4,
                         "local_sgd_warmup_steps": 2},
+    # exact averaged gradients applied one step late: the all-reduce crosses the link during the next step's compute
+    "hybrid_async": {"embedding_sharding": {"item_id": "row_wise"}, "data_parallel_mode": "async", "async_staleness": 1},
     # (2 processes per node and up) the table sharded inside each node, one copy per node (`parallel.table_groups`)
     "hybrid_2d": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": "node"},
 }
-CROSS_NODE = ("hybrid_hier", "hybrid_localsgd", "hybrid_2d")
-LINK_LAYOUTS = ("dp", "mp", "pp", "hybrid_ddp", "hybrid", "hybrid_hier", "hybrid_localsgd", "hybrid_2d", "hybrid_pp", "hybrid_pp_ddp")
+CROSS_NODE = ("hybrid_hier", "hybrid_localsgd", "hybrid_async", "hybrid_2d")
+LINK_LAYOUTS = (
+    "dp", "mp", "pp", "hybrid_ddp", "hybrid", "hybrid_hier", "hybrid_localsgd", "hybrid_async", "hybrid_2d", "hybrid_pp", "hybrid_pp_ddp",
+)
 SINGLE = ("dp", "mp", "tp", "pp")
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
 AXES = ("dp", "tp", "pp", "embedding")
@@ -200,6 +206,9 @@ def _worker(
         "step_ms": statistics.median(r["time/step_s"] for r in measured) * 1e3,
         "compute_fraction": statistics.median(r["utilization/compute_fraction"] for r in measured),
         "mfu": statistics.median(r["utilization/mfu"] for r in measured) if "utilization/mfu" in measured[0] else None,
+        # where the step went (the monitor's breakdown, medians in ms): what the compute fraction leaves out
+        "time_ms": {k: statistics.median(r.get(f"time/{k}_s", 0.0) for r in measured) * 1e3
+                    for k in ("dense_compute", "embedding", "dp_exchange", "optimizer", "pipeline_idle", "tp_wait")},
         # a mean, not a median: local SGD sends every period-th step
         "bytes_per_step": {axis: statistics.mean(v[cfg["warmup"] :] or v) for axis, v in bytes_sent.items()},
         "layout": {"dp": dp, "tp": tp, "pp": pp},
@@ -227,6 +236,8 @@ def _row(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     row["samples_per_s"] = min(r["samples_per_s"] for r in ranks)  # the job is as fast as its slowest rank
     row["tokens_per_s"] = min(r["tokens_per_s"] for r in ranks)
     row["compute_fraction"] = statistics.mean(r["compute_fraction"] for r in ranks)
+    if all("time_ms" in r for r in ranks):
+        row["time_ms"] = {k: statistics.mean(r["time_ms"][k] for r in ranks) for k in ranks[0]["time_ms"]}
     # bytes an average rank sends (ranks of a pipeline or a row-wise table differ)
     row["bytes_per_step"] = {axis: statistics.mean(r["bytes_per_step"][axis] for r in ranks) for axis in AXES}
     row["bytes_per_step"]["total"] = sum(row["bytes_per_step"][axis] for axis in AXES)

@@ -17,10 +17,14 @@
   ``trainer.global_step`` is right in the parent.
 * ``auto``: external when the environment already created the processes, spawn under pytest or
   in an interactive session, subprocess otherwise.
+
+Whichever started them, `init_process_group` joins the ranks and has the process group destroyed
+at interpreter exit for every backend (Lightning does it for NCCL only).
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import sys
@@ -29,7 +33,9 @@ from typing import Any, Literal
 
 import torch
 import torch.multiprocessing as mp
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.fabric.strategies.launchers.multiprocessing import _disable_module_memory_sharing
+from lightning.fabric.utilities.distributed import _destroy_dist_connection, _init_dist_connection
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies.launchers.multiprocessing import (
     _GlobalStateSnapshot,
@@ -43,6 +49,21 @@ from lightning_hybrid.checkpoint import full_state_dict
 
 LauncherName = Literal["auto", "subprocess", "spawn"]
 
+
+
+def init_process_group(environment: ClusterEnvironment, backend: str, **kwargs: Any) -> None:
+    """Lightning's `_init_dist_connection`, and the process group destroyed at interpreter exit
+    (before finalization) whatever the backend.
+
+    Why: a rank that leaves it to interpreter exit under torchrun or SLURM can abort there
+    ("terminate called without an active exception", SIGABRT) when gloo's worker threads still
+    hold finished asynchronous work (pytorch/pytorch#179291): the job fails after training
+    succeeded. Lightning registers the same handler for NCCL only; the spawn launcher also destroys
+    the group itself. A group the user destroys first makes the handler a no-op."""
+    initialized_here = not torch.distributed.is_initialized()
+    _init_dist_connection(environment, backend, **kwargs)
+    if initialized_here and backend != "nccl":  # (Lightning registered it for nccl)
+        atexit.register(_destroy_dist_connection)
 
 
 def spawn_start_method() -> Literal["forkserver", "spawn"]:

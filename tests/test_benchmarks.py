@@ -197,3 +197,11 @@ def test_table_groups_smoke(tmp_path: Path) -> None:
     assert_close(torch.tensor(tables["node"]), torch.tensor(tables["world"]), rtol=1e-5, atol=1e-6)
     assert row["node_speedup"] == row["world"]["step_ms"] / row["node"]["step_ms"]
     assert "| loopback | tiny |" in stdout
+
+
+def test_optimizer_step_smoke(tmp_path: Path) -> None:
+    result, stdout = _smoke("optimizer_step.py", tmp_path / "optimizer_step.json")
+    assert result["size"] == "smoke" and set(result["step_ms"]) == {"loop", "foreach", "fused"}
+    assert all(v > 0 for v in result["step_ms"].values())
+    assert abs(result["speedup_vs_loop"]["fused"] - result["step_ms"]["loop"] / result["step_ms"]["fused"]) < 1e-9
+    assert "the loop)" in stdout

@@ -209,3 +209,40 @@ def test_a_second_fit_in_the_recipe_s_directory_overwrites_best_ckpt(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
     for name in ("best.ckpt", "last.ckpt"):  # the second fit's weights (its best is its last: the score improves)
         assert_close(torch.load(tmp_path / name, weights_only=False)["state_dict"]["w"], finals[1])
+
+
+_EXIT_PROBE = '''
+import atexit, os, sys
+import torch.distributed as dist
+out = sys.argv[1]
+def report():  # registered before the fit: runs after HybridStrategy's handler (atexit runs last-in, first-out)
+    with open(os.path.join(out, "rank" + os.environ["RANK"]), "w") as handle:
+        handle.write(str(dist.is_initialized()))
+atexit.register(report)
+import lightning.pytorch as pl
+from lightning_hybrid import HybridStrategy
+from lightning_hybrid.data.sequences import SequenceDataModule
+from lightning_hybrid.models.sasrec import SASRec
+data = SequenceDataModule(format="synthetic", max_len=8, batch_size=8, synthetic_users=32, synthetic_items=30, seed=0)
+trainer = pl.Trainer(strategy=HybridStrategy(), accelerator="cpu", devices=2, max_steps=2, limit_val_batches=0, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(SASRec(d_model=8, num_heads=1, num_blocks=1, max_len=8), datamodule=data)
+'''  # (the script leaves the process group to interpreter exit, as most training scripts do)
+
+
+def test_under_torchrun_the_process_group_is_destroyed_before_interpreter_exit(tmp_path: Path) -> None:
+    """Left to interpreter finalization, gloo's threads can abort a rank that trained fine
+    (SIGABRT, "terminate called without an active exception": seen in a benchmark under torchrun);
+    HybridStrategy has the group destroyed at exit, before finalization, as Lightning does for NCCL."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(_EXIT_PROBE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["False", "False"]

@@ -32,7 +32,6 @@ import torch.distributed as dist
 from lightning.fabric.utilities.distributed import (
     _distributed_is_initialized,
     _get_default_process_group_backend_for_device,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.distributed import group as _group
@@ -50,6 +49,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_hybrid import checkpoint as ckpt
+from lightning_hybrid import launch
 from lightning_hybrid.comm.compress import GradientCompression
 from lightning_hybrid.comm.exchange import DenseExchange
 from lightning_hybrid.comm.modes import DataParallelMode
@@ -285,7 +285,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
         assert self.cluster_environment is not None
-        _init_dist_connection(self.cluster_environment, backend, **kwargs)
+        launch.init_process_group(self.cluster_environment, backend, **kwargs)  # (destroyed at exit, any backend)
         self._mesh = build_device_mesh(self._plan, self.root_device.type)
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._mesh
