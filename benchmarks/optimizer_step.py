@@ -1,6 +1,7 @@
 """Time of one dense optimizer step: torch's Adam as a per-tensor loop (its CPU default), foreach,
 and fused (what `lightning_hybrid.optim.network_and_table_optimizer` picks where it applies),
-side by side in one run on the same parameters, with the ratios to the loop.
+side by side in one run on the same parameters, with the ratios to the loop; and the same for
+Adagrad, the table's optimizer where HybridStrategy keeps a table on the dense kernel (replicated).
 
 The parameters are those of `benchmarks/hybrid_vs_single.py`'s model outside its table: a separate
 output layer over 100k items (d 64, 6.4M weights + bias) and 4 blocks' projections; each variant
@@ -49,11 +50,16 @@ def main() -> None:
     args = parser.parse_args()
     cfg = SMOKE if args.smoke else FULL
     torch.set_num_threads(1)
-    variants = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": fused_kernels_apply(_params(SMOKE))}}
+    fused = fused_kernels_apply(_params(SMOKE))
+    variants = {
+        "loop": (torch.optim.Adam, {"foreach": False}), "foreach": (torch.optim.Adam, {"foreach": True}),
+        "fused": (torch.optim.Adam, {"fused": fused}),
+        "adagrad_loop": (torch.optim.Adagrad, {"foreach": False}), "adagrad_fused": (torch.optim.Adagrad, {"fused": fused}),
+    }
     step_ms: dict[str, float] = {}
-    for name, kwargs in variants.items():
+    for name, (cls, kwargs) in variants.items():
         params = _params(cfg)
-        optimizer = torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.98), **kwargs)
+        optimizer = cls(params, lr=1e-3, **kwargs)
         for _ in range(3):
             optimizer.step()
         times = []
@@ -65,13 +71,14 @@ def main() -> None:
     parameters = sum(p.numel() for p in _params(cfg))
     result = {
         "benchmark": "optimizer_step", "size": "smoke" if args.smoke else "full", "config": cfg, "parameters": parameters,
-        "torch": torch.__version__, "step_ms": step_ms, "speedup_vs_loop": {k: step_ms["loop"] / v for k, v in step_ms.items()},
+        "torch": torch.__version__, "step_ms": step_ms,
+        "speedup_vs_loop": {k: step_ms["adagrad_loop" if k.startswith("adagrad") else "loop"] / v for k, v in step_ms.items()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"Adam step over {parameters / 1e6:.2f}M parameters, one thread:")
+    print(f"Optimizer step over {parameters / 1e6:.2f}M parameters, one thread (Adam, then Adagrad):")
     for name, ms in step_ms.items():
-        print(f"  {name:8s} {ms:7.2f} ms  ({result['speedup_vs_loop'][name]:.2f}x the loop)")
+        print(f"  {name:14s} {ms:7.2f} ms  ({result['speedup_vs_loop'][name]:.2f}x the loop)")
     print(f"JSON: {args.out}")
 
 

@@ -201,7 +201,8 @@ def test_table_groups_smoke(tmp_path: Path) -> None:
 
 def test_optimizer_step_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("optimizer_step.py", tmp_path / "optimizer_step.json")
-    assert result["size"] == "smoke" and set(result["step_ms"]) == {"loop", "foreach", "fused"}
+    assert result["size"] == "smoke" and set(result["step_ms"]) == {"loop", "foreach", "fused", "adagrad_loop", "adagrad_fused"}
     assert all(v > 0 for v in result["step_ms"].values())
     assert abs(result["speedup_vs_loop"]["fused"] - result["step_ms"]["loop"] / result["step_ms"]["fused"]) < 1e-9
+    assert abs(result["speedup_vs_loop"]["adagrad_fused"] - result["step_ms"]["adagrad_loop"] / result["step_ms"]["adagrad_fused"]) < 1e-9
     assert "the loop)" in stdout

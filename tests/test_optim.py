@@ -55,26 +55,26 @@ def test_a_parameter_in_two_optimizers_is_refused() -> None:
         GroupedOptimizer([torch.optim.SGD(lin.parameters(), lr=0.1), torch.optim.SGD(lin.parameters(), lr=0.1)])
 
 
-def test_network_optimizer_uses_torchs_fused_adam_where_it_applies_and_steps_like_the_loop() -> None:
-    """The dense Adam is torch's fused kernel for plain CPU/CUDA tensors (4x faster than the CPU
-    default's per-tensor loop on a large layer) and updates as the loop does."""
+def test_network_and_table_optimizers_use_torchs_fused_kernels_where_they_apply_and_step_like_the_loop() -> None:
+    """The dense Adam (and a CPU table's Adagrad) are torch's fused kernels for plain CPU/CUDA
+    tensors, several times faster than the CPU default's per-tensor loop, and update as the loop does."""
     from lightning_hybrid.optim import fused_kernels_apply, network_and_table_optimizer
 
     torch.manual_seed(0)
     dense = [torch.nn.Parameter(torch.randn(50, 8)), torch.nn.Parameter(torch.randn(8))]
     table = [torch.nn.Parameter(torch.randn(20, 8))]
-    reference = [torch.nn.Parameter(p.detach().clone()) for p in dense]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in dense + table]
     opt = network_and_table_optimizer(dense + table, table, lr=0.01, weight_decay=0.0, table_optimizer="adagrad", table_lr=0.05)
-    loop = torch.optim.Adam(reference, lr=0.01, betas=(0.9, 0.98), foreach=False)
-    assert opt.optimizers[0].defaults["fused"] is True
-    assert opt.optimizers[1].defaults.get("fused") in (None, False)  # the table's optimizer is HybridStrategy's to fuse
+    loop = GroupedOptimizer([torch.optim.Adam(reference[:2], lr=0.01, betas=(0.9, 0.98), foreach=False),
+                             torch.optim.Adagrad(reference[2:], lr=0.05, foreach=False)])
+    assert [o.defaults["fused"] for o in opt.optimizers] == [True, True]
     for step in range(3):
-        grads = [torch.randn_like(p) * (step + 1) for p in dense]
-        for p, r, g in zip(dense, reference, grads, strict=True):
+        grads = [torch.randn_like(p) * (step + 1) for p in dense + table]
+        for p, r, g in zip(dense + table, reference, grads, strict=True):
             p.grad, r.grad = g.clone(), g.clone()
         opt.step()
         loop.step()
-    for p, r in zip(dense, reference, strict=True):
+    for p, r in zip(dense + table, reference, strict=True):
         assert_close(p, r, rtol=1e-5, atol=1e-6)
     assert fused_kernels_apply([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]) is True
     assert fused_kernels_apply([torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)]) is None
