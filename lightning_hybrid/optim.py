@@ -140,8 +140,8 @@ def fused_kernels_apply(params: Sequence[torch.nn.Parameter]) -> bool | None:
     Why: on CPU torch's default is the per-tensor loop, which for a large dense layer (a separate
     100k-item output, 6.4M parameters) costs ~5x the fused kernel's time per step, time in which
     the rank neither computes the model nor communicates; torchtitan picks fused for the same reason.
-    The kernel steps all of an optimizer's tensors in one call, so plain tensors and DTensors
-    (tensor parallelism, FSDP2) must not share one optimizer ("mixed torch.Tensor and DTensor"):
+    The kernel steps each param group's tensors in one call, so plain tensors and DTensors (tensor
+    parallelism, FSDP2) must not share a group ("mixed torch.Tensor and DTensor"):
     `network_and_table_optimizer` gives each kind its own."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
@@ -167,15 +167,16 @@ def network_and_table_optimizer(
 
     table_ids = {id(p) for p in tables}
     dense = [p for p in params if id(p) not in table_ids]
-    # one Adam per kind of tensor (fused_kernels_apply); one Adam as before where there is one kind
-    kinds = [group for group in ([p for p in dense if not isinstance(p, DTensor)], [p for p in dense if isinstance(p, DTensor)]) if group]
-    dense_opts: list[Optimizer] = []
-    for group in kinds or [dense]:
-        fused = fused_kernels_apply(group)
-        if weight_decay:
-            dense_opts.append(torch.optim.AdamW(group, lr=lr, weight_decay=weight_decay, fused=fused))
-        else:
-            dense_opts.append(torch.optim.Adam(group, lr=lr, betas=(0.9, 0.98), fused=fused))
+    # Two param groups, plain tensors then DTensors, one possibly empty: torch steps each group with
+    # one kernel call, which cannot mix the two (fused_kernels_apply); and the groups stay the same
+    # whether the DTensors exist yet or not (FSDP2 makes them after HybridStrategy's probe of this
+    # optimizer, whose group indices drive the fused tables' learning rates).
+    groups = [{"params": [p for p in dense if not isinstance(p, DTensor)]}, {"params": [p for p in dense if isinstance(p, DTensor)]}]
+    fused = fused_kernels_apply(dense)
+    if weight_decay:
+        dense_opt: Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
+    else:
+        dense_opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.98), fused=fused)
     if table_optimizer == "adagrad":
         # torch's fused Adagrad runs on CPU only; a table it steps at all is one HybridStrategy
         # keeps on the dense kernel (replicated, or sharded in table groups): fused there too
@@ -183,4 +184,4 @@ def network_and_table_optimizer(
         table_opt: Optimizer = torch.optim.Adagrad(tables, lr=table_lr, fused=fused_kernels_apply(tables) if cpu else None)
     else:
         table_opt = torch.optim.Adam(tables, lr=table_lr, betas=(0.9, 0.98))
-    return GroupedOptimizer([*dense_opts, table_opt])
+    return GroupedOptimizer([dense_opt, table_opt])

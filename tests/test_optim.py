@@ -68,6 +68,8 @@ def test_network_and_table_optimizers_use_torchs_fused_kernels_where_they_apply_
     loop = GroupedOptimizer([torch.optim.Adam(reference[:2], lr=0.01, betas=(0.9, 0.98), foreach=False),
                              torch.optim.Adagrad(reference[2:], lr=0.05, foreach=False)])
     assert [o.defaults["fused"] for o in opt.optimizers] == [True, True]
+    # plain tensors, then DTensors (none here): the same groups whatever the strategy made DTensors
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 0, 1]
     for step in range(3):
         grads = [torch.randn_like(p) * (step + 1) for p in dense + table]
         for p, r, g in zip(dense + table, reference, grads, strict=True):
@@ -79,5 +81,5 @@ def test_network_and_table_optimizers_use_torchs_fused_kernels_where_they_apply_
     assert fused_kernels_apply([torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]) is True
     assert fused_kernels_apply([torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)]) is None
     assert fused_kernels_apply([]) is None
-    # (DTensors beside plain tensors get an Adam of their own: tests/test_tensor_parallel.py fails
-    # with one fused Adam over both)
+    # (DTensors beside plain tensors get a param group of their own: tests/test_tensor_parallel.py
+    # fails with one fused group over both)
