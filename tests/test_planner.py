@@ -261,3 +261,15 @@ def test_auto_plan_applies_the_planners_first_choice(tmp_path: Path) -> None:
         assert result["plan"] == (expected.dp, expected.tp, expected.pp)
         assert result["batch_size"] * expected.dp == 16  # the global batch (8 per replica x dp 2) is kept
         assert result["steps"] == 3
+
+
+@pytest.mark.parametrize("block", ["pre_norm", "sasrec", "ligr"])
+def test_model_spec_counts_the_parameters_of_each_block_layout(block: str) -> None:
+    """ModelSpec.from_sasrec's block parameters equal the real SASRec's transformer blocks (LiGR
+    has a SwiGLU's third matrix, no MLP biases and two residual gates)."""
+    from lightning_hybrid.models.sasrec import SASRec
+
+    model = SASRec(num_items=50, max_len=10, d_model=16, num_blocks=3, num_heads=2, mlp_ratio=2, block=block, tables="torch")  # type: ignore[arg-type]
+    spec = ModelSpec.from_sasrec(model, global_batch=8)
+    assert spec.block_params == sum(p.numel() for p in model.blocks.parameters())
+    assert spec.gated == (block == "ligr")

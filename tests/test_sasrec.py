@@ -233,6 +233,17 @@ def test_chunked_full_softmax_equals_the_masked_cross_entropy() -> None:
             assert_close(got, want)
 
 
+def _multihead_attention_like(block: torch.nn.Module) -> torch.nn.MultiheadAttention:
+    """torch's nn.MultiheadAttention (16 wide, 2 heads) holding ``block``'s q/k/v/out weights."""
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([block.q.weight, block.k.weight, block.v.weight]))
+        mha.in_proj_bias.copy_(torch.cat([block.q.bias, block.k.bias, block.v.bias]))
+        mha.out_proj.weight.copy_(block.out.weight)
+        mha.out_proj.bias.copy_(block.out.bias)
+    return mha
+
+
 def test_sasrec_block_layout_is_the_papers_block_through_torch_multihead_attention() -> None:
     """layout='sasrec' against the SASRec authors' block written with torch's own
     nn.MultiheadAttention (as RecTools' SASRecTransformerLayer): LayerNorm'd queries, raw
@@ -241,12 +252,7 @@ def test_sasrec_block_layout_is_the_papers_block_through_torch_multihead_attenti
 
     torch.manual_seed(0)
     block = CausalSelfAttentionBlock(16, 2, 16, dropout=0.0, layout="sasrec")
-    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.cat([block.q.weight, block.k.weight, block.v.weight]))
-        mha.in_proj_bias.copy_(torch.cat([block.q.bias, block.k.bias, block.v.bias]))
-        mha.out_proj.weight.copy_(block.out.weight)
-        mha.out_proj.bias.copy_(block.out.bias)
+    mha = _multihead_attention_like(block)
     x = torch.randn(3, 7, 16)
     q = block.attn_norm(x)
     future = torch.ones(7, 7, dtype=torch.bool).triu(1)
@@ -256,6 +262,32 @@ def test_sasrec_block_layout_is_the_papers_block_through_torch_multihead_attenti
     assert not torch.allclose(CausalSelfAttentionBlock(16, 2, 16, dropout=0.0)(x), expected)  # the layouts differ
     with pytest.raises(ValueError, match="layout='post_norm'"):
         CausalSelfAttentionBlock(16, 2, 16, dropout=0.0, layout="post_norm")  # type: ignore[arg-type]
+
+
+def test_ligr_block_layout_is_the_ligr_layer_through_torch_multihead_attention() -> None:
+    """layout='ligr' against LiGR (arXiv 2502.03417) as eSASRec runs it, written with torch's
+    nn.MultiheadAttention: pre-norm sub-layers added through sigmoid gates of the raw stream, a
+    SwiGLU feed-forward without biases; SASRec(block='ligr') refuses sequence parallelism."""
+    from lightning_hybrid.models.blocks import CausalSelfAttentionBlock
+
+    torch.manual_seed(0)
+    block = CausalSelfAttentionBlock(16, 2, 32, dropout=0.0, layout="ligr")
+    assert block.up.bias is None and block.down.bias is None and block.gate.weight.shape == (32, 16)
+    with torch.no_grad():  # non-trivial norms and gates, so a swapped or missing term shows
+        for module in (block.attn_norm, block.mlp_norm, block.attn_gate, block.mlp_gate):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+    mha = _multihead_attention_like(block)
+    x = torch.randn(3, 7, 16)
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    h = block.attn_norm(x)
+    x1 = x + torch.sigmoid(x @ block.attn_gate.weight.T + block.attn_gate.bias) * mha(h, h, h, attn_mask=future, need_weights=False)[0]
+    h1 = block.mlp_norm(x1)
+    ffn = (F.silu(h1 @ block.gate.weight.T) * (h1 @ block.up.weight.T)) @ block.down.weight.T
+    expected = x1 + torch.sigmoid(x1 @ block.mlp_gate.weight.T + block.mlp_gate.bias) * ffn
+    assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sequence_parallel=True"):
+        SASRec(num_items=10, block="ligr", sequence_parallel=True, tables="torch")
 
 
 @pytest.mark.parametrize("tables", ["torchrec", "torch"])

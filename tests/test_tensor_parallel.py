@@ -63,7 +63,7 @@ def _run(kind: str, tp: bool, sequence_parallel: bool = False, block: str = "pre
         from lightning_hybrid.parallel.tensor import apply_tensor_parallel, reference_plan
 
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
-        plan = reference_plan(sequence_parallel=sequence_parallel, num_blocks=2) if kind == "sasrec" else {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"}
+        plan = reference_plan(sequence_parallel=sequence_parallel, num_blocks=2, gated=block == "ligr") if kind == "sasrec" else {"layers.*.linear1": "colwise", "layers.*.linear2": "rowwise"}
         apply_tensor_parallel(model, mesh["tp"], plan)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
@@ -90,12 +90,14 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "kind", ["sasrec", "sasrec_sequence_parallel", "sasrec_block_layout", "sasrec_block_layout_sequence_parallel", "encoder_layer_user_plan"]
+    "kind",
+    ["sasrec", "sasrec_sequence_parallel", "sasrec_block_layout", "sasrec_block_layout_sequence_parallel", "sasrec_ligr", "encoder_layer_user_plan"],
 )
 def test_tp2_matches_single_process(kind: str) -> None:
     name = "encoder" if kind.startswith("encoder") else "sasrec"
     sequence_parallel = kind.endswith("sequence_parallel")
-    block = "sasrec" if "block_layout" in kind else "pre_norm"  # SASRec paper's block: keys/values read the raw stream
+    # SASRec paper's block (keys/values read the raw stream); LiGR (gated residuals, SwiGLU's gate split like up)
+    block = "sasrec" if "block_layout" in kind else "ligr" if kind.endswith("ligr") else "pre_norm"
     reference = _run(name, False, False, block)
     for result in run_distributed(_run, 2, name, True, sequence_parallel, block, timeout_s=120):
         if name == "sasrec":  # inside the stack the residual stream is split along the sequence, or not

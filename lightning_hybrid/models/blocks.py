@@ -6,9 +6,14 @@ the block of the SASRec paper (Kang & McAuley, 2018) as its authors' code and Re
 ``SASRecTransformerLayer`` run it: the queries are normalised but the keys and values read the raw
 stream, the attention output is added to the *normalised* queries, and the ReLU feed-forward's
 output is added to its normalised input. The published Amazon results (eSASRec, S3Rec) use it.
+``layout="ligr"`` is LinkedIn's LiGR layer (arXiv 2502.03417), eSASRec's transformer: pre-norm
+sub-layers whose outputs enter the stream through a learned sigmoid gate of the stream itself
+(``x + sigmoid(W x) * sublayer(norm(x))``), and a SwiGLU feed-forward without biases.
 
-Both layouts keep the projection names ``q``, ``k``, ``v``, ``out``, ``up``, ``down``, so one
-tensor-parallel plan (`lightning_hybrid.parallel.tensor.reference_plan`) splits either.
+All layouts keep the projection names ``q``, ``k``, ``v``, ``out``, ``up``, ``down`` (LiGR adds the
+SwiGLU's ``gate``, split like ``up``, and the residual gates ``attn_gate``/``mlp_gate``, which read
+the whole stream and stay replicated), so one tensor-parallel plan
+(`lightning_hybrid.parallel.tensor.reference_plan`, ``gated=True`` for LiGR) splits each.
 """
 
 from __future__ import annotations
@@ -20,14 +25,14 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
-LAYOUTS = ("pre_norm", "sasrec")
+LAYOUTS = ("pre_norm", "sasrec", "ligr")
 
 
 class CausalSelfAttentionBlock(nn.Module):
     """Causal multi-head self-attention, then a two-layer MLP, in the given ``layout``."""
 
     def __init__(
-        self, d_model: int, num_heads: int, mlp_hidden: int, dropout: float, *, layout: Literal["pre_norm", "sasrec"] = "pre_norm"
+        self, d_model: int, num_heads: int, mlp_hidden: int, dropout: float, *, layout: Literal["pre_norm", "sasrec", "ligr"] = "pre_norm"
     ) -> None:
         super().__init__()
         if d_model % num_heads != 0:
@@ -42,8 +47,13 @@ class CausalSelfAttentionBlock(nn.Module):
         self.v = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
         self.mlp_norm = nn.LayerNorm(d_model)
-        self.up = nn.Linear(d_model, mlp_hidden)
-        self.down = nn.Linear(mlp_hidden, d_model)
+        ligr = layout == "ligr"
+        self.up = nn.Linear(d_model, mlp_hidden, bias=not ligr)
+        self.down = nn.Linear(mlp_hidden, d_model, bias=not ligr)
+        if ligr:
+            self.gate = nn.Linear(d_model, mlp_hidden, bias=False)  # SwiGLU: down(silu(gate(h)) * up(h))
+            self.attn_gate = nn.Linear(d_model, d_model)  # residual gates, read from the raw stream
+            self.mlp_gate = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
@@ -66,6 +76,12 @@ class CausalSelfAttentionBlock(nn.Module):
             h = self.attn_norm(x)
             x = x + self.dropout(self._attention(h, h, attn_mask))
             return x + self.dropout(self.down(F.gelu(self.up(self.mlp_norm(x)))))
+        if self.layout == "ligr":
+            h = self.attn_norm(x)
+            x = x + torch.sigmoid(self.attn_gate(x)) * self.dropout(self._attention(h, h, attn_mask))
+            h = self.mlp_norm(x)
+            swiglu = self.down(self.dropout(F.silu(self.gate(h)) * self.up(h)))
+            return x + torch.sigmoid(self.mlp_gate(x)) * self.dropout(swiglu)
         # SASRec's own block: normalised queries, raw keys/values, residuals onto the normalised inputs
         q_in = self.attn_norm(x)
         x = _local(q_in) + self._attention(q_in, x, attn_mask)  # (attention dropout only, as RecTools)

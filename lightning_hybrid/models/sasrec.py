@@ -107,7 +107,8 @@ class SASRec(pl.LightningModule):
             ``"torch"`` (plain ``nn.Embedding`` tables, replicated like any dense layer: for
             dense-only runs where torchrec/fbgemm are not installed; no text tower).
         block: the transformer block's layout (`lightning_hybrid.models.blocks`): ``"pre_norm"``
-            (GELU MLP) or ``"sasrec"`` (the SASRec paper's: raw keys/values, ReLU feed-forward).
+            (GELU MLP), ``"sasrec"`` (the SASRec paper's: raw keys/values, ReLU feed-forward) or ``"ligr"``
+            (eSASRec's LiGR: gated residuals, SwiGLU; not with ``sequence_parallel``).
         init: ``"default"`` (torchrec's table init, positions N(0, 1), torch's layer init) or
             ``"xavier"`` (item-side tables, positions, the blocks' projections and a separate output
             Xavier-normal, as RecTools' SASRec that the published Amazon results use).
@@ -147,7 +148,7 @@ class SASRec(pl.LightningModule):
         sequence_parallel: bool = False,
         output: Literal["separate", "tied"] = "separate",
         tables: Literal["torchrec", "torch"] = "torchrec",
-        block: Literal["pre_norm", "sasrec"] = "pre_norm",
+        block: Literal["pre_norm", "sasrec", "ligr"] = "pre_norm",
         init: Literal["default", "xavier"] = "default",
         scale_embeddings: bool = True,
     ) -> None:
@@ -159,8 +160,9 @@ class SASRec(pl.LightningModule):
                 f"SASRec(tables='torchrec') needs torchrec, which cannot be imported here ({_TORCHREC_ERROR}). Install "
                 "torchrec and fbgemm-gpu (fbgemm-gpu-cpu on CPU), or use SASRec(tables='torch') for plain nn.Embedding tables."
             )
-        if block not in LAYOUTS or init not in ("default", "xavier"):
-            raise ValueError(f"SASRec(block={block!r}, init={init!r}): use block one of {LAYOUTS}, init 'default' or 'xavier'.")
+        if block not in LAYOUTS or init not in ("default", "xavier") or (block == "ligr" and sequence_parallel):
+            raise ValueError(f"SASRec(block={block!r}, init={init!r}, sequence_parallel={sequence_parallel}): use block one of "
+                             f"{LAYOUTS}, init 'default' or 'xavier'; LiGR's residual gates read whole sequences (sequence_parallel=False).")
         if tables == "torch" and text_tower:
             raise ValueError("SASRec(tables='torch', text_tower=True): the text tower needs torchrec tables; use tables='torchrec'.")
         if (num_items is not None and num_items < 1) or max_len < 1 or d_model < 1 or num_blocks < 1:
@@ -409,9 +411,10 @@ class SASRec(pl.LightningModule):
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Heads and MLP width of every transformer block split over the tp axis (HybridStrategy reads this)."""
         hp = self.hparams
-        plan = reference_plan("blocks", sequence_parallel=hp.sequence_parallel, num_blocks=hp.num_blocks)
+        gated = hp.get("block") == "ligr"  # LiGR's SwiGLU gate splits like up
+        plan = reference_plan("blocks", sequence_parallel=hp.sequence_parallel, num_blocks=hp.num_blocks, gated=gated)
         if hp.text_tower:
-            plan.update(reference_plan("text_encoder"))
+            plan.update(reference_plan("text_encoder", gated=gated))
         if hp.tensor_parallel_output != "replicated":
             plan["output"] = {"gathered": "colwise_gathered", "vocab_parallel": "vocab_parallel"}[hp.tensor_parallel_output]
         return plan

@@ -106,8 +106,13 @@ _STYLES: dict[str, tuple[Callable[[], ParallelStyle], tuple[type, ...] | None]] 
 STYLE_NAMES = tuple(_STYLES)
 
 
-def reference_plan(prefix: str = "blocks", *, sequence_parallel: bool = False, num_blocks: int | None = None) -> dict[str, StyleName]:
+def reference_plan(
+    prefix: str = "blocks", *, sequence_parallel: bool = False, num_blocks: int | None = None, gated: bool = False
+) -> dict[str, StyleName]:
     """Plan for a ``ModuleList`` of `CausalSelfAttentionBlock` at ``prefix`` (heads and MLP split).
+
+    ``gated=True`` for the ``"ligr"`` layout: its SwiGLU ``gate`` splits column-wise like ``up``
+    (the element-wise product then stays local); the residual gates stay replicated.
 
     ``sequence_parallel=True`` (needs ``num_blocks``) also shards the residual stream between the
     first and the last block along the sequence; the stack's input and output stay whole.
@@ -120,7 +125,10 @@ def reference_plan(prefix: str = "blocks", *, sequence_parallel: bool = False, n
             f"{prefix}.*.out": "rowwise",
             f"{prefix}.*.up": "colwise",
             f"{prefix}.*.down": "rowwise",
+            **({f"{prefix}.*.gate": "colwise"} if gated else {}),
         }
+    if gated:
+        raise ValueError("reference_plan(gated=True, sequence_parallel=True): LiGR's residual gates read whole sequences; use sequence_parallel=False.")
     if not num_blocks:
         raise ValueError("reference_plan(sequence_parallel=True) needs num_blocks (to gather after the last block).")
     boundaries = (

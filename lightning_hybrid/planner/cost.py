@@ -110,6 +110,8 @@ class ModelSpec:
         bytes_per_value: 4 (fp32) or 2 (bf16/fp16 training).
         tied_output: score against the item table itself (no separate output layer; the sampled
             negatives are looked up in the table), as large catalogues require.
+        gated: LiGR blocks (``SASRec(block="ligr")``): a bias-free SwiGLU MLP (three matrices)
+            and two d x d residual gates per block.
     """
 
     num_items: int
@@ -122,6 +124,7 @@ class ModelSpec:
     negatives: int | None = 256
     bytes_per_value: int = 4
     tied_output: bool = False
+    gated: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_items", "d_model", "num_blocks", "num_heads", "seq_len", "global_batch", "mlp_ratio", "bytes_per_value"):
@@ -137,6 +140,8 @@ class ModelSpec:
     def block_params(self) -> int:
         d, r = self.d_model, self.mlp_ratio
         per_block = 4 * d * d + 4 * d + 2 * r * d * d + r * d + d + 4 * d  # attention, MLP, two norms
+        if self.gated:  # SwiGLU's third matrix, no MLP biases; the two residual gates
+            per_block += r * d * d - r * d - d + 2 * (d * d + d)
         return self.num_blocks * per_block
 
     @property
@@ -154,7 +159,8 @@ class ModelSpec:
     def block_forward_flops(self, sequences: float) -> float:
         """Forward FLOPs of all blocks on ``sequences`` sequences (matmuls + attention scores)."""
         tokens = sequences * self.seq_len
-        matmul = 2 * tokens * (4 + 2 * self.mlp_ratio) * self.d_model**2 * self.num_blocks
+        per_token = 4 + 2 * self.mlp_ratio + (self.mlp_ratio + 2 if self.gated else 0)  # d x d matmuls per token and block
+        matmul = 2 * tokens * per_token * self.d_model**2 * self.num_blocks
         attention = 4 * sequences * self.seq_len**2 * self.d_model * self.num_blocks
         return matmul + attention
 
@@ -169,7 +175,7 @@ class ModelSpec:
         return cls(
             num_items=int(model.num_items), d_model=int(hp.d_model), num_blocks=int(hp.num_blocks), num_heads=int(hp.num_heads),
             seq_len=int(hp.max_len), global_batch=global_batch, mlp_ratio=int(hp.get("mlp_ratio", 1)),
-            negatives=int(hp.num_negatives) if hp.get("loss", "full") == "sampled" else None,
+            negatives=int(hp.num_negatives) if hp.get("loss", "full") == "sampled" else None, gated=hp.get("block") == "ligr",
         )
 
 
