@@ -48,7 +48,9 @@ def _fit(
             losses.append(float(outputs["loss"]))
 
     torch.manual_seed(0)
-    model = _model_class(**(model or {}))(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0)
+    options = dict(model or {})
+    block = options.pop("block", "pre_norm")  # the rest configure the SGD test class
+    model = _model_class(**options)(num_items=30, max_len=8, d_model=16, num_blocks=4, num_heads=2, mlp_ratio=2, dropout=0.0, block=block)
     common = dict(max_epochs=epochs, limit_val_batches=0, gradient_clip_val=clip or None, callbacks=[Losses()], accumulate_grad_batches=accumulate)
     if strategy_kwargs is None:
         trainer = quiet_trainer(devices=1, **common)
@@ -135,8 +137,9 @@ def _fit_dp2_pair(kwargs: dict[str, Any], clip: float, model: dict[str, Any] | N
 
 @pytest.mark.parametrize(
     ("extra", "replicas", "clip", "model"),
-    [({"data_parallel": 2, "pipeline_rebalance_every": 2}, [0, 1], 0.05, SLOW_RANK), ({"tensor_parallel": 2}, [0], 0.0, None)],
-    ids=["pp2xdp2-clipped-rebalanced-and-overlapped", "pp2xtp2"],
+    # pp x tp with LiGR blocks: the tp plan then also splits the SwiGLU's gate (the plain blocks' plan is its subset)
+    [({"data_parallel": 2, "pipeline_rebalance_every": 2}, [0, 1], 0.05, SLOW_RANK), ({"tensor_parallel": 2}, [0], 0.0, {"block": "ligr"})],
+    ids=["pp2xdp2-clipped-rebalanced-and-overlapped", "pp2xtp2-ligr"],
 )
 def test_pp2_with_dp2_or_tp2_on_4_processes(extra: dict[str, Any], replicas: list[int], clip: float, model: dict[str, Any] | None) -> None:
     reference = _fit(1, None, clip=clip, model=model)
