@@ -173,8 +173,9 @@ def network_and_table_optimizer(
     # optimizer, whose group indices drive the fused tables' learning rates).
     groups = [{"params": [p for p in dense if not isinstance(p, DTensor)]}, {"params": [p for p in dense if isinstance(p, DTensor)]}]
     fused = fused_kernels_apply(dense)
+    # the same betas with and without decay: turning weight_decay on must change only the decay
     if weight_decay:
-        dense_opt: Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused)
+        dense_opt: Optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay, fused=fused)
     else:
         dense_opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.98), fused=fused)
     if table_optimizer == "adagrad":

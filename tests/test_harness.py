@@ -60,3 +60,24 @@ def test_ranks_see_the_callers_environment_of_now(start_method: str, monkeypatch
     ]
     monkeypatch.delenv("LH_HARNESS_PROBE")
     assert run_distributed(_probe_env, 1, init_process_group=False, start_method=start_method) == [(None, "0")]
+
+
+def _abort_on_rank_zero() -> None:
+    if dist.get_rank() == 0:
+        import sys
+
+        sys.stderr.write("rank zero's last words\n")
+        sys.stderr.flush()
+        os.abort()  # dies hard: no traceback reaches the parent
+    dist.barrier()  # rank 1's gloo collective then fails with "Connection closed by peer"
+
+
+def test_a_rank_that_dies_hard_is_named_first_with_its_stderr() -> None:
+    # the survivor's "Connection closed by peer" is fallout: the message must lead with the rank
+    # that died, its signal and what it printed, whichever report arrived first
+    with pytest.raises(DistributedTestError) as caught:
+        run_distributed(_abort_on_rank_zero, 2, pg_timeout_s=60)
+    message = str(caught.value)
+    assert message.startswith("rank 0 failed:"), message[:500]
+    assert "rank 0 died with exit code -6 (SIGABRT) without reporting" in message
+    assert "rank zero's last words" in message

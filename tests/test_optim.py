@@ -83,3 +83,29 @@ def test_network_and_table_optimizers_use_torchs_fused_kernels_where_they_apply_
     assert fused_kernels_apply([]) is None
     # (DTensors beside plain tensors get a param group of their own: tests/test_tensor_parallel.py
     # fails with one fused group over both)
+
+
+def test_weight_decay_changes_only_the_decay() -> None:
+    # AdamW's own default betas are (0.9, 0.999): turning weight_decay on must not also change the
+    # second-moment horizon the recipes were tuned with. Check: one step from the same state equals
+    # Adam(0.9, 0.98) on weights first shrunk by lr * weight_decay (decoupled decay, by hand).
+    from lightning_hybrid.optim import network_and_table_optimizer
+
+    torch.manual_seed(0)
+    net, table = torch.nn.Linear(4, 3), torch.nn.Parameter(torch.randn(5, 4))
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(net.state_dict())
+    opt = network_and_table_optimizer(list(net.parameters()) + [table], [table], lr=0.01, weight_decay=0.1, table_optimizer="adagrad", table_lr=0.1)
+    plain = torch.optim.Adam(reference.parameters(), lr=0.01, betas=(0.9, 0.98))
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for model, optimizer in ((net, opt), (reference, plain)):
+            optimizer.zero_grad()
+            (model(x) ** 2).sum().backward()
+            if model is reference:
+                with torch.no_grad():
+                    for p in reference.parameters():
+                        p.mul_(1 - 0.01 * 0.1)
+            optimizer.step()
+    assert_close(net.weight, reference.weight)
+    assert_close(net.bias, reference.bias)

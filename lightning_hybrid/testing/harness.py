@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -52,8 +53,13 @@ def _worker(
     extra_env: dict[str, str],
     queue: Any,
     parent_env: dict[str, str],
+    stderr_path: str,
 ) -> None:
     adopt_environment(parent_env)  # (a forkserver child has the server's environment from its start)
+    # this rank's stderr (Python's and C++'s: an abort's "terminate called ..." is often the only
+    # trace of a rank that died hard) goes to a file the parent reads after the job
+    with open(stderr_path, "wb") as sink:
+        os.dup2(sink.fileno(), 2)
     os.environ.update(
         {
             "MASTER_ADDR": "127.0.0.1",
@@ -129,6 +135,8 @@ def run_distributed(
     ctx = _context(start_method)
     queue = ctx.SimpleQueue()
     port = find_free_port()
+    logs = tempfile.TemporaryDirectory(prefix="run_distributed-")
+    stderr_paths = [os.path.join(logs.name, f"rank{rank}.stderr") for rank in range(world_size)]
     procs = [
         ctx.Process(
             target=_worker,
@@ -145,6 +153,7 @@ def run_distributed(
                 dict(env or {}),
                 queue,
                 dict(os.environ),
+                stderr_paths[rank],
             ),
             daemon=False,
         )
@@ -177,24 +186,23 @@ def run_distributed(
                             time.sleep(0.02)
                     break
                 continue
-            dead = [
-                r
-                for r, p in enumerate(procs)
-                if not p.is_alive() and p.exitcode not in (0, None) and r not in results and r not in errors
-            ]
+            dead = _dead_without_report(procs, results, errors)
             if dead and queue.empty():
                 time.sleep(0.2)  # a result may still be in flight
                 if queue.empty():
-                    for r in dead:
-                        errors[r] = f"rank {r} died with exit code {procs[r].exitcode} without reporting"
                     break
             if time.monotonic() > deadline:
                 missing = [r for r in range(world_size) if r not in results and r not in errors]
                 raise DistributedTestError(
                     f"run_distributed: ranks {missing} did not finish within {timeout_s:.0f} s "
                     f"(finished: {sorted(results)}, failed: {sorted(errors)})"
+                    + _stderr_tails(stderr_paths, missing)
                 )
             time.sleep(0.01)
+        # a rank that died hard (abort, segfault, OOM kill) reports nothing: often the root cause
+        # of the others' "Connection closed by peer"
+        for r in _dead_without_report(procs, results, errors):
+            errors[r] = f"rank {r} died with exit code {procs[r].exitcode}{_signal_name(procs[r].exitcode)} without reporting"
     finally:
         # after a failure or timeout the survivors are stuck in collectives: don't wait for them
         finished_cleanly = not errors and len(results) == world_size
@@ -204,12 +212,68 @@ def run_distributed(
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+        if finished_cleanly:
+            _replay_stderr(stderr_paths)
+        tails = _stderr_tails(stderr_paths, sorted(errors)) if errors else ""  # (read before the folder goes)
+        logs.cleanup()
 
     if errors:
-        first = next(iter(errors))  # the first report is usually the root cause; later ones are fallout
-        others = "".join(f"\n--- rank {r} ---\n{errors[r]}" for r in errors if r != first)
-        raise DistributedTestError(f"rank {first} failed:\n{errors[first]}{others}")
+        raise DistributedTestError(_failure_message(errors) + tails)
     return [results[r] for r in range(world_size)]
+
+
+#: what a rank raises when a peer died or failed first: fallout, listed after the root cause
+_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "failed first with", "Broken pipe")
+
+
+def _dead_without_report(procs: list[Any], results: dict[int, Any], errors: dict[int, str]) -> list[int]:
+    return [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None) and r not in results and r not in errors]
+
+
+def _signal_name(exitcode: int | None) -> str:
+    import signal
+
+    if exitcode is None or exitcode >= 0:
+        return ""
+    try:
+        return f" ({signal.Signals(-exitcode).name})"
+    except ValueError:
+        return ""
+
+
+def _failure_message(errors: dict[int, str]) -> str:
+    """Every failed rank's last line first, root causes before fallout, then the tracebacks in that order."""
+    order = sorted(errors, key=lambda r: (any(m in errors[r] for m in _SECONDARY), r))
+    last = {r: (errors[r].strip().splitlines() or [""])[-1][:300] for r in order}
+    summary = "".join(f"\n  rank {r}: {last[r]}" for r in order)
+    first = order[0]
+    others = "".join(f"\n--- rank {r} ---\n{errors[r]}" for r in order[1:])
+    return f"rank {first} failed:{summary}\n--- rank {first} ---\n{errors[first]}{others}"
+
+
+def _stderr_tails(paths: list[str], ranks: list[int], limit: int = 3000) -> str:
+    out = ""
+    for r in ranks:
+        try:
+            text = open(paths[r], "rb").read().decode(errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            out += f"\n--- rank {r} stderr (last {limit} characters) ---\n{text[-limit:]}"
+    return out
+
+
+def _replay_stderr(paths: list[str]) -> None:
+    """A job that succeeded: its ranks' warnings still reach the caller's stderr."""
+    import sys
+
+    for r, path in enumerate(paths):
+        try:
+            text = open(path, "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if text.strip():
+            sys.stderr.write(f"[run_distributed rank {r}]\n{text}")
 
 
 def pin_to_core(rank: int) -> None:
