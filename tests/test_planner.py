@@ -263,6 +263,37 @@ def test_auto_plan_applies_the_planners_first_choice(tmp_path: Path) -> None:
         assert result["steps"] == 3
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"cannot be read"),
+        ("", r"is not a calibration file \(JSONDecodeError"),
+        ('{"compute": 1.0}', r"is not a calibration file \(KeyError"),
+        ('{"scale": {"compute": 1.0, "bandwith": 2.0}}', r"unknown: \['bandwith'\]"),
+        ('{"scale": {"compute": -1.0}}', r"multipliers >= 0"),
+    ],
+)
+def test_a_bad_calibration_file_is_refused_naming_the_file_and_the_fix(tmp_path: Path, content: str | None, message: str) -> None:
+    from lightning_hybrid.planner import load_calibration
+
+    path = tmp_path / "scale.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as caught:
+        load_calibration(path)
+    assert str(path) in str(caught.value) and "planner_accuracy.py --json" in str(caught.value)
+
+
+def test_a_calibration_file_loads_as_the_benchmark_wrote_it(tmp_path: Path) -> None:
+    import json
+
+    from lightning_hybrid.planner import load_calibration
+
+    scale = {"compute": 1.5, "memory": 2, "bandwidth": 0.5, "latency": 1.0, "tp_dispatch": 1.0, "overhead": 0.001}
+    (tmp_path / "scale.json").write_text(json.dumps({"scale": scale, "median_error": 0.07}))
+    assert load_calibration(tmp_path / "scale.json") == {k: float(v) for k, v in scale.items()}
+
+
 @pytest.mark.parametrize("block", ["pre_norm", "sasrec", "ligr"])
 def test_model_spec_counts_the_parameters_of_each_block_layout(block: str) -> None:
     """ModelSpec.from_sasrec's block parameters equal the real SASRec's transformer blocks (LiGR

@@ -63,11 +63,9 @@ def _trainer(layout: str | None, epochs: int, root: Path) -> Any:
     if "gradient_compression" in options:
         options["gradient_compression"] = GradientCompression(**options["gradient_compression"])
     if options.get("plan") == "auto":
-        import json
-
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "scale.json").write_text(json.dumps({"scale": PLANNER_SCALE}))
-        options["planner_calibration"] = str(root / "scale.json")
+        # written once by the launching process (`_four_processes`): four ranks writing one file
+        # while others read it raced (a rank read it empty)
+        options["planner_calibration"] = os.environ["LH_TEST_PLANNER_CALIBRATION"]
     strategy = HybridStrategy(**options) if layout else "auto"
     return quiet_trainer(
         strategy=strategy, devices=WORLD if layout else 1, max_epochs=epochs, gradient_clip_val=CLIP, num_sanity_val_steps=0,
@@ -129,8 +127,13 @@ def _one_process() -> dict[str, Any]:
 
 @functools.cache
 def _four_processes() -> list[dict[str, Any]]:
+    import json
+
     with tempfile.TemporaryDirectory() as root:
-        return run_distributed(_layouts, WORLD, root, init_process_group=False, timeout_s=500)
+        calibration = Path(root) / "scale.json"
+        calibration.write_text(json.dumps({"scale": PLANNER_SCALE}))
+        return run_distributed(_layouts, WORLD, root, init_process_group=False, timeout_s=500,
+                               env={"LH_TEST_PLANNER_CALIBRATION": str(calibration)})
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

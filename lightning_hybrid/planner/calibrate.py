@@ -12,8 +12,11 @@ by elimination).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -63,6 +66,32 @@ def calibrate(cost: CostModel, measurements: Sequence[Measurement]) -> CostModel
     for index, value in zip(active, solution, strict=True):
         scale[FEATURES[index]] = float(value)
     return cost.with_scale(scale)
+
+
+def load_calibration(path: str | os.PathLike[str]) -> dict[str, float]:
+    """The multipliers (``{"scale": {feature: value}}``) in a calibration JSON file, as
+    ``benchmarks/planner_accuracy.py --json`` writes it, checked: a file that is missing, not JSON,
+    or whose scale names no known feature fails here naming the file and the fix, not later as a
+    bare parse error or a cost model that prices every layout at zero."""
+    fix = "write it with `benchmarks/planner_accuracy.py --json FILE` on this cluster, or leave the option unset"
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise FileNotFoundError(f"planner calibration {str(path)!r} cannot be read ({err.strerror}): {fix}.") from err
+    try:
+        scale = json.loads(text)["scale"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"planner calibration {str(path)!r} is not a calibration file ({type(err).__name__}: {err}); expected "
+            f'{{"scale": {{{", ".join(repr(f) + ": ..." for f in FEATURES)}}}}}: {fix}.'
+        ) from err
+    unknown = sorted(set(scale) - set(FEATURES)) if isinstance(scale, dict) else None
+    if unknown is None or unknown or not all(isinstance(v, (int, float)) and v >= 0 for v in scale.values()):
+        raise ValueError(
+            f"planner calibration {str(path)!r}: scale {scale!r} must map the cost model's features "
+            f"{list(FEATURES)} to multipliers >= 0{f' (unknown: {unknown})' if unknown else ''}: {fix}."
+        )
+    return {name: float(value) for name, value in scale.items()}
 
 
 def relative_errors(cost: CostModel, measurements: Sequence[Measurement]) -> list[float]:

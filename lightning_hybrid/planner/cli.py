@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from lightning_hybrid.planner.calibrate import load_calibration
 from lightning_hybrid.planner.cluster import PRESETS, Cluster, load_cluster
 from lightning_hybrid.planner.cost import CostModel, ModelSpec
 from lightning_hybrid.planner.search import search
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> list[Any]:
     cluster = sized_cluster(args.cluster, args.devices or (world if args.cluster in PRESETS and PRESETS[args.cluster].cores_per_node else None))
     cost = CostModel(cluster)
     if args.calibration:
-        cost = cost.with_scale(json.loads(Path(args.calibration).read_text())["scale"])
+        cost = cost.with_scale(load_calibration(args.calibration))
     ranked = search(cost, spec)
     if not ranked:
         raise SystemExit(f"lightning-hybrid plan: no layout of {spec} fits on {cluster.name} ({cluster.world_size} devices).")

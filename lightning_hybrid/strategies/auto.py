@@ -11,7 +11,6 @@ left the error names the options that excluded the candidates.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -77,7 +76,7 @@ def choose_layout(
 ) -> tuple[HybridOptions, Any]:
     """(the options to run with, the planner's Estimate); sets the data module's per-replica
     ``batch_size`` so that the global batch stays what it was."""
-    from lightning_hybrid.planner import CostModel, load_cluster, search
+    from lightning_hybrid.planner import CostModel, load_calibration, load_cluster, search
     from lightning_hybrid.planner.cost import ModelSpec
 
     per_replica = getattr(datamodule, "batch_size", None)
@@ -106,8 +105,7 @@ def choose_layout(
     cluster = dataclasses.replace(cluster, nodes=world_size // devices_per_node, devices_per_node=devices_per_node)
     cost = CostModel(cluster)
     if options.planning.planner_calibration:
-        with open(options.planning.planner_calibration) as handle:
-            cost = cost.with_scale(json.load(handle)["scale"])
+        cost = cost.with_scale(load_calibration(options.planning.planner_calibration))
     ranked = search(cost, spec)
     table_name = "item_id" if hasattr(module, "item_tables") else None  # the reference recommender's table
     skipped: list[str] = []
