@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -251,16 +252,16 @@ def _failure_message(errors: dict[int, str]) -> str:
     return f"rank {first} failed:{summary}\n--- rank {first} ---\n{errors[first]}{others}"
 
 
+def _read_log(path: str) -> str:
+    try:
+        return Path(path).read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _stderr_tails(paths: list[str], ranks: list[int], limit: int = 3000) -> str:
-    out = ""
-    for r in ranks:
-        try:
-            text = open(paths[r], "rb").read().decode(errors="replace").strip()
-        except OSError:
-            continue
-        if text:
-            out += f"\n--- rank {r} stderr (last {limit} characters) ---\n{text[-limit:]}"
-    return out
+    tails = ((r, _read_log(paths[r]).strip()) for r in ranks)
+    return "".join(f"\n--- rank {r} stderr (last {limit} characters) ---\n{text[-limit:]}" for r, text in tails if text)
 
 
 def _replay_stderr(paths: list[str]) -> None:
@@ -268,10 +269,7 @@ def _replay_stderr(paths: list[str]) -> None:
     import sys
 
     for r, path in enumerate(paths):
-        try:
-            text = open(path, "rb").read().decode(errors="replace")
-        except OSError:
-            continue
+        text = _read_log(path)
         if text.strip():
             sys.stderr.write(f"[run_distributed rank {r}]\n{text}")
 
