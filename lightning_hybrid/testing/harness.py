@@ -286,7 +286,6 @@ def pin_to_core(rank: int) -> None:
 def write_results(path: str | os.PathLike[str], result: dict[str, Any]) -> dict[str, Any]:
     """Write a benchmark's ``result`` as indented JSON to ``path`` (its folder made); returns it."""
     import json
-    from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
@@ -297,7 +296,6 @@ def benchmark_parser(doc: str, results_dir: str | os.PathLike[str], name: str) -
     """The command line every benchmark starts from: its first doc line, ``--smoke`` (tiny, for
     the test suite) and ``--out`` (default ``results_dir/name``)."""
     import argparse
-    from pathlib import Path
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
