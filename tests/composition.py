@@ -142,7 +142,8 @@ class Cell:
                 method=self.compression, rank=2, density=0.25, start_iter=0, error_feedback=self.compression in ("topk", "sign"), warmup_steps=0
             )
         if self.dp_mode not in (None, "sync"):
-            kwargs["data_parallel_mode"] = self.dp_mode
+            kwargs["data_parallel_mode"] = "local_sgd" if self.dp_mode == "local_sgd_overlap" else self.dp_mode
+            kwargs["local_sgd_overlap"] = self.dp_mode == "local_sgd_overlap"
             kwargs["local_sgd_period"] = LOCAL_SGD_PERIOD
             kwargs["async_staleness"] = ASYNC_STALENESS
         if self.plan == "auto":
@@ -153,7 +154,7 @@ class Cell:
     def exact(self) -> bool:
         """Whether the cell must equal the single-process reference to fp32 rounding (lossy
         compression and local SGD change the arithmetic; bf16 rounds differently per layout)."""
-        return self.compression in (None, "none", "fp16") and self.dp_mode != "local_sgd" and self.precision == "32-true"
+        return self.compression in (None, "none", "fp16") and self.dp_mode not in ("local_sgd", "local_sgd_overlap") and self.precision == "32-true"
 
 
 def table_is_sharded(cell: Cell) -> bool:
@@ -278,6 +279,10 @@ EXTRA_CELLS = [
     Cell(plan="auto", layout="dp2", compression="none", dp_mode="sync"),
     # sequence table on the dense kernel under a pipeline, accumulating (exact)
     Cell(tables="table_wise", layout="pp2", schedule="gpipe", accumulate=2),
+    # local SGD with its average overlapped (`local_sgd_overlap`, a variant of local_sgd rather than an
+    # axis value): on tensor-parallel shards, and with a replicated table, accumulation, bf16 and clipping
+    Cell(tables="row_wise", layout="dp2xtp2", compression="fp16", dp_mode="local_sgd_overlap"),
+    Cell(tables="replicated", layout="dp2", compression="none", dp_mode="local_sgd_overlap", accumulate=2, precision="bf16-mixed", clip=0.05),
 ]
 
 

@@ -168,6 +168,76 @@ def test_async_mode_applies_the_gradient_of_s_steps_earlier() -> None:
     assert max(float((a - b).abs().max()) for a, b in zip(sync[0]["weights"], reference, strict=True)) > 1e-3
 
 
+def _local_sgd_reference(steps: int, period: int, overlap: bool, lr: float = 0.05) -> list[list[torch.Tensor]]:
+    """One process, both replicas: each steps SGD on its own shard of the batch (DistributedSampler,
+    shuffle=False: rank r gets rows r, r + 2, ...); every ``period`` steps the weights are
+    averaged, or with ``overlap`` the weights sent then are averaged and applied at the next
+    averaging step (and at the end), each replica keeping its progress since:
+    ``x_r <- mean(sent) + x_r - sent_r``. Each replica's weights at the end."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16 * 2 * steps, 16, generator=g)
+    y = x @ torch.randn(16, generator=g) + 0.01 * torch.randn(len(x), generator=g)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)))
+    replicas = [list(net.parameters()) for net in nets]
+    sent: list[list[torch.Tensor]] | None = None
+
+    def apply_sent() -> None:
+        assert sent is not None
+        with torch.no_grad():
+            for r, params in enumerate(replicas):
+                for i, p in enumerate(params):
+                    p += (sent[0][i] + sent[1][i]) / 2 - sent[r][i]
+
+    for t in range(steps):
+        for r, net in enumerate(nets):
+            xb, yb = x[32 * t : 32 * (t + 1)][r::2], y[32 * t : 32 * (t + 1)][r::2]
+            net.zero_grad()
+            torch.nn.functional.mse_loss(net(xb).squeeze(-1), yb).backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= lr * p.grad
+        if (t + 1) % period:
+            continue
+        if not overlap:
+            with torch.no_grad():
+                for a, b in zip(*replicas, strict=True):
+                    a.copy_((a + b) / 2)
+                    b.copy_(a)
+            continue
+        if sent is not None:
+            apply_sent()
+        sent = [[p.detach().clone() for p in params] for params in replicas]
+    if overlap and sent is not None:
+        apply_sent()  # the strategy waits for the last average at the end of training
+    return [[p.detach().clone() for p in params] for params in replicas]
+
+
+def test_overlapped_local_sgd_applies_each_average_one_period_late() -> None:
+    """``local_sgd_overlap=True``: every rank's weights equal its replica in a one-process run of
+    the rule (the average of the weights sent at one averaging step, applied at the next, each
+    replica's progress since kept); plain local SGD is the other reference, so the test tells the
+    two apart."""
+    steps, period = 7, 2  # averages sent at steps 2, 4, 6; the last one applied at the end
+    overlapped = run_distributed(
+        _fit_regression, 2, {"data_parallel_mode": "local_sgd", "local_sgd_period": period, "local_sgd_overlap": True}, steps,
+        init_process_group=False, timeout_s=180,
+    )
+    plain = run_distributed(
+        _fit_regression, 2, {"data_parallel_mode": "local_sgd", "local_sgd_period": period}, steps, init_process_group=False, timeout_s=180
+    )
+    want_overlap = _local_sgd_reference(steps, period, overlap=True)
+    want_plain = _local_sgd_reference(steps, period, overlap=False)
+    for rank in range(2):
+        for got, want in zip(overlapped[rank]["weights"], want_overlap[rank], strict=True):
+            assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(plain[rank]["weights"], want_plain[rank], strict=True):
+            assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(want_overlap[0], want_plain[0], strict=True)) > 1e-4
+
+
 def _async_group() -> dict[str, Any]:
     import torch.distributed as dist
 

@@ -43,6 +43,7 @@ def test_unknown_option_names_the_known_ones() -> None:
         ({"pipeline_parallel": 2, "dense_parallel": "fsdp"}, "pipeline_parallel > 1, dense_parallel='fsdp'"),
         ({"data_parallel_mode": "local_sgd", "pipeline_parallel": 2}, "data_parallel_mode='local_sgd') with pipeline_parallel"),
         ({"data_parallel_mode": "async", "gradient_compression": GradientCompression(method="topk")}, "async"),
+        ({"data_parallel_mode": "async", "local_sgd_overlap": True}, "local_sgd_overlap=True, data_parallel_mode='async'"),
         ({"shard_embeddings": False, "embedding_sharding": {"t": "row_wise"}}, "shard_embeddings=False"),
     ],
 )

@@ -67,6 +67,8 @@ def _resume_cases(tmp: str) -> dict[str, Any]:
         "topk": {"gradient_compression": GradientCompression(method="topk", density=0.1, start_iter=1, min_numel=64)},
         "async": {"data_parallel_mode": "async", "async_staleness": 2},
         "local_sgd": {"data_parallel_mode": "local_sgd", "local_sgd_period": 2},
+        # saved while the step-2 average is in flight: it must land at step 4 of the resumed run too
+        "local_sgd_overlap": {"data_parallel_mode": "local_sgd", "local_sgd_period": 2, "local_sgd_overlap": True},
         "async_checkpoint": {"async_checkpoint": True},  # written in the background: still exact
     }
     return {name: _resume_case(tmp, name, kwargs) for name, kwargs in cases.items()}
@@ -82,7 +84,7 @@ def module_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("reliability")
 
 
-@pytest.mark.parametrize("case", ["plain", "topk", "async", "local_sgd", "async_checkpoint"])
+@pytest.mark.parametrize("case", ["plain", "topk", "async", "local_sgd", "local_sgd_overlap", "async_checkpoint"])
 def test_mid_epoch_resume_is_exact(module_tmp: Path, case: str) -> None:
     """Saved after step 3 of 4 in the epoch: the resumed run continues with batch 4 (not batch 1),
     the same dropout masks and the same compression / async state."""

@@ -101,6 +101,7 @@ class DenseExchange:
         names: dict[int, str] | None = None,
         local_sgd_period: int = 4,
         local_sgd_warmup_steps: int = 0,
+        local_sgd_overlap: bool = False,
         async_staleness: int = 1,
         sync_allowed: Callable[[], bool] = lambda: True,
         pipeline_overlap: tuple[Callable[[], int], Sequence[torch.nn.Parameter]] | None = None,
@@ -124,14 +125,20 @@ class DenseExchange:
             overlap = OverlappedExchange(
                 explicit_params, group, compressor=compressor, names=names, armed=sync_allowed, arrivals=arrivals, hooked=stage_params
             )
-        elif mode == "local_sgd":
-            local_sgd = LocalSGD(explicit_params, group, counter=compressor.counter, period=local_sgd_period, warmup_steps=local_sgd_warmup_steps)
-        elif mode == "async":
-            # its all-reduces stay in flight for `staleness` steps: on a group of their own, so the
-            # embedding all-to-alls and the loss check do not queue behind them (NCCL)
+        elif mode in ("local_sgd", "async"):
+            # the async all-reduces (and overlapped local SGD's averages) stay in flight for steps: on a
+            # group of their own, so the embedding all-to-alls and the loss check do not queue behind them (NCCL)
             from lightning_hybrid.mesh import separate_data_parallel_group
 
-            stale = StaleGradients(explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter)
+            if mode == "local_sgd":
+                local_sgd = LocalSGD(
+                    explicit_params, separate_data_parallel_group(mesh) if local_sgd_overlap else group, counter=compressor.counter,
+                    period=local_sgd_period, warmup_steps=local_sgd_warmup_steps, overlap=local_sgd_overlap,
+                )
+            else:
+                stale = StaleGradients(
+                    explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter
+                )
         return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale, overlap=overlap)
 
     def register_ddp_hook(self, ddp: DistributedDataParallel) -> None:
@@ -175,9 +182,12 @@ class DenseExchange:
         self.seconds_last_step = self.compressor.counter.take_seconds()
 
     def drain(self) -> None:
-        """At the end of fitting: wait for the async gradients in flight, stop the overlap's worker."""
+        """At the end of fitting: wait for the async gradients in flight (and apply an overlapped local
+        SGD average in flight), stop the overlap's worker."""
         if self.stale is not None:
             self.stale.drain()
+        if self.local_sgd is not None:
+            self.local_sgd.drain()
         if self.overlap is not None:
             self.overlap.close()
         if self._hook_thread is not None:

@@ -5,6 +5,13 @@
   parameters are averaged (Lin et al., "Don't use large mini-batches, use local SGD", with
   post-local-SGD: ``warmup_steps`` synchronous steps first). Communication drops by ``period``x;
   replicas drift apart between averages. With period 1 and plain SGD it equals ``sync``.
+  ``overlap=True`` hides the average behind the next period's steps (Wang et al., "Overlap
+  Local-SGD", 2020, with the pull set to a full step): at an averaging step each replica sends a
+  copy of its weights ``s_i`` and goes on training; at the next averaging step it takes the
+  average ``s̄`` that has arrived meanwhile and keeps its own progress since: ``x_i <- s̄ + (x_i -
+  s_i)``, then sends again. Nothing waits on the link unless the all-reduce outlasts a whole
+  period; replicas drift by up to two periods' progress instead of one. At the end of training
+  the last average is waited for and applied (the replicas then differ only by the steps after it).
 - ``async`` (`StaleGradients`): bounded staleness ``s``. Step t's gradient all-reduce starts
   right after its backward and is waited for ``s`` steps later, so it overlaps with the next ``s``
   steps' compute; the optimizer applies the averaged gradient of step t - s. Every replica applies
@@ -42,9 +49,15 @@ def _unflat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
 
 
 class LocalSGD:
-    """Average ``params`` over ``group`` every ``period`` optimizer steps (after ``warmup_steps``)."""
+    """Average ``params`` over ``group`` every ``period`` optimizer steps (after ``warmup_steps``);
+    with ``overlap``, in the background (see the module docstring). An overlapped average stays in
+    flight for a whole period: give it a ``group`` of its own, so other collectives do not queue
+    behind it (NCCL)."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], group: dist.ProcessGroup | None, *, period: int, warmup_steps: int, counter: ByteCounter) -> None:
+    def __init__(
+        self, params: Sequence[torch.nn.Parameter], group: dist.ProcessGroup | None, *, period: int, warmup_steps: int, counter: ByteCounter,
+        overlap: bool = False,
+    ) -> None:
         if period < 1:
             raise ValueError(f"local_sgd_period={period} must be >= 1.")
         self.params = list(params)
@@ -52,17 +65,52 @@ class LocalSGD:
         self.period = period
         self.warmup_steps = warmup_steps
         self.counter = counter
+        self.overlap = overlap
         self.steps = 0
+        # overlap: (the all-reduce in flight or None once complete, the weights sent, their sum in progress)
+        self.pending: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     def syncs_gradients(self) -> bool:
         """True while in the synchronous warm-up (post-local SGD)."""
         return self.steps < self.warmup_steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        """The step count and, with ``overlap``, the average in flight (waited for here, so a resume
+        applies exactly what the uninterrupted run would have applied)."""
+        state: dict[str, Any] = {"steps": self.steps}
+        if self.pending is not None:
+            self._wait()
+            state["pending"] = {"sent": self.pending[1].clone(), "sum": self.pending[2].clone()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        pending = state.get("pending")
+        self.pending = None if pending is None else (None, pending["sent"], pending["sum"])
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [local_tensor(p.detach()) for p in self.params]
+
+    def _wait(self) -> None:
+        assert self.pending is not None
+        work, sent, total = self.pending
+        if work is not None:
+            with self.counter.timed(total):  # only what the period's steps did not hide
+                work.wait()
+            self.pending = (None, sent, total)
+
+    @torch.no_grad()
+    def _apply_pending(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """x <- average of what was sent + (x - what this replica sent); the new x, flat."""
+        self._wait()
+        assert self.pending is not None
+        _, sent, total = self.pending
+        self.pending = None
+        # (x - sent) first: the replica's own progress, exactly 0 when it took no step since, so
+        # replicas that did not move land on bitwise the same average
+        flat = _flat(tensors).sub_(sent).add_(total / dist.get_world_size(self.group))
+        _unflat(flat, tensors)
+        return flat
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -70,12 +118,21 @@ class LocalSGD:
         if self.steps <= self.warmup_steps or (self.steps - self.warmup_steps) % self.period != 0:
             return
         world = dist.get_world_size(self.group)
-        tensors = [local_tensor(p.detach()) for p in self.params]
-        flat = _flat(tensors)
+        tensors = self._tensors()
+        flat = self._apply_pending(tensors) if self.pending is not None else _flat(tensors)
         self.counter.add(ByteCounter.all_reduce_bytes(flat.numel() * flat.element_size(), world))
+        if self.overlap:
+            total = flat.clone()
+            self.pending = (dist.all_reduce(total, group=self.group, async_op=True), flat, total)
+            return
         with self.counter.timed(flat):
             dist.all_reduce(flat, group=self.group)
         _unflat(flat / world, tensors)
+
+    def drain(self) -> None:
+        """End of training: wait for the average in flight and apply it (no collective left hanging)."""
+        if self.pending is not None:
+            self._apply_pending(self._tensors())
 
 
 class StaleGradients:

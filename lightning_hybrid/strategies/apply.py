@@ -170,7 +170,7 @@ def apply_data_parallel(
         return DenseExchange.build(
             mesh=mesh, compression=data.gradient_compression, mode=data.data_parallel_mode, local_world_size=local_world_size,
             explicit_params=explicit, names=names() if explicit is not None else None, local_sgd_period=data.local_sgd_period,
-            local_sgd_warmup_steps=data.local_sgd_warmup_steps, async_staleness=data.async_staleness,
+            local_sgd_warmup_steps=data.local_sgd_warmup_steps, local_sgd_overlap=data.local_sgd_overlap, async_staleness=data.async_staleness,
             sync_allowed=sync_allowed, pipeline_overlap=pipeline_overlap,
         )
 

@@ -117,6 +117,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         data_parallel_mode: DataParallelMode = "sync",
         local_sgd_period: int = 4,
         local_sgd_warmup_steps: int = 0,
+        local_sgd_overlap: bool = False,
         async_staleness: int = 1,
         plan: Literal["manual", "auto"] = "manual",
         cluster: str | None = None,

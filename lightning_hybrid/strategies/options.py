@@ -94,6 +94,9 @@ class DataParallelOptions:
         "``async_staleness`` steps ago while newer ones are in flight). Embedding tables stay synchronous.", "sync")
     local_sgd_period: int = _doc("steps between weight averages in ``local_sgd`` mode.", 4)
     local_sgd_warmup_steps: int = _doc("synchronous steps before ``local_sgd`` starts (post-local SGD).", 0)
+    local_sgd_overlap: bool = _doc(
+        "``local_sgd`` only: send each average in the background and apply it one period later, keeping each "
+        "replica's progress since (Overlap Local-SGD): the link is hidden behind the period's steps.", False)
     async_staleness: int = _doc("steps between a gradient and its application in ``async`` mode.", 1)
     find_unused_parameters: bool = _doc("passed to DDP for the dense parameters.", False)
     static_graph: bool = _doc("passed to DDP for the dense parameters.", False)
@@ -325,6 +328,11 @@ def validate(options: HybridOptions, *, torchrec_available: bool = True) -> None
         raise ValueError(
             f"HybridStrategy(data_parallel_mode={mode!r}) with pipeline_parallel > 1 is not supported yet; use "
             "data_parallel_mode='sync' with pipelining."
+        )
+    if data.local_sgd_overlap and mode != "local_sgd":
+        raise ValueError(
+            f"HybridStrategy(local_sgd_overlap=True, data_parallel_mode={mode!r}): the overlap is local SGD's (it hides "
+            "the weight average); set data_parallel_mode='local_sgd', or leave local_sgd_overlap=False."
         )
     if data.local_sgd_period < 1 or data.local_sgd_warmup_steps < 0 or data.async_staleness < 1:
         raise ValueError(
