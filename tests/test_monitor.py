@@ -359,10 +359,51 @@ def _fit_ddp_with_a_late_rank() -> list[dict[str, float]]:
     return recorded[1:]
 
 
+LOCAL_SGD_DELAY_S, LOCAL_SGD_DENSE_S = 0.08, 0.03
+
+
+def _fit_local_sgd_with_a_late_rank() -> list[dict[str, float]]:
+    """Local SGD, period 2: rank 1 is late inside the optimizer step of the averaging steps, so
+    rank 0 waits in the average, which runs inside its optimizer step."""
+    import lightning.pytorch as pl
+
+    from lightning_hybrid import HybridStrategy
+    from tests.helpers import quiet_trainer
+
+    recorded: list[dict[str, float]] = []
+
+    class Dense(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            time.sleep(LOCAL_SGD_DENSE_S)  # this step's own compute, on both ranks
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            if self.trainer.global_rank == 1 and self.trainer.global_step % 2 == 1:  # (the step that averages)
+                time.sleep(LOCAL_SGD_DELAY_S)
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            monitor = next(c for c in self.trainer.callbacks if type(c).__name__ == "HybridMonitor")
+            recorded.append({**monitor.last, "step": float(self.trainer.global_step)})
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16))
+    strategy = HybridStrategy(data_parallel_mode="local_sgd", local_sgd_period=2)
+    trainer = quiet_trainer(strategy=strategy, devices=2, max_steps=6, use_distributed_sampler=True)
+    trainer.fit(Dense(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    return recorded[1:]
+
+
 def _fit_with_a_late_rank() -> dict[str, list[dict[str, float]]]:
-    """Both fits in one pair of processes (a launch costs more than either)."""
+    """The fits in one pair of processes (a launch costs more than any of them)."""
     warnings.simplefilter("ignore")
-    return {"tp": _fit_tp_with_a_late_rank(), "ddp": _fit_ddp_with_a_late_rank()}
+    return {"tp": _fit_tp_with_a_late_rank(), "ddp": _fit_ddp_with_a_late_rank(), "local_sgd": _fit_local_sgd_with_a_late_rank()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -396,3 +437,22 @@ def test_tensor_parallel_waits_are_timed_apart_from_compute() -> None:
     assert statistics.median(b["time/tp_wait_s"] for b in late) < statistics.median(a["time/tp_wait_s"] for a in early) - TP_DELAY_S / 2
     for b in late:
         assert b["time/dense_compute_s"] >= TP_DELAY_S  # its sleep is its own (dense) time
+
+
+def test_local_sgd_waits_are_the_dp_exchange_not_the_optimizer() -> None:
+    """Local SGD averages inside the optimizer step: rank 0's wait there for the late rank is dp
+    exchange time, not optimizer time, and that step's dense compute keeps its own time (it read 0
+    when the wait was booked in both)."""
+    early, late = (rank["local_sgd"] for rank in _late_rank_runs())
+    averaging = [s for s in early if int(s["step"]) % 2 == 0]  # (global_step after the step)
+    assert len(averaging) >= 2
+    for step in averaging:
+        assert LOCAL_SGD_DELAY_S - 0.01 <= step["time/dp_exchange_s"] <= LOCAL_SGD_DELAY_S + 0.1
+        assert step["time/optimizer_s"] < LOCAL_SGD_DELAY_S / 2
+        assert step["time/dense_compute_s"] >= LOCAL_SGD_DENSE_S - 0.005
+    for step in early:
+        if int(step["step"]) % 2 == 1:
+            assert step["time/dp_exchange_s"] == 0.0  # no average on this step
+    for step in late:  # its sleep is in its own optimizer step
+        if int(step["step"]) % 2 == 0:
+            assert step["time/optimizer_s"] >= LOCAL_SGD_DELAY_S - 0.005

@@ -62,3 +62,28 @@ def test_two_simulated_nodes_train_like_one_process(tmp_path: Path) -> None:
     assert len(steps) == len(ref["losses"])
     for key, value in ref["state"].items():
         assert_close(result["state"][key], value, rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_a_killed_run_removes_its_namespaces() -> None:
+    """SIGTERM (``kill``, a CI time limit) while a cluster is up: its namespaces are removed all the
+    same, and the process exits as terminated (143)."""
+    script = (
+        "import sys, time\n"
+        "from lightning_hybrid.testing.netns import SimulatedCluster\n"
+        "with SimulatedCluster(nodes=2, rate_mbit=100) as cluster:\n"
+        "    print(cluster.bridge_ns, *cluster.names, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        names = proc.stdout.readline().split()
+        assert len(names) == 3, proc.stderr.read() if proc.poll() is not None else names
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert all(name in listed for name in names)  # (up while the run is)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 143
+    finally:
+        proc.kill()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [name for name in names if name in listed], listed

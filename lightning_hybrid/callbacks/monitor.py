@@ -220,8 +220,10 @@ class HybridMonitor(pl.Callback):
         samples = max(batch_size_of(batch), 0)
         tokens = _tokens(batch, self.token_key)
         replicas = getattr(_layout(strategy), "data_parallel", 1) or 1
-        optimizer_s = times.get("optimizer", 0.0)
         dp_s = float(getattr(strategy, "comm_seconds_last_step", 0.0))
+        # local SGD averages inside the optimizer step: that wait is dp exchange, not optimizer
+        exchange = getattr(strategy, "dense_exchange", None)
+        optimizer_s = max(0.0, times.get("optimizer", 0.0) - float(getattr(exchange, "seconds_in_optimizer_last_step", 0.0)))
         runner = getattr(strategy, "pipeline_runner", None)
         idle_s = 0.0
         if runner is not None and runner.last_step:

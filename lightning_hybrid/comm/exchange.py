@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_hybrid.comm.compress import (
+    ByteCounter,
     Compressor,
     GradientCompression,
     HierarchicalCompressor,
@@ -86,6 +87,7 @@ class DenseExchange:
         self.stale = stale
         self.bytes_last_step = 0
         self.seconds_last_step = 0.0
+        self.seconds_in_optimizer_last_step = 0.0  # the part of seconds_last_step inside the optimizer step
         self._hook_thread: CompressorThread | None = None
         self._ddp_wait: ExposedWait | None = None
 
@@ -131,8 +133,9 @@ class DenseExchange:
             from lightning_hybrid.mesh import separate_data_parallel_group
 
             if mode == "local_sgd":
+                # (a counter of its own: its average happens inside the optimizer step, see after_optimizer_step)
                 local_sgd = LocalSGD(
-                    explicit_params, separate_data_parallel_group(mesh) if local_sgd_overlap else group, counter=compressor.counter,
+                    explicit_params, separate_data_parallel_group(mesh) if local_sgd_overlap else group, counter=ByteCounter(),
                     period=local_sgd_period, warmup_steps=local_sgd_warmup_steps, overlap=local_sgd_overlap,
                 )
             else:
@@ -175,11 +178,21 @@ class DenseExchange:
             )
 
     def after_optimizer_step(self) -> None:
+        local_bytes, local_s = 0, 0.0
         if self.local_sgd is not None:
+            # local SGD's average runs inside the optimizer step: its wait is reported apart, so a
+            # monitor that times the optimizer step does not book it twice (optimizer and dp exchange)
             self.local_sgd.after_optimizer_step()
+            local_bytes, local_s = self.local_sgd.counter.take_step(), self.local_sgd.counter.take_seconds()
         self.compressor.optimizer_steps += 1
-        self.bytes_last_step = self.compressor.counter.take_step()
-        self.seconds_last_step = self.compressor.counter.take_seconds()
+        self.bytes_last_step = self.compressor.counter.take_step() + local_bytes
+        self.seconds_in_optimizer_last_step = local_s
+        self.seconds_last_step = self.compressor.counter.take_seconds() + local_s
+
+    @property
+    def bytes_total(self) -> int:
+        """Bytes this rank has sent on the dp axis since fitting began."""
+        return self.compressor.counter.total + (self.local_sgd.counter.total if self.local_sgd is not None else 0)
 
     def drain(self) -> None:
         """At the end of fitting: wait for the async gradients in flight (and apply an overlapped local

@@ -423,7 +423,7 @@ class HybridStrategy(checkpointing.CheckpointHooks, TablePlacement, ParallelStra
         # the steps the loggers write (a self.log call costs more than a small model's step, ~1 ms)
         writes = getattr(getattr(module.trainer, "_logger_connector", None), "should_update_logs", True)
         for name, value, known in (
-            ("comm/dp_bytes_per_step", self.comm_bytes_last_step, self._exchange is not None and self._exchange.compressor.counter.total),
+            ("comm/dp_bytes_per_step", self.comm_bytes_last_step, self._exchange is not None and self._exchange.bytes_total),
             ("comm/tp_bytes_per_step", self.tp_bytes_last_step, self._tp_bytes is not None and module.trainer.global_step > 0),
             ("comm/embedding_bytes_per_step", self.embedding_bytes_last_step,  # torchrec's all-to-alls, fwd and bwd
              self._tables.byte_counter is not None and module.trainer.global_step > 0),

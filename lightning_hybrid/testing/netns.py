@@ -11,8 +11,8 @@ Ranks are started per node with the launcher users run across nodes: `SimulatedC
 runs ``torchrun --nnodes N --node-rank k --rdzv-backend c10d --rdzv-endpoint <node 0>`` inside
 each namespace, so the strategy's node detection, hierarchical reduction and fault tolerance see
 real node boundaries. Needs root and ``ip``/``tc``; `unavailable_reason` says why not otherwise
-(tests skip with it). Everything the cluster creates is removed on exit, also on failure; only
-namespaces it made are touched.
+(tests skip with it). Everything the cluster creates is removed on exit, also on failure and on
+SIGTERM (made a SystemExit while the cluster is up); only namespaces it made are touched.
 
     with SimulatedCluster(nodes=2, rate_mbit=1000) as cluster:
         cluster.torchrun(["-m", "lightning_hybrid.cli", "fit", "-c", "recipes/quickstart.yaml"], nproc_per_node=1)
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -55,6 +57,21 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _raise_on_sigterm() -> Any:
+    """SIGTERM (``kill``, a job's time limit) ends Python without unwinding, so a ``with`` block's
+    cleanup would not run and the namespaces would outlive the run. While a cluster is up it raises
+    SystemExit instead. Returns the handler to restore (None where nothing was changed: not the main
+    thread, or SIGTERM already handled by someone else)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def _exit(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    return signal.SIG_DFL
+
+
 def _run(*args: str) -> None:
     done = subprocess.run(list(args), capture_output=True, text=True)
     if done.returncode != 0:
@@ -75,6 +92,7 @@ class SimulatedCluster:
         self.names = [f"lhn{k}{tag}" for k in range(nodes)]
         self.subnet = subnet if subnet is not None else 100 + int(tag[:2], 16) % 100
         self._made: list[str] = []
+        self._sigterm: Any = None  # the SIGTERM handler to put back on close
 
     def address(self, node: int) -> str:
         return f"10.{self.subnet}.0.{node + 1}"
@@ -85,6 +103,7 @@ class SimulatedCluster:
         reason = unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"SimulatedCluster: {reason}.")
+        self._sigterm = _raise_on_sigterm()
         try:
             self._create()
         except BaseException:
@@ -126,6 +145,9 @@ class SimulatedCluster:
                 subprocess.run(["kill", "-9", pid], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._made.clear()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
 
     # -- running --------------------------------------------------------------------------------
 
