@@ -23,7 +23,8 @@ and 4 CPU processes (gloo, ranks pinned to cores):
 
 Reported per layout: global samples/s and real tokens/s over the measured steps (total samples /
 total time: a step that carries local SGD's average counts), utilization (the monitor's compute
-fraction weighted by step time, mean over ranks), bytes sent per step by an average rank on each axis (dp
+fraction weighted by step time, mean over ranks) and the busy fraction (the step less its waits
+for the dp exchange, pipeline idle and tp collectives: what a GPU's busy counter would read), bytes sent per step by an average rank on each axis (dp
 exchange, tp layers, pp send/recv, embedding all-to-alls; the strategy's and pipeline's own
 counters, mean over measured steps) and their sum, and the ratios of the best hybrid to the best
 single-mode layout.
@@ -113,6 +114,7 @@ LINK_LAYOUTS = (
 SINGLE = ("dp", "mp", "tp", "pp")
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
 AXES = ("dp", "tp", "pp", "embedding")
+WAITS = ("dp_exchange", "pipeline_idle", "tp_wait")  # the monitor's time/ keys a rank spends waiting
 FULL = {"items": 100_000, "d_model": 64, "num_blocks": 4, "num_heads": 4, "max_len": 50, "global_batch": 64, "steps": 16, "warmup": 4, "processes": [2, 4]}
 SMOKE = {"items": 200, "d_model": 16, "num_blocks": 4, "num_heads": 4, "max_len": 8, "global_batch": 16, "steps": 2, "warmup": 1, "processes": [2]}
 
@@ -219,6 +221,9 @@ def _worker(
         "tokens_per_s": over_run("throughput/tokens_per_s"),
         "step_ms": total_s / len(measured) * 1e3,
         "compute_fraction": over_run("utilization/compute_fraction"),
+        # what a GPU's busy counter would read: the step less its waits (dp exchange, pipeline idle,
+        # tp collectives), i.e. dense compute + table lookups + optimizer
+        "busy_fraction": 1.0 - sum(r.get(f"time/{k}_s", 0.0) for r in measured for k in WAITS) / total_s,
         "mfu": over_run("utilization/mfu") if "utilization/mfu" in measured[0] else None,
         # the typical step (what this page reported before 2026-12-07 evening), for comparison
         "median_samples_per_s": statistics.median(r["throughput/samples_per_s"] for r in measured),
@@ -253,6 +258,7 @@ def _row(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     row["samples_per_s"] = min(r["samples_per_s"] for r in ranks)  # the job is as fast as its slowest rank
     row["tokens_per_s"] = min(r["tokens_per_s"] for r in ranks)
     row["compute_fraction"] = statistics.mean(r["compute_fraction"] for r in ranks)
+    row["busy_fraction"] = statistics.mean(r["busy_fraction"] for r in ranks)
     if all("time_ms" in r for r in ranks):
         row["time_ms"] = {k: statistics.mean(r["time_ms"][k] for r in ranks) for k in ranks[0]["time_ms"]}
     # bytes an average rank sends (ranks of a pipeline or a row-wise table differ)
@@ -270,9 +276,9 @@ def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix:
     result): the rows, the markdown table lines and the best-hybrid / best-single summary."""
     results: dict[str, Any] = {}
     lines = [
-        "| P | layout | dp x tp x pp | samples/s | tokens/s | step (ms) | utilization | MFU | MB sent / step: dp | tp | pp | emb | total |"
+        "| P | layout | dp x tp x pp | samples/s | tokens/s | step (ms) | utilization | busy | MFU | MB sent / step: dp | tp | pp | emb | total |"
         + (" MB per node and step: inter-node link | intra-node |" if prefix else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prefix else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prefix else ""),
     ]
     summary = {}
     for processes in process_counts:
@@ -293,7 +299,7 @@ def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix:
             links = f" {row['inter_node_mb']:.2f} | {row['intra_node_mb']:.2f} |" if "inter_node_mb" in row else ""
             lines.append(
                 f"| {processes} | {name} | {lay['dp']} x {lay['tp']} x {lay['pp']} | {row['samples_per_s']:.1f} | {row['tokens_per_s']:.0f} | "
-                f"{row['step_ms']:.0f} | {row['compute_fraction']:.2f} | {mfu} | {mb} |{links}"
+                f"{row['step_ms']:.0f} | {row['compute_fraction']:.2f} | {row['busy_fraction']:.2f} | {mfu} | {mb} |{links}"
             )
             print(prefix, name, processes, row, flush=True)
         here = {k.split("/")[-1]: v for k, v in results.items() if k.startswith(f"{prefix}P{processes}/")}
@@ -305,6 +311,7 @@ def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix:
             "best_single": best_single, "best_hybrid": best_hybrid,
             "throughput_ratio": here[best_hybrid]["samples_per_s"] / here[best_single]["samples_per_s"],
             "utilization_ratio": here[best_hybrid]["compute_fraction"] / max(here[best_single]["compute_fraction"], 1e-9),
+            "busy_ratio": here[best_hybrid]["busy_fraction"] / max(here[best_single]["busy_fraction"], 1e-9),
         }
     return results, lines, summary
 
@@ -346,7 +353,7 @@ def _main_on_links(args: Any, chosen: list[str], cfg: dict[str, Any], tables: st
     print("\n".join(tables_md))
     for key, s in summary.items():
         print(f"{key}: best hybrid {s['best_hybrid']} / best single-mode {s['best_single']}: throughput {s['throughput_ratio']:.2f}x, "
-              f"utilization {s['utilization_ratio']:.2f}x")
+              f"utilization {s['utilization_ratio']:.2f}x (busy {s['busy_ratio']:.2f}x)")
     print(f"JSON: {out}")
 
 
@@ -417,7 +424,7 @@ def main() -> None:
     for key, s in summary.items():
         print(
             f"{key}: best hybrid {s['best_hybrid']} / best single-mode {s['best_single']}: throughput {s['throughput_ratio']:.2f}x, "
-            f"utilization {s['utilization_ratio']:.2f}x"
+            f"utilization {s['utilization_ratio']:.2f}x (busy {s['busy_ratio']:.2f}x)"
         )
     print(f"JSON: {out}")
 

@@ -324,9 +324,12 @@ def _fit_tp_with_a_late_rank() -> list[dict[str, float]]:
 DDP_DELAY_S = 0.08
 
 
-def _fit_ddp_with_a_late_rank() -> list[dict[str, float]]:
-    """dp=2 under DDP (a dense MLP, no tables): rank 1's backward starts DDP_DELAY_S late, so
-    rank 0's dense backward ends that much earlier and its reducer waits for rank 1's buckets."""
+def _fit_dense_mlp(strategy_kwargs: dict[str, Any], steps: int, *, backward_delay_s: float = 0.0, dense_s: float = 0.0,
+                   averaging_delay_s: float = 0.0) -> list[dict[str, float]]:
+    """dp=2 over a dense MLP (no tables), SGD; the monitor's record of every step after the first.
+    Rank 1's backward starts ``backward_delay_s`` late; every step sleeps ``dense_s`` in its
+    forward (compute of its own); rank 1 sleeps ``averaging_delay_s`` in the optimizer step of
+    every second step (local SGD's averaging steps with period 2)."""
     import lightning.pytorch as pl
 
     from lightning_hybrid import HybridStrategy
@@ -340,23 +343,34 @@ def _fit_ddp_with_a_late_rank() -> list[dict[str, float]]:
             self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            time.sleep(dense_s)
             out = self.net(batch[0])
-            if self.trainer.global_rank == 1:  # (in backward: the per-step loss check must not absorb it)
-                out.register_hook(lambda grad: (time.sleep(DDP_DELAY_S), grad)[1])
+            if self.trainer.global_rank == 1 and backward_delay_s:  # (in backward: the per-step loss check must not absorb it)
+                out.register_hook(lambda grad: (time.sleep(backward_delay_s), grad)[1])
             return out.pow(2).mean()
 
         def configure_optimizers(self) -> Any:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            if self.trainer.global_rank == 1 and self.trainer.global_step % 2 == 1:
+                time.sleep(averaging_delay_s)
+
         def on_train_batch_end(self, *args: Any) -> None:
             monitor = next(c for c in self.trainer.callbacks if type(c).__name__ == "HybridMonitor")
-            recorded.append(dict(monitor.last))
+            recorded.append({**monitor.last, "step": float(self.trainer.global_step)})
 
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 16))
-    trainer = quiet_trainer(strategy=HybridStrategy(), devices=2, max_steps=5, use_distributed_sampler=True)
+    trainer = quiet_trainer(strategy=HybridStrategy(**strategy_kwargs), devices=2, max_steps=steps, use_distributed_sampler=True)
     trainer.fit(Dense(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
     return recorded[1:]
+
+
+def _fit_ddp_with_a_late_rank() -> list[dict[str, float]]:
+    """dp=2 under DDP: rank 1's backward starts DDP_DELAY_S late, so rank 0's dense backward ends
+    that much earlier and its reducer waits for rank 1's buckets."""
+    return _fit_dense_mlp({}, 5, backward_delay_s=DDP_DELAY_S)
 
 
 LOCAL_SGD_DELAY_S, LOCAL_SGD_DENSE_S = 0.08, 0.03
@@ -365,39 +379,8 @@ LOCAL_SGD_DELAY_S, LOCAL_SGD_DENSE_S = 0.08, 0.03
 def _fit_local_sgd_with_a_late_rank() -> list[dict[str, float]]:
     """Local SGD, period 2: rank 1 is late inside the optimizer step of the averaging steps, so
     rank 0 waits in the average, which runs inside its optimizer step."""
-    import lightning.pytorch as pl
-
-    from lightning_hybrid import HybridStrategy
-    from tests.helpers import quiet_trainer
-
-    recorded: list[dict[str, float]] = []
-
-    class Dense(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            time.sleep(LOCAL_SGD_DENSE_S)  # this step's own compute, on both ranks
-            return self.net(batch[0]).pow(2).mean()
-
-        def configure_optimizers(self) -> Any:
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-        def on_before_optimizer_step(self, optimizer: Any) -> None:
-            if self.trainer.global_rank == 1 and self.trainer.global_step % 2 == 1:  # (the step that averages)
-                time.sleep(LOCAL_SGD_DELAY_S)
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            monitor = next(c for c in self.trainer.callbacks if type(c).__name__ == "HybridMonitor")
-            recorded.append({**monitor.last, "step": float(self.trainer.global_step)})
-
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(64, 16))
-    strategy = HybridStrategy(data_parallel_mode="local_sgd", local_sgd_period=2)
-    trainer = quiet_trainer(strategy=strategy, devices=2, max_steps=6, use_distributed_sampler=True)
-    trainer.fit(Dense(), train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
-    return recorded[1:]
+    return _fit_dense_mlp({"data_parallel_mode": "local_sgd", "local_sgd_period": 2}, 6, dense_s=LOCAL_SGD_DENSE_S,
+                          averaging_delay_s=LOCAL_SGD_DELAY_S)
 
 
 def _fit_with_a_late_rank() -> dict[str, list[dict[str, float]]]:

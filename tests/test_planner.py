@@ -144,7 +144,7 @@ def test_invalid_layouts_are_explained() -> None:
 
 
 def test_calibration_recovers_known_multipliers() -> None:
-    truth = {"compute": 1.7, "memory": 0.6, "bandwidth": 2.5, "latency": 3.0, "tp_dispatch": 1.2, "overhead": 0.004}
+    truth = {"compute": 1.7, "memory": 0.6, "bandwidth": 2.5, "latency": 3.0, "tp_dispatch": 1.2, "overhead": 0.004, "compression": 2.2}
     cluster = dataclasses.replace(preset("cpu-2core"), devices_per_node=4)
     known = CostModel(cluster, scale=truth)
     layouts = [layout for layout in candidate_layouts(MODEL, 4) if known.validate(MODEL, layout) is None]
@@ -153,7 +153,7 @@ def test_calibration_recovers_known_multipliers() -> None:
     for name in FEATURES:
         assert fitted.scale[name] == pytest.approx(truth[name], rel=1e-6), name
     assert max(relative_errors(fitted, measurements)) < 1e-9
-    with pytest.raises(ValueError, match="measurements cannot fit 6 multipliers"):
+    with pytest.raises(ValueError, match="measurements cannot fit 7 multipliers"):
         calibrate(CostModel(cluster), measurements[:3])
 
 
@@ -289,9 +289,13 @@ def test_a_calibration_file_loads_as_the_benchmark_wrote_it(tmp_path: Path) -> N
 
     from lightning_hybrid.planner import load_calibration
 
-    scale = {"compute": 1.5, "memory": 2, "bandwidth": 0.5, "latency": 1.0, "tp_dispatch": 1.0, "overhead": 0.001}
+    scale = {"compute": 1.5, "memory": 2, "bandwidth": 0.5, "latency": 1.0, "tp_dispatch": 1.0, "overhead": 0.001, "compression": 3.0}
     (tmp_path / "scale.json").write_text(json.dumps({"scale": scale, "median_error": 0.07}))
     assert load_calibration(tmp_path / "scale.json") == {k: float(v) for k, v in scale.items()}
+    # written before compression was a feature of its own: it keeps the uncalibrated multiplier
+    del scale["compression"]
+    (tmp_path / "old.json").write_text(json.dumps({"scale": scale}))
+    assert load_calibration(tmp_path / "old.json") == {**{k: float(v) for k, v in scale.items()}, "compression": 1.0}
 
 
 @pytest.mark.parametrize("block", ["pre_norm", "sasrec", "ligr"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_hybrid.planner.cluster import Cluster
-from lightning_hybrid.planner.cost import FEATURES, CostModel, Layout, ModelSpec
+from lightning_hybrid.planner.cost import DEFAULT_SCALE, FEATURES, CostModel, Layout, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ def load_calibration(path: str | os.PathLike[str]) -> dict[str, float]:
             f"planner calibration {str(path)!r}: scale {scale!r} must map the cost model's features "
             f"{list(FEATURES)} to multipliers >= 0{f' (unknown: {unknown})' if unknown else ''}: {fix}."
         )
-    return {name: float(value) for name, value in scale.items()}
+    # a feature added to the cost model after the file was written keeps its default multiplier
+    return {**DEFAULT_SCALE, **{name: float(value) for name, value in scale.items()}}
 
 
 def relative_errors(cost: CostModel, measurements: Sequence[Measurement]) -> list[float]:

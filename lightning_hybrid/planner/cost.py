@@ -7,11 +7,14 @@ sharded, and the gradient compression on the dp axis. `CostModel.estimate` price
 `Cluster` as the sum of what the slowest rank does:
 
 - compute: FLOPs of its blocks (split by tp and pp) and of the output layer (last stage), x3 for
-  forward + backward, plus PowerSGD's own matmuls, at the device's peak x efficiency; plus the
-  pipeline bubble, ``(pp - 1) / (microbatches x virtual stages)`` of the stage's compute;
+  forward + backward, at the device's peak x efficiency; plus the pipeline bubble, ``(pp - 1) /
+  (microbatches x virtual stages)`` of the stage's compute;
+- compression's own work: PowerSGD's matmuls, the passes of error feedback and top-k selection
+  (a feature of its own: these kernels run at their own speed, on CPU on backward's cores);
 - memory-bound work: embedding gathers and scatters, optimizer updates (Adam on dense weights,
   Adagrad on the table: the whole table when replicated, only the touched rows when sharded);
-- communication (alpha-beta model on the slowest link the group crosses): the dp gradient
+- communication (alpha-beta model on the slowest link the group crosses; processes that share a
+  core share its copying inside a node, not a link between nodes, which is slower): the dp gradient
   all-reduce (or its compressed form; only what outlasts backward, 2/3 of the compute, since the
   buckets are exchanged while backward runs), tp all-reduces of block activations (2 forward and 2
   backward per block), pp sends of activations and their gradients, the embedding all-to-all
@@ -20,8 +23,8 @@ sharded, and the gradient compression on the dp axis. `CostModel.estimate` price
 - host-side dispatch of tensor-parallel (DTensor) blocks and a fixed per-step overhead
   (framework, Python), both zero unless calibrated.
 
-`calibrate` fits six multipliers (compute, memory, bandwidth, latency, DTensor dispatch of
-tensor-parallel blocks, overhead) to measured step
+`calibrate` fits seven multipliers (compute, memory, bandwidth, latency, DTensor dispatch of
+tensor-parallel blocks, overhead, compression) to measured step
 times by least squares on relative error, which absorbs what a first-principles model gets wrong
 on a given machine (kernel efficiency, gloo's CPU cost, cores shared by processes).
 Memory per device: weights, gradients and optimizer states of its share, its table shard, and
@@ -40,7 +43,9 @@ from lightning_hybrid.planner.cluster import Cluster, Link
 TableLayout = Literal["replicated", "row_wise"]
 CompressionName = Literal["none", "fp16", "powersgd", "topk"]
 ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b"]
-FEATURES = ("compute", "memory", "bandwidth", "latency", "tp_dispatch", "overhead")
+FEATURES = ("compute", "memory", "bandwidth", "latency", "tp_dispatch", "overhead", "compression")
+#: the multipliers before calibration (and of a feature a calibration file predates)
+DEFAULT_SCALE = {"compute": 1.0, "memory": 1.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 0.0, "overhead": 0.0, "compression": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +270,7 @@ class CostModel:
 
     cluster: Cluster
     scale: dict[str, float] = field(
-        default_factory=lambda: {"compute": 1.0, "memory": 1.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 0.0, "overhead": 0.0}
+        default_factory=lambda: dict(DEFAULT_SCALE)
     )
     memory_headroom: float = 0.9  # plan at most this fraction of device memory
 
@@ -350,8 +355,11 @@ class CostModel:
 
         def collective(kind: CollectiveName, nbytes: float, ranks: int, link: Link, times: float = 1.0) -> float:
             volume, steps = ring_cost(kind, nbytes, ranks)
-            bandwidth_s = times * volume / link.bandwidth / c.compute_share
-            latency_s = times * steps * link.latency / c.compute_share
+            # processes sharing a core share the core's copying (loopback, i.e. inside a node); a
+            # link between nodes is slower than the core, so sharing the core does not slow it
+            share = c.compute_share if link is c.intra_node else 1.0
+            bandwidth_s = times * volume / link.bandwidth / share
+            latency_s = times * steps * link.latency / share
             comm["bandwidth"] += bandwidth_s
             comm["latency"] += latency_s
             return bandwidth_s + latency_s
@@ -423,9 +431,14 @@ class CostModel:
         else:
             parts["emb_comm"] = 0.0
 
+        # compression's own kernels (PowerSGD's matmuls and orthogonalization, top-k's selection, error
+        # feedback) run at their own speed, apart from the model's GEMMs, and on CPU on the cores
+        # backward uses: priced as a feature of their own, so calibration fits them apart
+        compress_s = compress_flops / flops_per_s + compress_bytes / mem_per_s
         features = {
-            "compute": parts["compute"] + parts["bubble"],
-            "memory": parts["memory"],
+            "compute": parts["compute"] + parts["bubble"] - compress_flops / flops_per_s,
+            "memory": parts["memory"] - compress_bytes / mem_per_s,
+            "compression": compress_s,
             "bandwidth": comm["bandwidth"],
             "latency": comm["latency"],
             # tensor-parallel blocks run as DTensor ops: a fixed host-side cost per block and pass
