@@ -33,10 +33,10 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "row_wise_powersgd": {"embedding_sharding": {"item_id": "row_wise"}, "embedding_shard_group_size": 2,
                           "gradient_compression": {"method": "powersgd", "rank": 2, "min_numel": 10**9}},
     # the planner chooses the rest of the layout (dp 4, the item table row-wise, exact exchange:
-    # with memory passes priced dear, compressing the exchange does not pay; see _trainer)
+    # with memory passes and compression's kernels priced dear, compressing does not pay; see _trainer)
     "planned": {"plan": "auto", "cluster": "cpu-2core", "embedding_shard_group_size": 2},
 }
-PLANNER_SCALE = {"compute": 1.0, "memory": 1000.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 1.0, "overhead": 0.0}
+PLANNER_SCALE = {"compute": 1.0, "memory": 1000.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 1.0, "overhead": 0.0, "compression": 1000.0}
 
 
 #: layouts (and the one-process reference) also resumed from last.ckpt; the others fit and test once (test time)
