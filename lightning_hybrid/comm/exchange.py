@@ -39,6 +39,7 @@ from lightning_hybrid.comm.compress import (
 )
 from lightning_hybrid.comm.modes import LocalSGD, StaleGradients
 from lightning_hybrid.comm.overlap import CompressorThread, OverlappedExchange
+from lightning_hybrid.mesh import data_parallel_node_groups, separate_data_parallel_group
 from lightning_hybrid.parallel.data import local_tensor
 
 if TYPE_CHECKING:
@@ -52,8 +53,6 @@ def build_dp_compressor(
     when asked for and the dp ranks span several nodes. ``own_group``: a compressor on a dp
     group of its own (hierarchical ones always have theirs), for collectives run on another
     thread (`lightning_hybrid.comm.overlap`). Collective when it makes groups."""
-    from lightning_hybrid.mesh import data_parallel_node_groups, separate_data_parallel_group
-
     world = mesh.mesh.numel()
     if config is None or not config.hierarchical or world <= local_world_size:
         return build_compressor(config, separate_data_parallel_group(mesh) if own_group else mesh["dp"].get_group())
@@ -127,21 +126,14 @@ class DenseExchange:
             overlap = OverlappedExchange(
                 explicit_params, group, compressor=compressor, names=names, armed=sync_allowed, arrivals=arrivals, hooked=stage_params
             )
-        elif mode in ("local_sgd", "async"):
-            # the async all-reduces (and overlapped local SGD's averages) stay in flight for steps: on a
-            # group of their own, so the embedding all-to-alls and the loss check do not queue behind them (NCCL)
-            from lightning_hybrid.mesh import separate_data_parallel_group
-
-            if mode == "local_sgd":
-                # (a counter of its own: its average happens inside the optimizer step, see after_optimizer_step)
-                local_sgd = LocalSGD(
-                    explicit_params, separate_data_parallel_group(mesh) if local_sgd_overlap else group, counter=ByteCounter(),
-                    period=local_sgd_period, warmup_steps=local_sgd_warmup_steps, overlap=local_sgd_overlap,
-                )
-            else:
-                stale = StaleGradients(
-                    explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter
-                )
+        elif mode == "local_sgd":
+            # (a counter of its own: its average happens inside the optimizer step, see after_optimizer_step)
+            local_sgd = LocalSGD(
+                explicit_params, separate_data_parallel_group(mesh) if local_sgd_overlap else group, counter=ByteCounter(),
+                period=local_sgd_period, warmup_steps=local_sgd_warmup_steps, overlap=local_sgd_overlap,
+            )
+        elif mode == "async":
+            stale = StaleGradients(explicit_params, separate_data_parallel_group(mesh), staleness=async_staleness, counter=compressor.counter)
         return cls(compressor, params=explicit_params, names=names, local_sgd=local_sgd, stale=stale, overlap=overlap)
 
     def register_ddp_hook(self, ddp: DistributedDataParallel) -> None:
