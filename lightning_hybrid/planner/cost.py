@@ -392,13 +392,17 @@ class CostModel:
             parts["dp_comm"] = collective("all_gather", kept * 8, dp, dp_link)
             compress_bytes = 4 * grad_bytes  # residual update and selection passes
         dp_part = {k: comm[k] - before_dp[k] for k in comm}
-        parts["compute"] += compress_flops / flops_per_s
-        parts["memory"] += compress_bytes / mem_per_s
+        # compression's own kernels (PowerSGD's matmuls and orthogonalization, top-k's selection, error
+        # feedback) run at their own speed, apart from the model's GEMMs, and on CPU on the cores
+        # backward uses: a part (and a calibrated feature) of their own
+        compress_compute_s = compress_flops / flops_per_s
+        parts["compression"] = compress_compute_s + compress_bytes / mem_per_s
         # the dp exchange runs while backward still computes (DDP buckets, overlapped compressed
-        # buckets): only what outlasts backward (2/3 of the step's compute) is on the step's path
+        # buckets): only what outlasts backward (2/3 of the step's compute, the compressor's matmuls
+        # included) is on the step's path
         dp_total = parts["dp_comm"]
         if dp_total > 0:
-            exposed = max(0.0, dp_total - 2 / 3 * parts["compute"]) / dp_total
+            exposed = max(0.0, dp_total - 2 / 3 * (parts["compute"] + compress_compute_s)) / dp_total
             for key in ("bandwidth", "latency"):
                 comm[key] -= (1 - exposed) * dp_part[key]
             parts["dp_comm"] *= exposed
@@ -431,14 +435,10 @@ class CostModel:
         else:
             parts["emb_comm"] = 0.0
 
-        # compression's own kernels (PowerSGD's matmuls and orthogonalization, top-k's selection, error
-        # feedback) run at their own speed, apart from the model's GEMMs, and on CPU on the cores
-        # backward uses: priced as a feature of their own, so calibration fits them apart
-        compress_s = compress_flops / flops_per_s + compress_bytes / mem_per_s
         features = {
-            "compute": parts["compute"] + parts["bubble"] - compress_flops / flops_per_s,
-            "memory": parts["memory"] - compress_bytes / mem_per_s,
-            "compression": compress_s,
+            "compute": parts["compute"] + parts["bubble"],
+            "memory": parts["memory"],
+            "compression": parts["compression"],
             "bandwidth": comm["bandwidth"],
             "latency": comm["latency"],
             # tensor-parallel blocks run as DTensor ops: a fixed host-side cost per block and pass
