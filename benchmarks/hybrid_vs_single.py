@@ -14,12 +14,18 @@ and 4 CPU processes (gloo, ranks pinned to cores):
   (tp = P), no data parallelism;
 - ``tp``: tensor parallel only (tp = P), the table replicated;
 - ``pp``: pipeline only (pp = P, 1F1B), the table replicated;
+- ``pp_bal``: ``pp`` with the blocks cut by the balancer (``pipeline_split="balanced"``: each
+  block profiled at setup, the input part counted on the first stage and the loss head on the
+  last); a stricter single-mode baseline than a user would have without lightning_hybrid (not at
+  P = 4: with as many stages as blocks there is nothing to balance);
 - ``hybrid_ddp``: table sharded (model parallel) + data parallel dense, uncompressed (DDP);
 - ``hybrid``: table sharded + data parallel dense with PowerSGD rank 4;
 - ``hybrid_tp`` (P = 4): table sharded + dp 2 x tp 2, PowerSGD on dp;
 - ``hybrid_pp``: table sharded + pp 2 (1F1B) x dp P/2, PowerSGD on dp (P = 2: no dp, so no
   compression);
-- ``hybrid_pp_ddp`` (P = 4): table sharded + pp 2 x dp 2, uncompressed (DDP).
+- ``hybrid_pp_ddp`` (P = 4): table sharded + pp 2 x dp 2, uncompressed (DDP);
+- ``hybrid_pp_bal``: table sharded + pp 2 x dp P/2, uncompressed, balanced split (the paper's
+  hybrid with adaptive load balancing: ``hybrid_pp_ddp``, and ``hybrid_pp`` at P = 2, balanced).
 
 Reported per layout: global samples/s and real tokens/s over the measured steps (total samples /
 total time: a step that carries local SGD's average counts), utilization (the monitor's compute
@@ -89,11 +95,14 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "mp": {"tensor_parallel": "P", "data_parallel": 1, "embedding_sharding": {"item_id": "row_wise"}},
     "tp": {"tensor_parallel": "P", "data_parallel": 1, "shard_embeddings": False},
     "pp": {"pipeline_parallel": "P", "data_parallel": 1, "shard_embeddings": False},
+    "pp_bal": {"pipeline_parallel": "P", "data_parallel": 1, "shard_embeddings": False, "pipeline_split": "balanced"},
     "hybrid_ddp": {"embedding_sharding": {"item_id": "row_wise"}},
     "hybrid": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
     "hybrid_tp": {"tensor_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
     "hybrid_pp_ddp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}},
     "hybrid_pp": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": POWERSGD},
+    # hybrid_pp_ddp with the blocks cut by the balancer instead of equal shares
+    "hybrid_pp_bal": {"pipeline_parallel": 2, "embedding_sharding": {"item_id": "row_wise"}, "pipeline_split": "balanced"},
     # across nodes only (--link-rates): compression on the inter-node hop, local SGD across replicas
     "hybrid_hier": {"embedding_sharding": {"item_id": "row_wise"}, "gradient_compression": {**POWERSGD, "hierarchical": True}},
     "hybrid_localsgd": {"embedding_sharding": {"item_id": "row_wise"}, "data_parallel_mode": "local_sgd", "local_sgd_period": 4,
@@ -109,9 +118,9 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 CROSS_NODE = ("hybrid_hier", "hybrid_localsgd", "hybrid_localsgd_overlap", "hybrid_async", "hybrid_2d")
 LINK_LAYOUTS = (
     "dp", "mp", "pp", "hybrid_ddp", "hybrid", "hybrid_hier", "hybrid_localsgd", "hybrid_localsgd_overlap", "hybrid_async", "hybrid_2d",
-    "hybrid_pp", "hybrid_pp_ddp",
+    "hybrid_pp", "hybrid_pp_ddp", "hybrid_pp_bal", "pp_bal",
 )
-SINGLE = ("dp", "mp", "tp", "pp")
+SINGLE = ("dp", "mp", "tp", "pp", "pp_bal")
 DEFAULT_OUT = str(Path(__file__).parent / "results" / "hybrid_vs_single.json")
 AXES = ("dp", "tp", "pp", "embedding")
 WAITS = ("dp_exchange", "pipeline_idle", "tp_wait")  # the monitor's time/ keys a rank spends waiting
@@ -271,7 +280,9 @@ def _row(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix: str = "") -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+def _measure_all(
+    run: Any, chosen: list[str], process_counts: list[int], prefix: str = "", num_blocks: int = 4
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
     """Every chosen layout at every process count (``run(layout, processes)`` -> every rank's
     result): the rows, the markdown table lines and the best-hybrid / best-single summary."""
     results: dict[str, Any] = {}
@@ -286,6 +297,8 @@ def _measure_all(run: Any, chosen: list[str], process_counts: list[int], prefix:
             if name not in chosen:
                 continue
             if name in ("hybrid_tp", "hybrid_pp_ddp", "hybrid_2d") and processes < 4:  # (hybrid_pp_ddp = hybrid_pp without dp)
+                continue
+            if name == "pp_bal" and processes >= num_blocks:  # one block per stage: nothing to balance
                 continue
             if name in CROSS_NODE and not prefix:  # (they differ from `hybrid` only across nodes)
                 continue
@@ -338,7 +351,7 @@ def _main_on_links(args: Any, chosen: list[str], cfg: dict[str, Any], tables: st
             prefix = f"{rate:g}Mbit/"
             rows, lines, summ = _measure_all(
                 lambda layout, processes: run_on_links(cluster, cfg, layout, processes, tables, args.lengths),
-                chosen, [2 * n for n in per_node], prefix,
+                chosen, [2 * n for n in per_node], prefix, cfg["num_blocks"],
             )
         results.update(rows)
         summary.update(summ)
@@ -406,7 +419,7 @@ def main() -> None:
         lambda layout, processes: run_distributed(
             _worker, processes, cfg, layout, processes, args.accelerator, tables, args.lengths, init_process_group=False, timeout_s=1800
         ),
-        chosen, process_counts,
+        chosen, process_counts, "", cfg["num_blocks"],
     )
     out = Path(args.out or (DEFAULT_OUT if args.accelerator == "cpu" else DEFAULT_OUT.replace(".json", "_gpu.json")))
     out.parent.mkdir(parents=True, exist_ok=True)

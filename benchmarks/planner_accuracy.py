@@ -67,6 +67,7 @@ def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int], per
         dp=measured["dp"], tp=measured["tp"], pp=pp, microbatches=max(2, pp) if pp > 1 else 1,
         table="replicated" if strategy.get("shard_embeddings") is False else "row_wise", compression=compression,
         powersgd_rank=(strategy.get("gradient_compression") or {}).get("rank", 4),
+        split=strategy.get("pipeline_split", "even") if pp > 1 else "even",
     )
 
 

@@ -126,3 +126,31 @@ def test_choose_layout_skips_layouts_the_options_forbid(monkeypatch: pytest.Monk
     assert chosen.layout == Layout(dp=2)  # the first two are refused with async
     assert options.data.gradient_compression is None and options.data.data_parallel_mode == "async"
     assert data.batch_size * chosen.layout.dp == 16  # the global batch (8 per replica on dp="auto" = 2) is kept
+
+
+def test_a_planned_balanced_split_merges_and_is_skipped_for_a_module_without_a_pipeline_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hybrid.planner.cost import Estimate
+
+    balanced = Layout(dp=1, pp=2, microbatches=2, split="balanced")
+    merged, _ = auto.merge(balanced, HybridOptions.from_kwargs(plan="auto"), "item_id")
+    assert merged is not None and merged.pipeline.pipeline_split == "balanced"
+    # a split the user set wins: the planned one contradicts it and the layout is skipped
+    merged, why = auto.merge(balanced, HybridOptions.from_kwargs(plan="auto", pipeline_split=[3, 1]), "item_id")
+    assert merged is None and "pipeline_split=[3, 1] (planned 'balanced')" in why
+    # without a pipeline the user's split stays as it is
+    merged, _ = auto.merge(Layout(dp=2), HybridOptions.from_kwargs(plan="auto", pipeline_split="balanced"), "item_id")
+    assert merged is not None and merged.pipeline.pipeline_split == "balanced"
+
+    def fake_search(cost, spec):  # noqa: ANN001, ANN202
+        est = lambda layout, s: Estimate(layout=layout, parts={}, features={}, step_s=s, memory_bytes=0.0, fits=True)  # noqa: E731
+        return [est(balanced, 0.01), est(Layout(dp=1, pp=2, microbatches=2), 0.02)]
+
+    import lightning_hybrid.planner as planner
+
+    monkeypatch.setattr(planner, "search", fake_search)
+    choose = functools.partial(auto.choose_layout, datamodule=SimpleNamespace(batch_size=8), world_size=2, devices_per_node=2, device_type="cpu")
+    _, chosen = choose(HybridOptions.from_kwargs(plan="auto"), module=SimpleNamespace(planner_spec=lambda global_batch: None, pipeline_spec=None))
+    assert chosen.layout == balanced
+    # the layer pipeline (no pipeline_spec) refuses the balanced split at setup: the even one is taken
+    options, chosen = choose(HybridOptions.from_kwargs(plan="auto"), module=SimpleNamespace(planner_spec=lambda global_batch: None))
+    assert chosen.layout == Layout(dp=1, pp=2, microbatches=2) and options.pipeline.pipeline_split == "even"

@@ -75,6 +75,32 @@ def test_tensor_and_pipeline_parts() -> None:
     assert interleaved.parts["bubble"] == pytest.approx(interleaved.parts["compute"] * 1 / 16)
 
 
+def test_a_balanced_split_moves_a_block_off_the_output_stage() -> None:
+    # full softmax over 100k items: the output layer costs ~130 blocks, so the balancer's cut for
+    # pp=2 is [3, 1] and the busiest stage (the last) sheds exactly one block's compute and update
+    cost = CostModel(_gpu_cluster())
+    full = dataclasses.replace(MODEL, negatives=None)
+    even = cost.estimate(full, Layout(dp=4, pp=2, microbatches=4))
+    balanced = cost.estimate(full, Layout(dp=4, pp=2, microbatches=4, split="balanced"))
+    dev = cost.cluster.device
+    block_s = 3 * full.block_forward_flops(64 / 4) / full.num_blocks / (dev.peak_flops * dev.efficiency * cost.cluster.compute_share)
+    block_update_s = 32 * full.block_params / full.num_blocks / (dev.memory_bandwidth * cost.cluster.compute_share)
+    assert balanced.parts["compute"] == pytest.approx(even.parts["compute"] - block_s)
+    assert balanced.parts["memory"] == pytest.approx(even.parts["memory"] - block_update_s)
+    assert balanced.parts["bubble"] == pytest.approx(balanced.parts["compute"] * 1 / 4)
+    assert balanced.step_s < even.step_s
+    # one block per stage (pp=2 x 2 virtual stages of 4 blocks): nothing to move
+    v2 = {split: cost.estimate(full, Layout(dp=4, pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2, split=split)).step_s
+          for split in ("even", "balanced")}
+    assert v2["balanced"] == pytest.approx(v2["even"])
+    # what the planner hands the strategy, and what it refuses to price
+    assert Layout(dp=4, pp=2, microbatches=4, split="balanced").strategy_kwargs()["pipeline_split"] == "balanced"
+    assert "balanced" in Layout(dp=4, pp=2, microbatches=4, split="balanced").describe()
+    assert "'balanced' with pp > 1" in cost.validate(full, Layout(dp=8, split="balanced"))
+    assert {layout.split for layout in candidate_layouts(full, 8) if layout.pp > 1} == {"even", "balanced"}
+    assert {layout.split for layout in candidate_layouts(full, 8) if layout.pp == 1} == {"even"}
+
+
 def test_tables_sharded_per_node_price_their_all_to_alls_inside_the_node_and_the_averaging_across() -> None:
     cost = CostModel(_gpu_cluster(nodes=2))  # 2 nodes x 8 GPUs, NVLink inside, InfiniBand across
     intra, inter = cost.cluster.intra_node, cost.cluster.inter_node

@@ -8,7 +8,9 @@ sharded, and the gradient compression on the dp axis. `CostModel.estimate` price
 
 - compute: FLOPs of its blocks (split by tp and pp) and of the output layer (last stage), x3 for
   forward + backward, at the device's peak x efficiency; plus the pipeline bubble, ``(pp - 1) /
-  (microbatches x virtual stages)`` of the stage's compute;
+  (microbatches x virtual stages)`` of the stage's compute. With ``split="balanced"`` the blocks
+  are cut where the strategy's balancer would cut them (`lightning_hybrid.balance.partition_blocks`
+  on the priced block, input and output costs), whole blocks per stage;
 - compression's own work: PowerSGD's matmuls, the passes of error feedback and top-k selection
   (a feature of its own: these kernels run at their own speed, on CPU on backward's cores);
 - memory-bound work: embedding gathers and scatters, optimizer updates (Adam on dense weights,
@@ -38,11 +40,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning_hybrid.balance.partition import partition_blocks
 from lightning_hybrid.planner.cluster import Cluster, Link
 
 TableLayout = Literal["replicated", "row_wise"]
 CompressionName = Literal["none", "fp16", "powersgd", "topk"]
 ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b"]
+#: blocks per pipeline stage: equal shares, or HybridStrategy(pipeline_split="balanced")
+SplitName = Literal["even", "balanced"]
 FEATURES = ("compute", "memory", "bandwidth", "latency", "tp_dispatch", "overhead", "compression")
 #: the multipliers before calibration (and of a feature a calibration file predates)
 DEFAULT_SCALE = {"compute": 1.0, "memory": 1.0, "bandwidth": 1.0, "latency": 1.0, "tp_dispatch": 0.0, "overhead": 0.0, "compression": 1.0}
@@ -201,6 +206,9 @@ class Layout:
     #: row-wise table sharded inside consecutive groups of this many ranks, one copy per group
     #: (``HybridStrategy(embedding_shard_group_size=...)``, torchrec's 2D layout); None: one group of all ranks
     table_group: int | None = None
+    #: (pp > 1) blocks per stage: "balanced" moves blocks off the stages that also run the input
+    #: part (table lookups) or the output layer, as ``pipeline_split="balanced"`` does
+    split: SplitName = "even"
 
     @property
     def world_size(self) -> int:
@@ -220,7 +228,8 @@ class Layout:
         parts = [f"dp{self.dp} x tp{self.tp} x pp{self.pp}",
                  f"table {self.table}" + (f" per {self.table_group} ranks" if self.table_group else "")]
         if self.pp > 1:
-            parts.append(f"{self.schedule} x{self.microbatches}" + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
+            parts.append(f"{self.schedule} x{self.microbatches}" + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else "")
+                         + (" balanced" if self.split == "balanced" else ""))
         if self.compression != "none":
             parts.append(self.compression + (f" r{self.powersgd_rank}" if self.compression == "powersgd" else ""))
         return ", ".join(parts)
@@ -229,7 +238,8 @@ class Layout:
         """The HybridStrategy options of this layout."""
         out: dict[str, Any] = {"data_parallel": self.dp, "tensor_parallel": self.tp, "pipeline_parallel": self.pp}
         if self.pp > 1:
-            out.update(pipeline_schedule=self.schedule, pipeline_microbatches=self.microbatches, pipeline_virtual_stages=self.virtual_stages)
+            out.update(pipeline_schedule=self.schedule, pipeline_microbatches=self.microbatches, pipeline_virtual_stages=self.virtual_stages,
+                       pipeline_split=self.split)
         if self.table == "replicated":
             out["shard_embeddings"] = False
         if self.table_group:
@@ -290,6 +300,8 @@ class CostModel:
             return f"microbatches={layout.microbatches} must divide the replica batch {int(per_replica)} and be >= pp={layout.pp}"
         if layout.compression != "none" and layout.dp == 1:
             return "gradient compression needs dp > 1"
+        if layout.split not in ("even", "balanced") or (layout.split == "balanced" and layout.pp == 1):
+            return f"split={layout.split!r}: 'even', or 'balanced' with pp > 1"
         k = layout.table_group
         if k is not None:
             if layout.table != "row_wise" or layout.tp > 1 or layout.pp > 1:
@@ -297,6 +309,24 @@ class CostModel:
             if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k < c.world_size or c.world_size % k:
                 return f"table_group={k!r} must divide the {c.world_size} devices and lie in [2, {c.world_size})"
         return None
+
+    @staticmethod
+    def _balanced_stage(
+        num_blocks: int, pp: int, virtual: int, blocks: tuple[float, float], inputs: tuple[float, float], output: tuple[float, float]
+    ) -> tuple[float, float]:
+        """(compute, memory) seconds of the busiest pipeline rank when whole blocks are cut where
+        the strategy's balancer cuts them: the same exact partition of the stages' times (``blocks``:
+        all blocks together; ``inputs`` / ``output``: what the first / last stage adds). Rank r runs
+        stages r, r + pp, ...; the stages are balanced, the ranks' sums follow."""
+        per_block = (blocks[0] / num_blocks, blocks[1] / num_blocks)
+        stages = pp * virtual
+        plan = partition_blocks([sum(per_block)] * num_blocks, stages, first_cost=sum(inputs), last_cost=sum(output))
+        ranks = [[0.0, 0.0] for _ in range(pp)]
+        for s, count in enumerate(plan.blocks_per_stage):
+            for k, extra in enumerate((count * per_block[0], count * per_block[1])):
+                ranks[s % pp][k] += extra + (inputs[k] if s == 0 else 0.0) + (output[k] if s == stages - 1 else 0.0)
+        compute_s, memory_s = max(ranks, key=sum)
+        return compute_s, memory_s
 
     def estimate(self, model: ModelSpec, layout: Layout) -> Estimate:
         problem = self.validate(model, layout)
@@ -335,6 +365,11 @@ class CostModel:
         last = ((block_flops + output_flops) / flops_per_s, (replicated_table + block_update + output_update) / mem_per_s)
         if pp == 1:
             compute_s, memory_s = last[0], first[1] + output_update / mem_per_s
+        elif layout.split == "balanced":
+            compute_s, memory_s = self._balanced_stage(
+                model.num_blocks, pp, layout.virtual_stages, (block_flops * pp / flops_per_s, block_update * pp / mem_per_s),
+                (0.0, (lookup_bytes + table_bytes) / mem_per_s), (output_flops / flops_per_s, (replicated_table + output_update) / mem_per_s),
+            )
         else:
             compute_s, memory_s = max((first, last), key=lambda stage: stage[0] + stage[1])
         parts["compute"] = compute_s

@@ -1,5 +1,5 @@
 """Search over layouts: every dp x tp x pp factorisation of the cluster, microbatches, schedule,
-table layout (replicated, row-wise over all ranks, or row-wise inside groups of ranks with one
+blocks per pipeline stage (equal, or balanced as ``pipeline_split="balanced"`` cuts them), table layout (replicated, row-wise over all ranks, or row-wise inside groups of ranks with one
 copy per group) and compression, priced by a `CostModel`; the ranked candidates that fit in memory.
 
 `single_mode_layouts` are the layouts a user would pick without lightning_hybrid (pure data
@@ -46,8 +46,10 @@ def candidate_layouts(
                     groups += [k for k in _divisors(world_size) if 2 <= k < world_size]
                 for table, group in [("replicated", None)] + [("row_wise", k) for k in groups]:
                     for compression in compressions if dp > 1 else ("none",):
-                        yield Layout(dp=dp, tp=tp, pp=pp, microbatches=microbatches, table=table,  # type: ignore[arg-type]
-                                     compression=compression, table_group=group)
+                        # even first: where balancing gains nothing, the stable sort keeps the plainer option
+                        for split in ("even", "balanced") if pp > 1 else ("even",):
+                            yield Layout(dp=dp, tp=tp, pp=pp, microbatches=microbatches, table=table,  # type: ignore[arg-type]
+                                         compression=compression, table_group=group, split=split)  # type: ignore[arg-type]
 
 
 def single_mode_layouts(model: ModelSpec, world_size: int) -> list[Layout]:

@@ -20,7 +20,7 @@ from lightning_hybrid.strategies.options import HybridOptions, validate
 
 #: the options a planned layout sets, and how (flat option name -> value from the layout)
 PLANNED = ("data_parallel", "tensor_parallel", "pipeline_parallel", "pipeline_schedule", "pipeline_microbatches",
-           "pipeline_virtual_stages", "shard_embeddings", "embedding_sharding", "embedding_shard_group_size",
+           "pipeline_virtual_stages", "pipeline_split", "shard_embeddings", "embedding_sharding", "embedding_shard_group_size",
            "gradient_compression")
 
 
@@ -36,6 +36,8 @@ def layout_options(layout: Any, options: HybridOptions, table_name: str | None) 
         "shard_embeddings": layout.table != "replicated",
         "embedding_shard_group_size": layout.table_group,
     }
+    if layout.pp > 1:  # (without a pipeline the split means nothing: the user's stays)
+        out["pipeline_split"] = layout.split
     sharding = dict(options.embedding.embedding_sharding or {})
     if layout.table == "row_wise" and table_name is not None:
         sharding.setdefault(table_name, "row_wise")
@@ -115,6 +117,10 @@ def choose_layout(
         node = devices_per_node if devices_per_node < world_size else None
         options = options.replace(embedding_shard_group_size=node)
     for estimate in ranked:
+        if estimate.layout.split == "balanced" and not hasattr(module, "pipeline_spec"):
+            # the layer pipeline (a module without a spec) refuses the balanced split at setup
+            skipped.append(f"{estimate.layout.describe()}: pipeline_split='balanced' needs a pipeline_spec() on the module")
+            continue
         merged, why = merge(estimate.layout, options, table_name, explicit)
         if merged is not None:
             per_replica = global_batch // estimate.layout.dp
