@@ -280,6 +280,20 @@ def _row(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+#: layouts that failed twice in this run (key -> the error's tail), written to the JSON
+FAILED: dict[str, str] = {}
+
+
+def _run_retrying(run: Any, layout: dict[str, Any], processes: int, key: str) -> tuple[list[dict[str, Any]], str | None]:
+    """``run(layout, processes)``, once more if a rank fails (fresh processes; the rows stay those of
+    one run of the script): (every rank's result, the first attempt's error tail or None)."""
+    try:
+        return run(layout, processes), None
+    except (RuntimeError, TimeoutError) as error:
+        print(f"{key}: a rank failed, running it once more:\n{str(error)[-3000:]}", file=sys.stderr, flush=True)
+        return run(layout, processes), str(error)[-3000:]
+
+
 def _measure_all(
     run: Any, chosen: list[str], process_counts: list[int], prefix: str = "", num_blocks: int = 4
 ) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
@@ -304,10 +318,19 @@ def _measure_all(
                 continue
             if processes == 1 and name != "dp":  # one device: no layout to compare, only the absolute figures
                 continue
-            row = _row(run(layout, processes))
+            key = f"{prefix}P{processes}/{name}"
+            try:
+                ranks, retried = _run_retrying(run, layout, processes, key)
+            except (RuntimeError, TimeoutError) as error:  # twice: kept in the JSON, the others still run
+                FAILED[key] = str(error)[-3000:]
+                lines.append(f"| {processes} | {name} | failed twice (the JSON's \"failed\" has the error) |")
+                continue
+            row = _row(ranks)
+            if retried:
+                row["first_attempt_failed"] = retried
             mb = " | ".join(f"{row['bytes_per_step'][axis] / 1e6:.2f}" for axis in (*AXES, "total"))
             mfu = f"{row['mfu']:.3f}" if row.get("mfu") is not None else "-"
-            results[f"{prefix}P{processes}/{name}"] = row
+            results[key] = row
             lay = row["layout"]
             links = f" {row['inter_node_mb']:.2f} | {row['intra_node_mb']:.2f} |" if "inter_node_mb" in row else ""
             lines.append(
@@ -360,7 +383,7 @@ def _main_on_links(args: Any, chosen: list[str], cfg: dict[str, Any], tables: st
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(
         {"benchmark": "hybrid_vs_single", "accelerator": "cpu", "device": "2 simulated nodes", "tables": tables, "lengths": args.lengths,
-         "config": cfg, "link_rates_measured_mbit": measured_rates, "results": results, "summary": summary},
+         "config": cfg, "link_rates_measured_mbit": measured_rates, "results": results, "summary": summary, "failed": FAILED},
         indent=2,
     ))
     print("\n".join(tables_md))
@@ -430,7 +453,7 @@ def main() -> None:
         device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     out.write_text(json.dumps(
         {"benchmark": "hybrid_vs_single", "accelerator": args.accelerator, "device": device, "tables": tables, "lengths": args.lengths, "config": cfg,
-         "results": results, "summary": summary},
+         "results": results, "summary": summary, "failed": FAILED},
         indent=2,
     ))
     print("\n".join(lines))
