@@ -243,6 +243,8 @@ def _worker(
         # a mean, not a median: local SGD sends every period-th step
         "bytes_per_step": {axis: statistics.mean(v[cfg["warmup"] :] or v) for axis, v in bytes_sent.items()},
         "layout": {"dp": dp, "tp": tp, "pp": pp},
+        # blocks per pipeline stage as run (what pipeline_split="balanced" chose); None without a pipeline
+        "blocks_per_stage": getattr(getattr(trainer.strategy, "pipeline_runner", None), "blocks_per_stage", None),
         # per step: what this rank's node sent on its shaped link / over its loopback (local rank 0 reports; 0 elsewhere)
         "link_mb": {k: (links[1][k] - links[0][k]) / max(1, len(records) - cfg["warmup"]) / 1e6 for k in ("eth0", "lo")}
         if len(links) == 2 and os.environ.get("LOCAL_RANK", "0") == "0" else {"eth0": 0.0, "lo": 0.0},

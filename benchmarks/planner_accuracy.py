@@ -55,9 +55,13 @@ def _hybrid_vs_single() -> Any:
     return hybrid_vs_single
 
 
-def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int], per_node: int | None = None) -> Layout:
+def layout_of(
+    name: str, strategy: dict[str, Any], measured: dict[str, int], per_node: int | None = None, blocks_per_stage: list[int] | None = None
+) -> Layout:
     """The planner's Layout of a hybrid_vs_single layout (its strategy options and resolved degrees;
-    ``per_node``: processes per simulated node, what ``embedding_shard_group_size="node"`` means)."""
+    ``per_node``: processes per simulated node, what ``embedding_shard_group_size="node"`` means;
+    ``blocks_per_stage``: the split the run used, where it recorded it: a balanced split is priced
+    as the balancer cut it, not as the cost model would)."""
     # (with dp = 1 there is nothing to compress: the strategy's compressor is a no-op there)
     compression = (strategy.get("gradient_compression") or {}).get("method", "none") if measured["dp"] > 1 else "none"
     pp = measured["pp"]
@@ -67,7 +71,8 @@ def layout_of(name: str, strategy: dict[str, Any], measured: dict[str, int], per
         dp=measured["dp"], tp=measured["tp"], pp=pp, microbatches=max(2, pp) if pp > 1 else 1,
         table="replicated" if strategy.get("shard_embeddings") is False else "row_wise", compression=compression,
         powersgd_rank=(strategy.get("gradient_compression") or {}).get("rank", 4),
-        split=strategy.get("pipeline_split", "even") if pp > 1 else "even",
+        split=(tuple(blocks_per_stage) if blocks_per_stage and strategy.get("pipeline_split", "even") != "even"
+               else strategy.get("pipeline_split", "even")) if pp > 1 else "even",
     )
 
 
@@ -107,7 +112,7 @@ def links(paths: list[Path], out: Path) -> dict[str, Any]:
         if name in hvs.CROSS_NODE and name != "hybrid_2d":
             continue
         cluster = link_cluster(measured_rates[rate.removesuffix("Mbit")], int(size[1:]))
-        layout = layout_of(name, hvs.LAYOUTS[name], row["layout"], per_node=cluster.devices_per_node)
+        layout = layout_of(name, hvs.LAYOUTS[name], row["layout"], per_node=cluster.devices_per_node, blocks_per_stage=row.get("blocks_per_stage"))
         measurements.append(Measurement(model, layout, cfg["global_batch"] / row["samples_per_s"], cluster))
         names.append(key)
     base = CostModel(measurements[0].cluster)
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names, measurements = [], []
     for key, row in data["results"].items():
         processes, name = int(key.split("/")[0][1:]), key.split("/")[1]
-        layout = layout_of(name, hvs.LAYOUTS[name], row["layout"])
+        layout = layout_of(name, hvs.LAYOUTS[name], row["layout"], blocks_per_stage=row.get("blocks_per_stage"))
         measurements.append(Measurement(model, layout, cfg["global_batch"] / row["samples_per_s"], cpu_cluster(processes)))
         names.append(key)
     base = CostModel(cpu_cluster(2))

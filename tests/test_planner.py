@@ -89,6 +89,14 @@ def test_a_balanced_split_moves_a_block_off_the_output_stage() -> None:
     assert balanced.parts["memory"] == pytest.approx(even.parts["memory"] - block_update_s)
     assert balanced.parts["bubble"] == pytest.approx(balanced.parts["compute"] * 1 / 4)
     assert balanced.step_s < even.step_s
+    # the same split given stage by stage (what a measured run used) prices the same; its inverse
+    # puts 3 blocks next to the output layer, one block's compute and update dearer than even
+    given = cost.estimate(full, Layout(dp=4, pp=2, microbatches=4, split=(3, 1)))
+    assert given.step_s == pytest.approx(balanced.step_s)
+    inverse = cost.estimate(full, Layout(dp=4, pp=2, microbatches=4, split=(1, 3)))
+    assert inverse.parts["compute"] == pytest.approx(even.parts["compute"] + block_s)
+    assert Layout(dp=4, pp=2, microbatches=4, split=(3, 1)).strategy_kwargs()["pipeline_split"] == [3, 1]
+    assert "stages of at least one block each" in cost.validate(full, Layout(dp=4, pp=2, microbatches=4, split=(4, 1)))
     # one block per stage (pp=2 x 2 virtual stages of 4 blocks): nothing to move
     v2 = {split: cost.estimate(full, Layout(dp=4, pp=2, microbatches=4, schedule="interleaved_1f1b", virtual_stages=2, split=split)).step_s
           for split in ("even", "balanced")}

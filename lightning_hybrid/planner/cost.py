@@ -46,7 +46,8 @@ from lightning_hybrid.planner.cluster import Cluster, Link
 TableLayout = Literal["replicated", "row_wise"]
 CompressionName = Literal["none", "fp16", "powersgd", "topk"]
 ScheduleName = Literal["gpipe", "1f1b", "interleaved_1f1b"]
-#: blocks per pipeline stage: equal shares, or HybridStrategy(pipeline_split="balanced")
+#: blocks per pipeline stage: equal shares, HybridStrategy(pipeline_split="balanced"), or a split
+#: given stage by stage (as ``pipeline_split=[3, 1]``; what a measured run used)
 SplitName = Literal["even", "balanced"]
 FEATURES = ("compute", "memory", "bandwidth", "latency", "tp_dispatch", "overhead", "compression")
 #: the multipliers before calibration (and of a feature a calibration file predates)
@@ -207,8 +208,9 @@ class Layout:
     #: (``HybridStrategy(embedding_shard_group_size=...)``, torchrec's 2D layout); None: one group of all ranks
     table_group: int | None = None
     #: (pp > 1) blocks per stage: "balanced" moves blocks off the stages that also run the input
-    #: part (table lookups) or the output layer, as ``pipeline_split="balanced"`` does
-    split: SplitName = "even"
+    #: part (table lookups) or the output layer, as ``pipeline_split="balanced"`` does; a tuple gives
+    #: the blocks of each of the pp x virtual_stages stages
+    split: SplitName | tuple[int, ...] = "even"
 
     @property
     def world_size(self) -> int:
@@ -229,7 +231,8 @@ class Layout:
                  f"table {self.table}" + (f" per {self.table_group} ranks" if self.table_group else "")]
         if self.pp > 1:
             parts.append(f"{self.schedule} x{self.microbatches}" + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else "")
-                         + (" balanced" if self.split == "balanced" else ""))
+                         + ("" if self.split == "even" else " balanced" if self.split == "balanced" else
+                            " split " + "+".join(map(str, self.split))))
         if self.compression != "none":
             parts.append(self.compression + (f" r{self.powersgd_rank}" if self.compression == "powersgd" else ""))
         return ", ".join(parts)
@@ -239,7 +242,7 @@ class Layout:
         out: dict[str, Any] = {"data_parallel": self.dp, "tensor_parallel": self.tp, "pipeline_parallel": self.pp}
         if self.pp > 1:
             out.update(pipeline_schedule=self.schedule, pipeline_microbatches=self.microbatches, pipeline_virtual_stages=self.virtual_stages,
-                       pipeline_split=self.split)
+                       pipeline_split=self.split if isinstance(self.split, str) else list(self.split))
         if self.table == "replicated":
             out["shard_embeddings"] = False
         if self.table_group:
@@ -300,7 +303,11 @@ class CostModel:
             return f"microbatches={layout.microbatches} must divide the replica batch {int(per_replica)} and be >= pp={layout.pp}"
         if layout.compression != "none" and layout.dp == 1:
             return "gradient compression needs dp > 1"
-        if layout.split not in ("even", "balanced") or (layout.split == "balanced" and layout.pp == 1):
+        if isinstance(layout.split, tuple):
+            stages = layout.pp * layout.virtual_stages
+            if layout.pp == 1 or len(layout.split) != stages or min(layout.split) < 1 or sum(layout.split) != model.num_blocks:
+                return f"split={layout.split}: {stages} stages of at least one block each, {model.num_blocks} blocks in all"
+        elif layout.split not in ("even", "balanced") or (layout.split == "balanced" and layout.pp == 1):
             return f"split={layout.split!r}: 'even', or 'balanced' with pp > 1"
         k = layout.table_group
         if k is not None:
@@ -311,18 +318,23 @@ class CostModel:
         return None
 
     @staticmethod
-    def _balanced_stage(
-        num_blocks: int, pp: int, virtual: int, blocks: tuple[float, float], inputs: tuple[float, float], output: tuple[float, float]
+    def _stage_by_split(
+        split: str | tuple[int, ...], num_blocks: int, pp: int, virtual: int, blocks: tuple[float, float], inputs: tuple[float, float],
+        output: tuple[float, float],
     ) -> tuple[float, float]:
         """(compute, memory) seconds of the busiest pipeline rank when whole blocks are cut where
-        the strategy's balancer cuts them: the same exact partition of the stages' times (``blocks``:
-        all blocks together; ``inputs`` / ``output``: what the first / last stage adds). Rank r runs
-        stages r, r + pp, ...; the stages are balanced, the ranks' sums follow."""
+        the strategy's balancer cuts them: the same exact partition, of the same quantity (forward +
+        backward of each block, of the input part and of the loss head; not the optimizer step,
+        which runs after the schedule). ``blocks``: all blocks together; ``inputs`` / ``output``:
+        what the first / last stage adds. Rank r runs stages r, r + pp, ...; its sums follow."""
         per_block = (blocks[0] / num_blocks, blocks[1] / num_blocks)
         stages = pp * virtual
-        plan = partition_blocks([sum(per_block)] * num_blocks, stages, first_cost=sum(inputs), last_cost=sum(output))
+        if isinstance(split, tuple):
+            blocks_per_stage = list(split)
+        else:
+            blocks_per_stage = partition_blocks([per_block[0]] * num_blocks, stages, first_cost=inputs[0], last_cost=output[0]).blocks_per_stage
         ranks = [[0.0, 0.0] for _ in range(pp)]
-        for s, count in enumerate(plan.blocks_per_stage):
+        for s, count in enumerate(blocks_per_stage):
             for k, extra in enumerate((count * per_block[0], count * per_block[1])):
                 ranks[s % pp][k] += extra + (inputs[k] if s == 0 else 0.0) + (output[k] if s == stages - 1 else 0.0)
         compute_s, memory_s = max(ranks, key=sum)
@@ -365,9 +377,9 @@ class CostModel:
         last = ((block_flops + output_flops) / flops_per_s, (replicated_table + block_update + output_update) / mem_per_s)
         if pp == 1:
             compute_s, memory_s = last[0], first[1] + output_update / mem_per_s
-        elif layout.split == "balanced":
-            compute_s, memory_s = self._balanced_stage(
-                model.num_blocks, pp, layout.virtual_stages, (block_flops * pp / flops_per_s, block_update * pp / mem_per_s),
+        elif layout.split != "even":
+            compute_s, memory_s = self._stage_by_split(
+                layout.split, model.num_blocks, pp, layout.virtual_stages, (block_flops * pp / flops_per_s, block_update * pp / mem_per_s),
                 (0.0, (lookup_bytes + table_bytes) / mem_per_s), (output_flops / flops_per_s, (replicated_table + output_update) / mem_per_s),
             )
         else:

@@ -37,7 +37,7 @@ def layout_options(layout: Any, options: HybridOptions, table_name: str | None) 
         "embedding_shard_group_size": layout.table_group,
     }
     if layout.pp > 1:  # (without a pipeline the split means nothing: the user's stays)
-        out["pipeline_split"] = layout.split
+        out["pipeline_split"] = layout.split if isinstance(layout.split, str) else list(layout.split)
     sharding = dict(options.embedding.embedding_sharding or {})
     if layout.table == "row_wise" and table_name is not None:
         sharding.setdefault(table_name, "row_wise")
