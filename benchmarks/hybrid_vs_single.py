@@ -48,7 +48,10 @@ next step computes), and with 2 processes per node
 the copies: ``embedding_shard_group_size="node"``; its trade-off alone: benchmarks/table_groups.py). Bytes are also measured at the links:
 ``inter_node_mb`` is what a node sent on its shaped link per step, ``intra_node_mb`` what its
 ranks sent each other over its loopback (``/proc/net/dev`` inside each namespace), and every rate's
-measured line rate (a 16 MB all-reduce probe) is printed next to the set one.
+measured line rate (a 16 MB all-reduce probe) is printed next to the set one. Each pipeline row
+records the blocks per stage it ran (``blocks_per_stage``: what a balanced split chose). A layout
+whose rank fails runs once more in fresh processes (its row keeps the first error); one that
+fails twice is listed under ``"failed"`` in the JSON and the others still run.
 
 GPU variant (``--accelerator gpu``): a larger model (500k items, d=512, 8 heads, 200 positions,
 bf16-mixed, NCCL), P = 2, 4, 8 up to the GPUs present, and the model FLOPs utilization against
