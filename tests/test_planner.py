@@ -107,6 +107,16 @@ def test_a_balanced_split_moves_a_block_off_the_output_stage() -> None:
     assert "'balanced' with pp > 1" in cost.validate(full, Layout(dp=8, split="balanced"))
     assert {layout.split for layout in candidate_layouts(full, 8) if layout.pp > 1} == {"even", "balanced"}
     assert {layout.split for layout in candidate_layouts(full, 8) if layout.pp == 1} == {"even"}
+    # the search keeps a balanced layout only where it cuts differently from the even one
+    assert any(e.layout.split == "balanced" for e in search(cost, full))
+    # four stages of four blocks cut only one way: no balanced twin of those is kept
+    ranked = search(cost, MODEL)
+    assert any(e.layout.pp == 4 for e in ranked)
+    assert not any(e.layout.pp == 4 and e.layout.split == "balanced" for e in ranked)
+    priced = {e.layout: e.step_s for e in ranked}
+    for e in ranked:
+        if e.layout.split == "balanced" and dataclasses.replace(e.layout, split="even") in priced:
+            assert priced[dataclasses.replace(e.layout, split="even")] != pytest.approx(e.step_s)
 
 
 def test_tables_sharded_per_node_price_their_all_to_alls_inside_the_node_and_the_averaging_across() -> None:

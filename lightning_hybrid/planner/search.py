@@ -9,6 +9,8 @@ simulator compares the best of those with the best of everything.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 from lightning_hybrid.planner.cost import CompressionName, CostModel, Estimate, Layout, ModelSpec
@@ -46,7 +48,7 @@ def candidate_layouts(
                     groups += [k for k in _divisors(world_size) if 2 <= k < world_size]
                 for table, group in [("replicated", None)] + [("row_wise", k) for k in groups]:
                     for compression in compressions if dp > 1 else ("none",):
-                        # even first: where balancing gains nothing, the stable sort keeps the plainer option
+                        # (`search` drops a balanced layout that cuts where the even one does)
                         for split in ("even", "balanced") if pp > 1 else ("even",):
                             yield Layout(dp=dp, tp=tp, pp=pp, microbatches=microbatches, table=table,  # type: ignore[arg-type]
                                          compression=compression, table_group=group, split=split)  # type: ignore[arg-type]
@@ -76,6 +78,10 @@ def search(cost: CostModel, model: ModelSpec, layouts: Sequence[Layout] | None =
         est = cost.estimate(model, layout)
         if est.fits:
             priced.append(est)
+    # a balanced split that cuts where the even one does is the same layout twice: keep the even one
+    even = {e.layout: e.step_s for e in priced if e.layout.split == "even"}
+    priced = [e for e in priced if e.layout.split != "balanced"
+              or not math.isclose(even.get(dataclasses.replace(e.layout, split="even"), -1.0), e.step_s, rel_tol=1e-9)]
     priced.sort(key=lambda e: e.step_s)
     return priced[:top] if top else priced
 
