@@ -206,3 +206,33 @@ def test_optimizer_step_smoke(tmp_path: Path) -> None:
     assert abs(result["speedup_vs_loop"]["fused"] - result["step_ms"]["loop"] / result["step_ms"]["fused"]) < 1e-9
     assert abs(result["speedup_vs_loop"]["adagrad_fused"] - result["step_ms"]["adagrad_loop"] / result["step_ms"]["adagrad_fused"]) < 1e-9
     assert "the loop)" in stdout
+
+
+def test_hybrid_vs_single_runs_a_failed_layout_once_more_and_keeps_going_after_a_second_failure() -> None:
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    hvs = importlib.import_module("hybrid_vs_single")
+    rank = {
+        "samples_per_s": 100.0, "tokens_per_s": 600.0, "step_ms": 640.0, "compute_fraction": 0.5, "busy_fraction": 0.7, "mfu": None,
+        "time_ms": {"dense_compute": 320.0}, "bytes_per_step": dict.fromkeys(hvs.AXES, 0.0), "layout": {"dp": 2, "tp": 1, "pp": 1},
+        "link_mb": {"eth0": 0.0, "lo": 0.0},
+    }
+    calls: list[str] = []
+
+    def run(layout: dict, processes: int) -> list[dict]:
+        name = next(n for n, v in hvs.LAYOUTS.items() if v is layout)
+        calls.append(name)
+        if name == "hybrid" or (name == "dp" and calls.count("dp") == 1):  # hybrid always fails, dp once
+            raise RuntimeError(f"SimulatedCluster.run_workers: a rank failed: {name} attempt {calls.count(name)}")
+        return [dict(rank), dict(rank)]
+
+    hvs.FAILED.clear()
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        results, lines, summary = hvs._measure_all(run, ["dp", "hybrid", "hybrid_ddp"], [2])
+    assert calls == ["dp", "dp", "hybrid_ddp", "hybrid", "hybrid"]  # (the script's layout order)
+    assert results["P2/dp"]["first_attempt_failed"].endswith("dp attempt 1")
+    assert "first_attempt_failed" not in results["P2/hybrid_ddp"] and "P2/hybrid" not in results
+    assert hvs.FAILED["P2/hybrid"].endswith("hybrid attempt 2")
+    assert any("| hybrid | failed twice" in line for line in lines)
+    assert summary["P2"]["best_single"] == "dp" and summary["P2"]["best_hybrid"] == "hybrid_ddp"
+    hvs.FAILED.clear()

@@ -73,7 +73,7 @@ def plan_yaml(estimate: Any, spec: ModelSpec) -> dict[str, Any]:
     options: dict[str, Any] = {
         "data_parallel": layout.dp, "tensor_parallel": layout.tp, "pipeline_parallel": layout.pp,
         "pipeline_schedule": layout.schedule, "pipeline_microbatches": layout.microbatches if layout.pp > 1 else None,
-        "pipeline_virtual_stages": layout.virtual_stages, "pipeline_split": layout.split,
+        "pipeline_virtual_stages": layout.virtual_stages, "pipeline_split": layout.strategy_kwargs().get("pipeline_split", "even"),
         "shard_embeddings": layout.table != "replicated",
         "embedding_sharding": {"item_id": "row_wise"} if layout.table == "row_wise" else {},
         "embedding_shard_group_size": layout.table_group,

@@ -1,6 +1,7 @@
 """Search over layouts: every dp x tp x pp factorisation of the cluster, microbatches, schedule,
-blocks per pipeline stage (equal, or balanced as ``pipeline_split="balanced"`` cuts them), table layout (replicated, row-wise over all ranks, or row-wise inside groups of ranks with one
-copy per group) and compression, priced by a `CostModel`; the ranked candidates that fit in memory.
+blocks per pipeline stage (equal, or balanced as ``pipeline_split="balanced"`` cuts them), table
+layout (replicated, row-wise over all ranks, or row-wise inside groups of ranks with one copy per
+group) and compression, priced by a `CostModel`; the ranked candidates that fit in memory.
 
 `single_mode_layouts` are the layouts a user would pick without lightning_hybrid (pure data
 parallel with a replicated table, pure model parallel, tensor- or pipeline-parallel only); the
