@@ -128,7 +128,7 @@ def test_choose_layout_skips_layouts_the_options_forbid(monkeypatch: pytest.Monk
     assert data.batch_size * chosen.layout.dp == 16  # the global batch (8 per replica on dp="auto" = 2) is kept
 
 
-def test_a_planned_balanced_split_merges_and_is_skipped_for_a_module_without_a_pipeline_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_planned_balanced_split_merges_and_pipelines_are_skipped_for_a_module_without_a_pipeline_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_hybrid.planner.cost import Estimate
 
     balanced = Layout(dp=1, pp=2, microbatches=2, split="balanced")
@@ -143,7 +143,7 @@ def test_a_planned_balanced_split_merges_and_is_skipped_for_a_module_without_a_p
 
     def fake_search(cost, spec):  # noqa: ANN001, ANN202
         est = lambda layout, s: Estimate(layout=layout, parts={}, features={}, step_s=s, memory_bytes=0.0, fits=True)  # noqa: E731
-        return [est(balanced, 0.01), est(Layout(dp=1, pp=2, microbatches=2), 0.02)]
+        return [est(balanced, 0.01), est(Layout(dp=1, pp=2, microbatches=2), 0.02), est(Layout(dp=2), 0.03)]
 
     import lightning_hybrid.planner as planner
 
@@ -151,6 +151,9 @@ def test_a_planned_balanced_split_merges_and_is_skipped_for_a_module_without_a_p
     choose = functools.partial(auto.choose_layout, datamodule=SimpleNamespace(batch_size=8), world_size=2, devices_per_node=2, device_type="cpu")
     _, chosen = choose(HybridOptions.from_kwargs(plan="auto"), module=SimpleNamespace(planner_spec=lambda global_batch: None, pipeline_spec=None))
     assert chosen.layout == balanced
-    # the layer pipeline (no pipeline_spec) refuses the balanced split at setup: the even one is taken
+    # without a pipeline_spec the layers run through the layer pipeline, which refuses a schedule's
+    # microbatches and the balanced split at setup: both pipelines are skipped, dp is taken
     options, chosen = choose(HybridOptions.from_kwargs(plan="auto"), module=SimpleNamespace(planner_spec=lambda global_batch: None))
-    assert chosen.layout == Layout(dp=1, pp=2, microbatches=2) and options.pipeline.pipeline_split == "even"
+    assert chosen.layout == Layout(dp=2) and options.layout.pipeline_parallel == 1
+    with pytest.raises(ValueError, match=r"pipeline_split='balanced', pipeline_microbatches=2 need a pipeline_spec\(\) on SimpleNamespace"):
+        choose(HybridOptions.from_kwargs(plan="auto", data_parallel=1), module=SimpleNamespace(planner_spec=lambda global_batch: None))

@@ -17,7 +17,7 @@ from lightning_hybrid.comm.exchange import DenseExchange
 from lightning_hybrid.parallel import clip, pipeline
 from lightning_hybrid.parallel import data as data_parallel
 from lightning_hybrid.plan import ParallelPlan
-from lightning_hybrid.strategies.options import HybridOptions
+from lightning_hybrid.strategies.options import HybridOptions, layer_pipeline_refusals
 
 
 @dataclass
@@ -107,14 +107,7 @@ def _layer_pipeline(model: torch.nn.Module, options: HybridOptions, mesh: Device
             "pipeline), pass HybridStrategy(pipeline_layers='path.to.ModuleList') to split that layer stack with the "
             "module's own forward routed through it, or hold a Hugging Face model whose config has a base_model_pp_plan."
         )
-    unsupported = {
-        "pipeline_split='balanced'": opts.pipeline_split == "balanced",
-        "pipeline_rebalance_every": opts.pipeline_rebalance_every > 0,
-        f"pipeline_microbatches={opts.pipeline_microbatches}": opts.pipeline_microbatches is not None,
-        f"pipeline_virtual_stages={opts.pipeline_virtual_stages}": opts.pipeline_virtual_stages != 1,
-        f"pipeline_schedule={opts.pipeline_schedule!r}": "pipeline_schedule" in options.explicit(),
-    }
-    refused = [name for name, bad in unsupported.items() if bad]
+    refused = layer_pipeline_refusals(options)
     if refused:
         raise ValueError(
             f"HybridStrategy(pipeline_parallel={pp}, {', '.join(refused)}): {type(model).__name__} has no pipeline_spec(), "

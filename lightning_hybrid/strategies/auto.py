@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_hybrid.comm.compress import GradientCompression
-from lightning_hybrid.strategies.options import HybridOptions, validate
+from lightning_hybrid.strategies.options import HybridOptions, layer_pipeline_refusals, validate
 
 #: the options a planned layout sets, and how (flat option name -> value from the layout)
 PLANNED = ("data_parallel", "tensor_parallel", "pipeline_parallel", "pipeline_schedule", "pipeline_microbatches",
@@ -117,11 +117,12 @@ def choose_layout(
         node = devices_per_node if devices_per_node < world_size else None
         options = options.replace(embedding_shard_group_size=node)
     for estimate in ranked:
-        if estimate.layout.split == "balanced" and not hasattr(module, "pipeline_spec"):
-            # the layer pipeline (a module without a spec) refuses the balanced split at setup
-            skipped.append(f"{estimate.layout.describe()}: pipeline_split='balanced' needs a pipeline_spec() on the module")
-            continue
         merged, why = merge(estimate.layout, options, table_name, explicit)
+        if merged is not None and estimate.layout.pp > 1 and not hasattr(module, "pipeline_spec"):
+            # without a spec the layers run through the layer pipeline, which refuses a schedule's options at setup
+            refused = layer_pipeline_refusals(merged)
+            if refused:
+                merged, why = None, f"{', '.join(refused)} need a pipeline_spec() on {type(module).__name__}"
         if merged is not None:
             per_replica = global_batch // estimate.layout.dp
             datamodule.batch_size = per_replica

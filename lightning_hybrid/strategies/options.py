@@ -260,6 +260,20 @@ def _degree(value: AxisSize) -> int:
     return value if isinstance(value, int) else 1
 
 
+def layer_pipeline_refusals(options: HybridOptions) -> list[str]:
+    """The options the layer pipeline (a module without ``pipeline_spec()``: its stages run in turn
+    through its own forward) cannot honour, named as the user would write them; empty when none."""
+    opts = options.pipeline
+    unsupported = {
+        "pipeline_split='balanced'": opts.pipeline_split == "balanced",
+        "pipeline_rebalance_every": opts.pipeline_rebalance_every > 0,
+        f"pipeline_microbatches={opts.pipeline_microbatches}": opts.pipeline_microbatches is not None,
+        f"pipeline_virtual_stages={opts.pipeline_virtual_stages}": opts.pipeline_virtual_stages != 1,
+        f"pipeline_schedule={opts.pipeline_schedule!r}": "pipeline_schedule" in options.explicit(),
+    }
+    return [name for name, bad in unsupported.items() if bad]
+
+
 def validate(options: HybridOptions, *, torchrec_available: bool = True) -> None:
     """Raise ValueError/TypeError/ImportError naming the options and the fix if ``options`` cannot
     run together. Pure: needs no processes, changes nothing; runs at construction and on the
