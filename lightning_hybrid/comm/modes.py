@@ -86,7 +86,8 @@ class LocalSGD:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         pending = state.get("pending")
-        self.pending = None if pending is None else (None, pending["sent"], pending["sum"])
+        # (copies: the sum is divided in place when applied, and the caller's state stays as it was)
+        self.pending = None if pending is None else (None, pending["sent"].clone(), pending["sum"].clone())
 
     def _tensors(self) -> list[torch.Tensor]:
         return [local_tensor(p.detach()) for p in self.params]
@@ -107,8 +108,9 @@ class LocalSGD:
         _, sent, total = self.pending
         self.pending = None
         # (x - sent) first: the replica's own progress, exactly 0 when it took no step since, so
-        # replicas that did not move land on bitwise the same average
-        flat = _flat(tensors).sub_(sent).add_(total / dist.get_world_size(self.group))
+        # replicas that did not move land on bitwise the same average; the sum is divided in place
+        # (it is not used again: no second weight-sized buffer per period)
+        flat = _flat(tensors).sub_(sent).add_(total.div_(dist.get_world_size(self.group)))
         _unflat(flat, tensors)
         return flat
 
