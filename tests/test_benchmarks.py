@@ -124,6 +124,42 @@ def test_compression_benchmark_smoke(tmp_path: Path) -> None:
     assert "| topk-1% |" in stdout
 
 
+def test_compression_across_rates_says_where_each_variant_pays() -> None:
+    """``--link-rate 1000,100,10000``: speedups over exact at each rate and where each variant pays
+    (>= 5% faster), interpolated in log rate between the measured rates: hand-computed."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    compression = importlib.import_module("compression")
+    exact = {"1000": 200.0, "100": 1000.0, "10000": 150.0}
+    steps = {  # steady step ms at 1000, 100, 10000 Mbit/s set
+        "exact": (200.0, 1000.0, 150.0),
+        "powersgd-r4": (200.0 / 1.3, 1000.0 / 8.0, 150.0 / 0.85),  # 1.3x at 960, 0.85x at 10000: below ~R between them
+        "topk-1%": (100.0, 125.0, 100.0),  # faster everywhere
+        "sign-1bit": (250.0, 1010.0, 200.0),  # slower everywhere
+        "async-s1": (200.0, 1000.0, 150.0 / 1.25),  # only on the fast link
+        "odd": (250.0, 500.0, 100.0),  # fast, slow, fast
+    }
+    measured = {"1000": 1000.0, "100": 100.0}  # the probe's rates; 10000 falls back to the set rate
+    by_rate = {
+        k: {name: {"steady_step_ms": t[i], "losses": [1.0, 0.5 + (k == "100") * 1e-3]} for name, t in steps.items()}
+        for i, k in enumerate(exact)
+    }
+    table, pays = compression._across_rates(by_rate, measured, list(steps))
+    # powersgd: speedup 1.3 at 1000, 0.85 at 10000: 1.05 is reached 0.25 / 0.45 of the way in log rate
+    below = 10 ** (3 + 0.25 / 0.45)
+    assert pays["powersgd-r4"] == f"below ~{below:.0f}" and 3580 < below < 3600
+    # async: 1.0 at 100 and 1000, 1.25 at 10000: 1.05 is 0.05 / 0.25 of the way from 1000
+    assert pays["async-s1"] == f"above ~{10 ** 3.2:.0f}"
+    assert pays["topk-1%"] == "at every measured rate" and pays["sign-1bit"] == "at no measured rate"
+    assert pays["odd"] == "at 100, 10000"
+    assert by_rate["1000"]["exact"]["speedup"] == 1.0 and by_rate["100"]["topk-1%"]["speedup"] == 8.0
+    # the first rate's run against itself, then the timing runs' largest loss difference
+    assert by_rate["1000"]["exact"]["max_loss_diff"] == 0.0 and abs(by_rate["100"]["exact"]["max_loss_diff"] - 1e-3) < 1e-12
+    assert "| powersgd-r4 |" in "\n".join(table) and table[-1].endswith("| at 100, 10000 |")
+    with pytest.raises(ValueError, match="at least 2 rates"):
+        compression.where_it_pays({1000.0: 1.2})
+
+
 def test_hybrid_vs_single_smoke(tmp_path: Path) -> None:
     result, stdout = _smoke("hybrid_vs_single.py", tmp_path / "hvs.json", "--layouts", "dp,pp,hybrid")
     rows = result["results"]
