@@ -204,9 +204,7 @@ def main() -> None:
                 from lightning_hybrid.testing.netns import SimulatedCluster
 
                 cluster = stack.enter_context(SimulatedCluster(nodes=2, rate_mbit=rate))
-                probe = cluster.torchrun(["-m", "lightning_hybrid.testing.netns", "probe", "16"], nproc_per_node=1, timeout_s=300)
-                line = next((ln for ln in probe[0].stdout.splitlines() if ln.startswith("{")), "{}")
-                measured[f"{rate:g}"] = float(json.loads(line).get("mbit_per_s", 0.0))
+                measured[f"{rate:g}"] = cluster.measure_mbit(16)
             for name in chosen:
                 variant = VARIANTS[name]
                 if cluster is not None:

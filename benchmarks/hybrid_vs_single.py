@@ -373,9 +373,7 @@ def _main_on_links(args: Any, chosen: list[str], cfg: dict[str, Any], tables: st
     measured_rates: dict[str, float] = {}
     for rate in [float(r) for r in args.link_rates.split(",")]:
         with SimulatedCluster(nodes=2, rate_mbit=rate) as cluster:
-            probe = cluster.torchrun(["-m", "lightning_hybrid.testing.netns", "probe", "16"], nproc_per_node=1, timeout_s=300)
-            line = next((ln for ln in probe[0].stdout.splitlines() if ln.startswith("{")), "{}")
-            measured_rates[f"{rate:g}"] = float(json.loads(line).get("mbit_per_s", 0.0))
+            measured_rates[f"{rate:g}"] = cluster.measure_mbit(16)
             prefix = f"{rate:g}Mbit/"
             rows, lines, summ = _measure_all(
                 lambda layout, processes: run_on_links(cluster, cfg, layout, processes, tables, args.lengths),

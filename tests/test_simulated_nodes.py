@@ -33,6 +33,8 @@ def test_links_carry_the_set_rate_and_a_node_inside_is_unshaped(tmp_path: Path) 
     with SimulatedCluster(nodes=2, rate_mbit=1000) as cluster:
         done = cluster.torchrun(["-m", "lightning_hybrid.planner.measure", "--out", str(target), "--repeats", "3"],
                                 nproc_per_node=2, cwd=ROOT, timeout_s=180)
+        probed = cluster.measure_mbit(16)  # the benchmarks' probe: one process per node
+    assert 800 <= probed <= 1200, probed
     for proc in done:
         assert proc.returncode == 0, proc.stderr[-3000:]
     measured = Cluster.from_yaml(target)

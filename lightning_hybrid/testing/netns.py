@@ -192,6 +192,14 @@ class SimulatedCluster:
             results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
         return results
 
+    def measure_mbit(self, megabytes: float = 16.0) -> float:
+        """The inter-node rate a gloo all-reduce of ``megabytes`` reaches (one process per node, the
+        median of 5; what the benchmarks print next to the set rate); 0.0 if the probe printed none."""
+        import json
+
+        done = self.torchrun(["-m", "lightning_hybrid.testing.netns", "probe", f"{megabytes:g}"], nproc_per_node=1, timeout_s=300)
+        line = next((ln for ln in done[0].stdout.splitlines() if ln.startswith("{")), "{}")
+        return float(json.loads(line).get("mbit_per_s", 0.0))
 
     def run_workers(self, script: str | Path, payload: list[Any], processes: int, *, timeout_s: float = 1800.0) -> list[Any]:
         """``script --node-worker <payload as JSON> <dir>`` under torchrun on every node (``processes``
