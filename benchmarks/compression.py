@@ -110,11 +110,11 @@ def _worker(cfg: dict[str, Any], variant: dict[str, Any], data_path: str | None,
     metrics = {} if timing_steps else trainer.test(model, datamodule=data, verbose=False)[0]
     durations = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]  # durations[i]: step i + 1
     steps = durations[5:] or [0.0]
-    # the steady step: from step STEADY_FROM on, as the bytes (a compressor sends exactly, and
-    # local SGD averages every step, until then): what a timing run of a few dozen steps compares
+    # steady state, for the step time and the bytes: the steps after start_iter and every warm-up
+    # (10 + 10 steps: a compressor sends exactly, and local SGD averages every step, until then;
+    # what a timing run of a few dozen steps compares); local SGD sends only every period-th step,
+    # so a mean, not a median
     steady = durations[STEADY_FROM - 1 :] or steps
-    # steady state: mean over the steps after start_iter and every warm-up (10 + 10 steps; local
-    # SGD sends only every period-th step, so a mean, not a median)
     late = sent[STEADY_FROM:] if len(sent) > STEADY_FROM else sent
     dense = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("item_tables"))
     return {
@@ -198,12 +198,10 @@ def main() -> None:
         # the first rate (or loopback) trains the whole budget and tests; the others time a few steps
         run_cfg = cfg if i == 0 else {**cfg, "timing_steps": args.timing_steps}
         here: dict[str, Any] = {}
-        with contextlib.ExitStack() as stack:
-            cluster = None
-            if rate is not None:
-                from lightning_hybrid.testing.netns import SimulatedCluster
+        from lightning_hybrid.testing.netns import SimulatedCluster
 
-                cluster = stack.enter_context(SimulatedCluster(nodes=2, rate_mbit=rate))
+        with SimulatedCluster(nodes=2, rate_mbit=rate) if rate is not None else contextlib.nullcontext() as cluster:
+            if cluster is not None:
                 measured[f"{rate:g}"] = cluster.measure_mbit(16)
             for name in chosen:
                 variant = VARIANTS[name]
